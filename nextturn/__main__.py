@@ -1,0 +1,3 @@
+from nextturn.cli import main
+
+main()

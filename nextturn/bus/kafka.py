@@ -1,0 +1,270 @@
+"""The production event log: Apache Kafka (or any Kafka-protocol broker) through kafka-python.
+
+Keys are the events' partition keys (the session for turns, feedback and signals); every topic gets the
+same number of partitions and groups use the range assignor, so partition ``p`` of every topic goes to one
+member and a session's turns and feedback meet in one worker.
+
+Two broker quirks shape this file:
+- kafka-python's idempotent producer breaks for good when a broker loses its state (UnknownProducerId,
+  then InitProducerId failing on every retry). After any failed send the producer is dropped and a new
+  one is built; a batch that failed for another reason than a timeout is sent once more at once. A resent
+  batch may duplicate records that did land: readers are idempotent by event id.
+- A group join waits for other members for up to half the session timeout (Tansu holds every join that
+  long), so the session timeout is a constructor argument: short in tests, ~10 s in production.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.errors import KafkaError, KafkaTimeoutError
+
+from nextturn import events
+from nextturn.bus.log import (
+    MAX_EVENT_BYTES,
+    BadRecordPolicy,
+    DeadLetter,
+    Delivery,
+    Record,
+    Start,
+    check_sizes,
+    check_topics,
+    decode_records,
+)
+from nextturn.errors import CommitFailed, EventLogUnavailable
+
+_TOPIC_ALREADY_EXISTS = 36
+_MAX_RECORD_BYTES = MAX_EVENT_BYTES + (1 << 20)  # room for the record batch's own framing
+
+
+class KafkaEventLog:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        partitions: int = 8,
+        session_timeout_ms: int = 10_000,
+        request_timeout_ms: int = 10_000,
+        client_id: str = "nextturn",
+    ) -> None:
+        self._servers = [server.strip() for server in bootstrap_servers.split(",") if server.strip()]
+        self.partitions = partitions
+        self._session_timeout_ms = session_timeout_ms
+        self._request_timeout_ms = request_timeout_ms
+        self._delivery_timeout_s = 2 * request_timeout_ms / 1000
+        self._client_id = client_id
+        self._producer: KafkaProducer | None = None
+        self._topics_ready = False
+        self._lock = threading.Lock()
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    def append(self, batch: Iterable[events.Event]) -> None:
+        self._send([(event.TOPIC, event.partition_key, event.encode()) for event in batch])
+
+    def append_raw(self, topic: str, key: str | None, payload: bytes) -> None:
+        check_topics([topic])
+        self._send([(topic, key, payload)])
+
+    def _send(self, rows: Sequence[tuple[str, str | None, bytes]]) -> None:
+        if not rows:
+            return
+        check_sizes(rows)
+        with self._lock:
+            try:
+                self._send_once(rows)
+            except KafkaTimeoutError as exc:
+                self._drop_producer()
+                raise EventLogUnavailable(f"the Kafka event log did not answer in time: {exc}") from exc
+            except (KafkaError, EventLogUnavailable):
+                self._drop_producer()  # may be the idempotent producer broken for good: build a new one
+                try:
+                    self._send_once(rows)
+                except KafkaError as exc:
+                    self._drop_producer()
+                    raise EventLogUnavailable(f"the Kafka event log refused the batch: {exc}") from exc
+
+    def _send_once(self, rows: Sequence[tuple[str, str | None, bytes]]) -> None:
+        producer = self._ensure_producer()
+        futures = [
+            producer.send(topic, key=None if key is None else key.encode(), value=value) for topic, key, value in rows
+        ]
+        # The sender expires a batch after delivery_timeout_ms, so this wait ends with every future done,
+        # either way; nothing stays pending in the producer, which lets it close without blocking.
+        producer.flush(timeout=self._delivery_timeout_s + 1)
+        for future in futures:
+            future.get(timeout=0)
+
+    def _ensure_producer(self) -> KafkaProducer:
+        self._ensure_topics()
+        if self._producer is None:
+            try:
+                self._producer = KafkaProducer(
+                    bootstrap_servers=self._servers,
+                    client_id=self._client_id,
+                    enable_idempotence=True,
+                    acks="all",
+                    linger_ms=1,
+                    max_request_size=_MAX_RECORD_BYTES,
+                    request_timeout_ms=self._request_timeout_ms,
+                    max_block_ms=self._request_timeout_ms,
+                    delivery_timeout_ms=int(self._delivery_timeout_s * 1000),
+                )
+            except KafkaError as exc:
+                raise EventLogUnavailable(f"cannot reach Kafka at {','.join(self._servers)}: {exc}") from exc
+        return self._producer
+
+    def _drop_producer(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=self._delivery_timeout_s)
+            except KafkaError:
+                pass  # closing a producer we already gave up on: its records were reported as failed
+            self._producer = None
+        self._topics_ready = False  # a broker that lost its state lost its topics too
+
+    def _ensure_topics(self) -> None:
+        """Create the topics (all with the same partition count) unless they exist."""
+        if self._topics_ready:
+            return
+        try:
+            admin = KafkaAdminClient(
+                bootstrap_servers=self._servers, client_id=self._client_id, request_timeout_ms=self._request_timeout_ms
+            )
+        except KafkaError as exc:
+            raise EventLogUnavailable(f"cannot reach Kafka at {','.join(self._servers)}: {exc}") from exc
+        try:
+            spec = {
+                "num_partitions": self.partitions,
+                "replication_factor": -1,  # the broker's default
+                # Brokers default to ~1 MB records; a long prompt's token ids can be much more.
+                "configs": {"max.message.bytes": str(_MAX_RECORD_BYTES)},
+            }
+            response = admin.create_topics({topic: spec for topic in events.TOPICS}, raise_errors=False)
+            failed = [
+                f"{topic['name']}: {topic['error_message'] or topic['error_code']}"
+                for topic in response["topics"]
+                if topic["error_code"] not in (0, _TOPIC_ALREADY_EXISTS)
+            ]
+            if failed:
+                raise EventLogUnavailable(f"cannot create the event log's topics: {'; '.join(failed)}")
+        except KafkaError as exc:
+            raise EventLogUnavailable(f"cannot create the event log's topics: {exc}") from exc
+        finally:
+            admin.close()
+        self._topics_ready = True
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def consumer(
+        self,
+        group: str | None,
+        topics: Sequence[str],
+        *,
+        start: Start = "committed",
+        on_bad_record: BadRecordPolicy | None = None,
+    ) -> KafkaEventConsumer:
+        check_topics(topics)
+        with self._lock:
+            self._ensure_topics()
+        try:
+            consumer = KafkaConsumer(
+                bootstrap_servers=self._servers,
+                client_id=self._client_id,
+                group_id=group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=self._session_timeout_ms,
+                heartbeat_interval_ms=max(100, self._session_timeout_ms // 4),
+                request_timeout_ms=max(self._request_timeout_ms, self._session_timeout_ms + 5000),
+                max_partition_fetch_bytes=_MAX_RECORD_BYTES,
+                fetch_max_bytes=4 * MAX_EVENT_BYTES,
+                partition_assignment_strategy=(RangePartitionAssignor,),
+            )
+        except KafkaError as exc:
+            raise EventLogUnavailable(f"cannot reach Kafka at {','.join(self._servers)}: {exc}") from exc
+        return KafkaEventConsumer(consumer, group, tuple(topics), start, on_bad_record or DeadLetter(self))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._producer is not None:
+                self._producer.close(timeout=self._request_timeout_ms / 1000)
+                self._producer = None
+
+
+class _StartAt(ConsumerRebalanceListener):
+    """Moves a partition to the beginning or the end the first time this consumer is given it."""
+
+    def __init__(self, consumer: KafkaConsumer, start: Start) -> None:
+        self._consumer = consumer
+        self._start = start
+        self._seen: set[TopicPartition] = set()
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        fresh = [tp for tp in assigned if tp not in self._seen]
+        self._seen.update(fresh)
+        if fresh and self._start == "beginning":
+            self._consumer.seek_to_beginning(*fresh)
+        elif fresh and self._start == "end":
+            self._consumer.seek_to_end(*fresh)
+
+
+class KafkaEventConsumer:
+    def __init__(
+        self,
+        consumer: KafkaConsumer,
+        group: str | None,
+        topics: tuple[str, ...],
+        start: Start,
+        on_bad_record: BadRecordPolicy,
+    ) -> None:
+        self._consumer = consumer
+        self._group = group
+        self._on_bad_record = on_bad_record
+        try:
+            if group is None:
+                partitions = [
+                    TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or ())
+                ]
+                consumer.assign(partitions)
+                if start == "end":
+                    consumer.seek_to_end(*partitions)
+                else:
+                    consumer.seek_to_beginning(*partitions)
+            else:
+                consumer.subscribe(list(topics), listener=_StartAt(consumer, start))
+        except KafkaError as exc:
+            consumer.close()
+            raise EventLogUnavailable(f"cannot subscribe to {', '.join(topics)}: {exc}") from exc
+
+    def poll(self, max_records: int = 500, timeout_s: float = 1.0) -> list[Delivery]:
+        try:
+            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as exc:
+            raise EventLogUnavailable(f"cannot read from Kafka: {exc}") from exc
+        records = [
+            Record(tp.topic, tp.partition, message.offset, None if message.key is None else message.key.decode(), message.value)
+            for tp, messages in batches.items()
+            for message in messages
+        ]
+        return decode_records(records, self._on_bad_record)
+
+    def commit(self) -> None:
+        if self._group is None:
+            raise CommitFailed("a consumer without a group has nothing to commit to")
+        try:
+            self._consumer.commit()
+        except KafkaError as exc:
+            raise CommitFailed(f"the commit was refused; records since the last commit come again: {exc}") from exc
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        self._consumer.seek(TopicPartition(topic, partition), offset)
+
+    def close(self) -> None:
+        self._consumer.close()

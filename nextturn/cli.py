@@ -1,0 +1,106 @@
+"""The ``nextturn`` command. Settings are built once here and passed down.
+
+Errors that nextturn raises on purpose print one line (``nextturn: error: …``) and exit 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nextturn import events
+from nextturn.bus import Record, open_event_log
+from nextturn.bus.log import check_topics
+from nextturn.errors import EventError, NextturnError
+from nextturn.settings import Settings
+
+app = typer.Typer(
+    name="nextturn",
+    help="Online learning middleware for LLM chat and agent traffic.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
+events_app = typer.Typer(help="The event log.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(events_app, name="events")
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = ctx.find_root().obj
+    assert isinstance(settings, Settings)
+    return settings
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", envvar="NEXTTURN_CONFIG", help="A TOML file of settings.")
+    ] = None,
+) -> None:
+    ctx.obj = Settings.load(config)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    ctx: typer.Context, revision: Annotated[str, typer.Argument(help="Target revision.")] = "head"
+) -> None:
+    """Apply the store's migrations (creates the database file for SQLite)."""
+    from nextturn.store import Store, upgrade
+
+    settings = _settings(ctx)
+    store = Store.from_settings(settings)  # creates the data dir for SQLite
+    store.close()
+    upgrade(settings.store_url, revision)
+    typer.echo(f"store is at {revision}")
+
+
+@events_app.command("tail")
+def events_tail(
+    ctx: typer.Context,
+    topic: Annotated[str, typer.Argument(help=f"One of: {', '.join(events.TOPICS)}.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    new_only: Annotated[bool, typer.Option("--new", help="Skip what is there; print only new events.")] = False,
+) -> None:
+    """Print a topic's events as JSON lines, oldest first."""
+    check_topics([topic])
+    log = open_event_log(_settings(ctx))
+    reader = log.consumer(None, [topic], start="end" if new_only else "beginning", on_bad_record=_report)
+    try:
+        while True:
+            batch = reader.poll(max_records=1000, timeout_s=0.5)
+            for delivery in batch:
+                typer.echo(delivery.event.model_dump_json())
+            if not batch and not follow:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        reader.close()
+        log.close()
+
+
+def _report(record: Record, error: EventError) -> None:
+    """Reading is not consuming: a tail reports bad records instead of dead-lettering them."""
+    typer.echo(f"# {record.topic}[{record.partition}]@{record.offset} is not an event: {error}", err=True)
+
+
+@app.command()
+def demo(ctx: typer.Context) -> None:
+    """Run the part of the loop that exists so far (the foundation), on the embedded default."""
+    from nextturn.demo import run
+
+    run(_settings(ctx))
+
+
+def main() -> None:
+    try:
+        app()  # standalone: usage errors print and exit 2; our own errors propagate to here
+    except NextturnError as exc:
+        typer.echo(f"nextturn: error: {exc}", err=True)
+        sys.exit(1)

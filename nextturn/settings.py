@@ -1,0 +1,106 @@
+"""The one Settings object.
+
+Built once in an entrypoint (the CLI, a worker's ``main``) and passed down; nothing else reads the
+environment. Precedence, highest first: keyword arguments, ``NEXTTURN_*`` environment variables, the TOML
+file given to :meth:`Settings.load`, defaults. The defaults are the embedded setup: a SQLite event log and a
+SQLite store in one data directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from nextturn.errors import ConfigError
+
+_ENV_PREFIX = "NEXTTURN_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=_ENV_PREFIX, extra="forbid", toml_file=None)
+
+    data_dir: Path = Path(".nextturn")
+    # Derived from data_dir when not given: sqlite:///<data dir>/nextturn.db.
+    database_url: str | None = None
+    bus: Literal["sqlite", "kafka"] = "sqlite"
+    kafka_bootstrap_servers: str | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: object) -> Settings:
+        """Build Settings from the environment and an optional TOML file; errors become ConfigError."""
+        source: type[Settings] = cls
+        if config_file is not None:
+            if not config_file.is_file():
+                raise ConfigError(f"config file {config_file} does not exist; pass an existing TOML file")
+            # A subclass that names the file: pydantic-settings reads toml_file from the class config,
+            # and this keeps the file's layer below the environment without any global state.
+            source = type(cls.__name__, (cls,), {"model_config": {**cls.model_config, "toml_file": config_file}})
+        try:
+            return source(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc)) from exc
+        except ValueError as exc:  # a TOML syntax error surfaces as tomllib's ValueError subclass
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("sqlite://", "postgresql")):
+            raise ValueError(
+                "must be a SQLAlchemy URL for SQLite (sqlite:///path/nextturn.db) "
+                "or Postgres (postgresql+psycopg://user@host:5432/db)"
+            )
+        return url
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if self.bus == "kafka" and not self.kafka_bootstrap_servers:
+            raise ValueError(
+                "NEXTTURN_BUS=kafka needs NEXTTURN_KAFKA_BOOTSTRAP_SERVERS (host:port[,host:port]); "
+                "or set NEXTTURN_BUS=sqlite for the embedded event log"
+            )
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'nextturn.db'}"
+        return self
+
+    @property
+    def event_log_path(self) -> Path:
+        """The SQLite event log file (bus=sqlite)."""
+        return self.data_dir / "events.db"
+
+    @property
+    def store_url(self) -> str:
+        assert self.database_url is not None  # filled in by _coherent
+        return self.database_url
+
+
+def _explain(exc: ValidationError) -> str:
+    """One sentence per problem, naming the environment variable a user would set."""
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if field:
+            problems.append(f"{_ENV_PREFIX}{field.upper()}: {message}")
+        else:
+            problems.append(message)
+    return "invalid settings: " + "; ".join(problems)

@@ -1,0 +1,189 @@
+"""The store's tables (SQLModel). Alembic owns the schema: a change here needs a migration in migrations/.
+
+Rows that come from events carry the event id and are written idempotently (insert, ignore on conflict).
+They hold no foreign keys to each other: events of different topics arrive in any order (feedback may be
+stored before the turn it refers to), and a store rebuilt by replaying the log must accept that.
+Token ids and logprobs are JSON arrays: they are read whole, by the trainer, never queried into.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, LargeBinary, MetaData, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+# Named constraints, so that SQLite and Postgres agree and migrations can drop what they created.
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata: MetaData = SQLModel.metadata
+
+
+def _when(**kwargs: Any) -> Any:
+    return Field(sa_type=DateTime(timezone=True), **kwargs)  # type: ignore[call-overload]
+
+
+def _json(**kwargs: Any) -> Any:
+    return Field(sa_type=JSON, **kwargs)  # type: ignore[call-overload]
+
+
+def _text(**kwargs: Any) -> Any:
+    return Field(sa_type=Text, **kwargs)  # type: ignore[call-overload]
+
+
+class Tenant(SQLModel, table=True):
+    __tablename__ = "tenants"
+
+    id: str = Field(primary_key=True)
+    name: str
+    created_at: datetime = _when()
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key, stored as its SHA-256 digest only."""
+
+    __tablename__ = "api_keys"
+
+    key_hash: str = Field(primary_key=True)
+    tenant_id: str = Field(foreign_key="tenants.id", index=True)
+    is_admin: bool = False
+    created_at: datetime = _when()
+    revoked_at: datetime | None = _when(default=None)
+
+
+class Session(SQLModel, table=True):
+    __tablename__ = "sessions"
+
+    id: str = Field(primary_key=True)
+    tenant: str = Field(index=True)
+    scope: str
+    started_at: datetime = _when()
+    last_turn_at: datetime = _when(index=True)
+    ended_at: datetime | None = _when(default=None)
+
+
+class Turn(SQLModel, table=True):
+    __tablename__ = "turns"
+
+    id: str = Field(primary_key=True)  # the completion id
+    event_id: str = Field(unique=True)
+    tenant: str = Field(index=True)
+    scope: str = Field(index=True)
+    session_id: str = Field(index=True)
+    parent_turn_id: str | None = Field(default=None, index=True)
+    model: str
+    adapter_version: str = Field(index=True)
+    messages: list[dict[str, Any]] = _json()
+    tools: list[dict[str, Any]] | None = _json(default=None)
+    params: dict[str, Any] = _json()
+    response: dict[str, Any] | None = _json(default=None)
+    prompt_token_ids: list[int] = _json()
+    response_token_ids: list[int] = _json()
+    response_logprobs: list[float] | None = _json(default=None)
+    finish_reason: str | None = None
+    status: str
+    error: str | None = _text(default=None)
+    latency_ms: float
+    started_at: datetime = _when(index=True)
+    finished_at: datetime = _when()
+
+
+class Feedback(SQLModel, table=True):
+    __tablename__ = "feedback"
+    __table_args__ = (UniqueConstraint("tenant", "idempotency_key"),)
+
+    id: str = Field(primary_key=True)  # the event id
+    tenant: str = Field(index=True)
+    session_id: str
+    turn_id: str = Field(index=True)
+    kind: str
+    value: float | None = None
+    text: str | None = _text(default=None)
+    tool: dict[str, Any] | None = _json(default=None)
+    idempotency_key: str | None = None
+    received_at: datetime = _when()
+
+
+class Signal(SQLModel, table=True):
+    """Every revision of every signal; readers take the highest revision of a signal_id."""
+
+    __tablename__ = "signals"
+    __table_args__ = (UniqueConstraint("signal_id", "revision"),)
+
+    id: str = Field(primary_key=True)  # the event id
+    signal_id: str = Field(index=True)
+    revision: int
+    tenant: str = Field(index=True)
+    scope: str = Field(index=True)
+    session_id: str
+    turn_id: str = Field(index=True)
+    adapter_version: str = Field(index=True)
+    reward: float | None = None
+    hint: str | None = _text(default=None)
+    confidence: float
+    verdicts: list[dict[str, Any]] = _json()
+    extractor_version: str
+    created_at: datetime = _when(index=True)
+
+
+class Adapter(SQLModel, table=True):
+    __tablename__ = "adapters"
+
+    scope: str = Field(primary_key=True)
+    version: int = Field(primary_key=True)
+    event_id: str = Field(unique=True)
+    parent_version: int | None = None
+    base_model: str
+    path: str
+    meta: dict[str, Any] = _json()
+    status: str = "published"
+    published_at: datetime = _when()
+
+
+class Deployment(SQLModel, table=True):
+    """What serves each scope now; the latest DeploymentChanged by time wins."""
+
+    __tablename__ = "deployments"
+
+    scope: str = Field(primary_key=True)
+    stable_version: int | None = None
+    canary_version: int | None = None
+    canary_weight: float = 0.0
+    paused: bool = False
+    last_event_id: str
+    updated_at: datetime = _when()
+
+
+class DeploymentChange(SQLModel, table=True):
+    __tablename__ = "deployment_changes"
+
+    id: str = Field(primary_key=True)  # the event id
+    scope: str = Field(index=True)
+    stable_version: int | None = None
+    canary_version: int | None = None
+    canary_weight: float
+    paused: bool
+    reason: str = _text()
+    actor: str
+    changed_at: datetime = _when(index=True)
+
+
+class DeadLetter(SQLModel, table=True):
+    """Records that could not be read as events, kept with the reason."""
+
+    __tablename__ = "dead_letters"
+
+    id: str = Field(primary_key=True)  # the dead letter's event id (derived from the record's position)
+    source_topic: str = Field(index=True)
+    partition: int
+    offset: int
+    key: str | None = None
+    payload: bytes = Field(sa_type=LargeBinary)  # type: ignore[call-overload]
+    reason: str = _text()
+    created_at: datetime = _when()

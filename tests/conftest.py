@@ -1,0 +1,66 @@
+"""Fixtures: real services (Tansu, Postgres) and both event-log backends."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from logs import open_log
+from nextturn.bus import EventLog
+from services import PostgresCluster, Tansu
+
+
+@pytest.fixture(autouse=True)
+def _no_nextturn_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read NEXTTURN_* variables; a developer's shell must not change what a test sees."""
+    for name in list(os.environ):
+        if name.startswith("NEXTTURN_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def tansu() -> Iterator[Tansu]:
+    broker = Tansu()
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("kafka", marks=pytest.mark.kafka)])
+def log_spec(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(backend, where) for a fresh, empty event log."""
+    if request.param == "sqlite":
+        yield "sqlite", str(tmp_path / "events.db")
+        return
+    broker = Tansu()
+    broker.start()
+    yield "kafka", broker.bootstrap_servers
+    broker.stop()
+
+
+@pytest.fixture
+def event_log(log_spec: tuple[str, str]) -> Iterator[EventLog]:
+    log = open_log(*log_spec)
+    yield log
+    log.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database: a SQLite file, or a fresh database in the private Postgres cluster."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'nextturn.db'}"
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.create_database(f"test_{uuid.uuid4().hex[:12]}")

@@ -1,0 +1,70 @@
+"""The `nextturn` command, run as a user runs it: a separate process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from factories import turn
+from nextturn.bus.sqlite import SqliteEventLog
+from nextturn.store import Store
+
+
+def nextturn(*args: str, data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NEXTTURN_")}
+    return subprocess.run(
+        [sys.executable, "-m", "nextturn", *args],
+        capture_output=True, text=True, timeout=120,
+        env={**clean, "NEXTTURN_DATA_DIR": str(data_dir), **env},
+    )
+
+
+def test_help_lists_the_commands(tmp_path: Path) -> None:
+    result = nextturn("--help", data_dir=tmp_path)
+    assert result.returncode == 0
+    for command in ("db", "events", "demo"):
+        assert command in result.stdout
+
+
+def test_db_upgrade_brings_a_new_store_to_head(tmp_path: Path) -> None:
+    result = nextturn("db", "upgrade", data_dir=tmp_path / "data")
+    assert result.returncode == 0, result.stderr
+    store = Store(f"sqlite:///{tmp_path / 'data' / 'nextturn.db'}")
+    store.check_schema()
+    store.close()
+
+
+def test_events_tail_prints_json_lines(tmp_path: Path) -> None:
+    log = SqliteEventLog(tmp_path / "events.db")
+    sent = [turn("s", n) for n in range(3)]
+    log.append(sent)
+    log.append_raw("turns", "s", b"not an event")
+    log.close()
+    result = nextturn("events", "tail", "turns", data_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [event["event_id"] for event in printed] == [e.event_id for e in sent]
+    assert "is not an event" in result.stderr  # reported, not dead-lettered: tail only reads
+
+
+def test_errors_are_one_clear_line_and_a_non_zero_exit(tmp_path: Path) -> None:
+    unknown_topic = nextturn("events", "tail", "turnz", data_dir=tmp_path)
+    assert unknown_topic.returncode == 1
+    assert unknown_topic.stderr.strip().splitlines() == [
+        "nextturn: error: unknown topic(s) turnz; the topics are turns, feedback, signals, adapters, "
+        "deployments, dead-letters"
+    ]
+    bad_settings = nextturn("db", "upgrade", data_dir=tmp_path, NEXTTURN_BUS="kafka")
+    assert bad_settings.returncode == 1
+    assert len(bad_settings.stderr.strip().splitlines()) == 1
+    assert "NEXTTURN_KAFKA_BOOTSTRAP_SERVERS" in bad_settings.stderr
+
+
+def test_demo_runs_the_foundation_and_says_what_is_missing(tmp_path: Path) -> None:
+    result = nextturn("demo", data_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "recorded 5 new events" in result.stdout
+    assert "Not built yet" in result.stdout

@@ -1,0 +1,47 @@
+"""Alembic owns the schema: upgrade, downgrade, and agreement with the SQLModel tables, on both databases."""
+
+from __future__ import annotations
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from nextturn import tables
+from nextturn.store import Store, create_db_engine, downgrade, upgrade
+
+TABLES = {"tenants", "api_keys", "sessions", "turns", "feedback", "signals", "adapters", "deployments",
+          "deployment_changes", "dead_letters"}
+
+
+def table_names(url: str) -> set[str]:
+    engine = create_db_engine(url)
+    try:
+        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_then_downgrade_then_upgrade_again(database_url: str) -> None:
+    upgrade(database_url)
+    assert table_names(database_url) == TABLES
+    store = Store(database_url)
+    store.check_schema()
+    store.close()
+
+    downgrade(database_url, "base")
+    assert table_names(database_url) == set()
+
+    upgrade(database_url)
+    assert table_names(database_url) == TABLES
+
+
+def test_the_migrations_match_the_tables(database_url: str) -> None:
+    upgrade(database_url)
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            differences = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
+                                           tables.metadata)
+    finally:
+        engine.dispose()
+    assert differences == []

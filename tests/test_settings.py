@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nextturn.errors import ConfigError
+from nextturn.settings import Settings
+
+
+def test_defaults_are_the_embedded_setup() -> None:
+    settings = Settings.load()
+    assert settings.bus == "sqlite"
+    assert settings.data_dir == Path(".nextturn")
+    assert settings.store_url == "sqlite:///.nextturn/nextturn.db"
+    assert settings.event_log_path == Path(".nextturn/events.db")
+
+
+def test_the_environment_sets_fields(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NEXTTURN_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("NEXTTURN_BUS", "kafka")
+    monkeypatch.setenv("NEXTTURN_KAFKA_BOOTSTRAP_SERVERS", "broker-1:9092,broker-2:9092")
+    settings = Settings.load()
+    assert settings.bus == "kafka"
+    assert settings.kafka_bootstrap_servers == "broker-1:9092,broker-2:9092"
+    assert settings.store_url == f"sqlite:///{tmp_path}/nextturn.db"  # derived from the data dir
+
+
+def test_a_toml_file_sits_below_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "nextturn.toml"
+    config.write_text('data_dir = "/srv/nextturn"\ndatabase_url = "postgresql+psycopg://nt@db/nextturn"\n')
+    from_file = Settings.load(config)
+    assert from_file.data_dir == Path("/srv/nextturn")
+    assert from_file.store_url == "postgresql+psycopg://nt@db/nextturn"
+
+    monkeypatch.setenv("NEXTTURN_DATA_DIR", "/elsewhere")
+    assert Settings.load(config).data_dir == Path("/elsewhere")
+    assert Settings.load(config, data_dir=Path("/explicit")).data_dir == Path("/explicit")
+
+
+def test_kafka_without_servers_says_how_to_fix_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEXTTURN_BUS", "kafka")
+    with pytest.raises(ConfigError, match="NEXTTURN_BUS=kafka needs NEXTTURN_KAFKA_BOOTSTRAP_SERVERS"):
+        Settings.load()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("NEXTTURN_BUS", "rabbitmq", "NEXTTURN_BUS: Input should be 'sqlite' or 'kafka'"),
+        ("NEXTTURN_DATABASE_URL", "mysql://db/x", "NEXTTURN_DATABASE_URL: must be a SQLAlchemy URL"),
+    ],
+)
+def test_invalid_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=message):
+        Settings.load()
+
+
+def test_config_file_problems_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        Settings.load(tmp_path / "missing.toml")
+    typo = tmp_path / "typo.toml"
+    typo.write_text('bsu = "kafka"\n')
+    with pytest.raises(ConfigError, match="NEXTTURN_BSU: Extra inputs are not permitted"):
+        Settings.load(typo)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("data_dir = \n")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        Settings.load(broken)
