@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import subprocess
 import sys
@@ -22,14 +21,9 @@ from test_event_log_contract import poll_until
 
 TESTS = Path(__file__).parent
 
-# kafka-python 3.0 leaks the socket of a refused connection (kafka/net/inet.py sock_connect raises
-# without closing it); while a broker is down its clients leak one per retry. Not our socket: the tests
-# that stop the broker collect garbage before they end, so that the warning is raised, and ignored, there.
-KAFKA_LEAKS_REFUSED_SOCKETS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 @pytest.mark.kafka
-@KAFKA_LEAKS_REFUSED_SOCKETS
 def test_kafka_producer_recovers_when_the_broker_loses_its_state(tansu: Tansu) -> None:
     log = open_log("kafka", tansu.bootstrap_servers)
     log.append([turn("s", 0)])
@@ -40,11 +34,9 @@ def test_kafka_producer_recovers_when_the_broker_loses_its_state(tansu: Tansu) -
     assert [sequence_of(d.event) for d in poll_until(reader, 1)] == [1]
     reader.close()
     log.close()
-    gc.collect()
 
 
 @pytest.mark.kafka
-@KAFKA_LEAKS_REFUSED_SOCKETS
 def test_kafka_down_is_a_clear_error(tansu: Tansu) -> None:
     log = KafkaEventLog(tansu.bootstrap_servers, request_timeout_ms=1500)
     log.append([turn("s", 0)])
@@ -57,7 +49,6 @@ def test_kafka_down_is_a_clear_error(tansu: Tansu) -> None:
     assert [sequence_of(d.event) for d in poll_until(reader, 1)] == [2]
     reader.close()
     log.close()
-    gc.collect()
 
 
 WRITER = """
