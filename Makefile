@@ -29,7 +29,7 @@ postgres:
 	fi
 
 test: install postgres
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=10
 
 demo: install
 	$(BIN)/nextturn demo
