@@ -29,6 +29,7 @@ postgres:
 	fi
 
 test: install postgres
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest --durations=10
 
 demo: install

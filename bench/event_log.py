@@ -20,16 +20,17 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaProducer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from services import Tansu  # noqa: E402  (the same broker the tests use)
-
 from nextturn import events  # noqa: E402
 from nextturn.bus import EventLog  # noqa: E402
 from nextturn.bus.kafka import KafkaEventLog  # noqa: E402
 from nextturn.bus.sqlite import SqliteEventLog  # noqa: E402
+
+from services import Tansu  # noqa: E402  (the same broker the tests use)
 
 
 def realistic_turn(n: int) -> events.TurnRecorded:
@@ -50,20 +51,20 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def latencies_ms(operation: Callable[[int], None], count: int) -> list[float]:
+def latencies_ms(operation: Callable[[Any], object], inputs: list[Any]) -> list[float]:
     samples = []
-    for n in range(count):
+    for item in inputs:
         started = time.perf_counter()
-        operation(n)
+        operation(item)
         samples.append((time.perf_counter() - started) * 1000)
     return samples
 
 
-def measure(name: str, log: EventLog, baseline_single: Callable[[int], None], total: int, singles: int) -> dict[str, float]:
-    turns = [realistic_turn(n) for n in range(total)]
-    ours = latencies_ms(lambda n: log.append([turns[n]]), singles)
-    bare = latencies_ms(baseline_single, singles)
+def measure(log: EventLog, baseline_single: Callable[[int], None], total: int, singles: int) -> dict[str, float]:
+    ours = latencies_ms(log.append, [[realistic_turn(n)] for n in range(singles)])
+    bare = latencies_ms(baseline_single, list(range(singles)))
 
+    turns = [realistic_turn(n) for n in range(total)]
     started = time.perf_counter()
     for start in range(0, total, 500):
         log.append(turns[start:start + 500])
@@ -101,7 +102,7 @@ def bench_sqlite(workdir: Path, total: int, singles: int) -> dict[str, float]:
         bare.execute("INSERT INTO records (key, value) VALUES (?, ?)", (str(n), payload))
         bare.execute("COMMIT")
 
-    return measure("sqlite", SqliteEventLog(workdir / "events.db"), bare_append, total, singles)
+    return measure(SqliteEventLog(workdir / "events.db"), bare_append, total, singles)
 
 
 def bench_kafka(total: int, singles: int) -> dict[str, float]:
@@ -118,7 +119,7 @@ def bench_kafka(total: int, singles: int) -> dict[str, float]:
             bare.send(events.TURNS, key=str(n).encode(), value=payload)
             bare.flush()
 
-        figures = measure("kafka", log, bare_append, total, singles)
+        figures = measure(log, bare_append, total, singles)
         bare.close()
         return figures
     finally:

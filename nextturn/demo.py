@@ -12,7 +12,6 @@ from datetime import timedelta
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import func, select
 
 from nextturn import events, tables
 from nextturn.bus import open_event_log
@@ -65,7 +64,8 @@ def run(settings: Settings) -> None:
         console.print(_summary(store))
         console.print(f"\nevent log: {settings.event_log_path}")
         console.print(f"store:     {settings.store_url}")
-        console.print("Look inside: [cyan]nextturn events tail turns[/cyan], [cyan]nextturn events tail dead-letters[/cyan]")
+        console.print("Look inside: [cyan]nextturn events tail turns[/cyan], "
+                      "[cyan]nextturn events tail dead-letters[/cyan]")
     finally:
         log.close()
         store.close()
@@ -75,8 +75,6 @@ def _summary(store: Store) -> Table:
     table = Table(title="rows in the store")
     table.add_column("table")
     table.add_column("rows", justify="right")
-    with store.session() as db:
-        for row in (tables.Turn, tables.Feedback, tables.Session, tables.DeadLetter):
-            count = db.exec(select(func.count()).select_from(row)).one()  # type: ignore[call-overload]
-            table.add_row(row.__tablename__, str(count[0]))
+    for row in (tables.Turn, tables.Feedback, tables.Session, tables.DeadLetter):
+        table.add_row(row.__tablename__, str(store.count(row)))
     return table

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, Insert, case, create_engine, event, l
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
-from sqlmodel import SQLModel
+from sqlmodel import SQLModel, func, select
 
 from nextturn import events, tables
 from nextturn.errors import SchemaOutOfDate, StoreUnavailable
@@ -114,6 +114,10 @@ class Store:
     def get(self, table: type[_Row], key: Any) -> _Row | None:
         with self.session() as db:
             return db.get(table, key)
+
+    def count(self, table: type[SQLModel]) -> int:
+        with self.session() as db:
+            return int(db.exec(select(func.count()).select_from(table)).one())
 
     def close(self) -> None:
         self.engine.dispose()

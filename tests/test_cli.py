@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from factories import turn
 from nextturn.bus.sqlite import SqliteEventLog
 from nextturn.store import Store
+
+from factories import turn
 
 
 def nextturn(*args: str, data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:

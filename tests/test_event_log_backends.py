@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from factories import sequence_of, turn
-from logs import open_log
 from nextturn import events
 from nextturn.bus.kafka import KafkaEventLog
 from nextturn.bus.sqlite import SqliteEventLog
 from nextturn.errors import EventLogUnavailable
+
+from factories import sequence_of, turn
+from logs import open_log
 from services import Tansu
 from test_event_log_contract import poll_until
 

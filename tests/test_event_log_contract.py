@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from factories import sequence_of, turn
 from nextturn import events
 from nextturn.bus import Consumer, Crash, Delivery, EventLog
 from nextturn.bus.log import MAX_EVENT_BYTES
 from nextturn.errors import CommitFailed, EventTooLarge, UndecodableRecord, UnknownTopic
+
+from factories import sequence_of, turn
 
 TESTS = Path(__file__).parent
 

@@ -6,9 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from factories import turn
 from nextturn import events
 from nextturn.errors import MalformedEvent, UnknownEventType, UnsupportedSchemaVersion
+
+from factories import turn
 
 EXAMPLES: list[events.Event] = [
     turn("s1", 3),
@@ -55,7 +56,10 @@ def test_every_event_round_trips(event: events.Event) -> None:
 @given(
     prompt=st.lists(st.integers(min_value=0, max_value=2**31 - 1), max_size=50),
     sampled=st.lists(
-        st.tuples(st.integers(min_value=0, max_value=2**31 - 1), st.floats(max_value=0.0, allow_nan=False, allow_infinity=False)),
+        st.tuples(
+            st.integers(min_value=0, max_value=2**31 - 1),
+            st.floats(max_value=0.0, allow_nan=False, allow_infinity=False),
+        ),
         max_size=50,
     ),
     text=st.text(),

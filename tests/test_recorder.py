@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-import pytest
-from sqlmodel import func, select
-
-from factories import turn
 from nextturn import events, tables
 from nextturn.bus import EventLog
 from nextturn.recorder import GROUP, RECORDED_TOPICS, Recorder
-from nextturn.store import Store, upgrade
+from nextturn.store import Store
 
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    upgrade(database_url)
-    store = Store(database_url)
-    yield store
-    store.close()
-
-
-def rows(store: Store, table: type) -> int:
-    with store.session() as db:
-        return int(db.exec(select(func.count()).select_from(table)).one())
+from factories import turn
 
 
 def test_a_crash_between_write_and_commit_stores_nothing_twice(event_log: EventLog, store: Store) -> None:
@@ -51,12 +35,12 @@ def test_a_crash_between_write_and_commit_stores_nothing_twice(event_log: EventL
         batch = recorder.run_once(timeout_s=0.5)
         written_by_successor += batch.new
         polled += batch.polled
-        if batch.polled == 0 and rows(store, tables.Turn) == 25 and rows(store, tables.DeadLetter) == 1:
+        if batch.polled == 0 and store.count(tables.Turn) == 25 and store.count(tables.DeadLetter) == 1:
             break
     recorder.close()
-    assert (rows(store, tables.Turn), rows(store, tables.DeadLetter), polled) >= (25, 1, 25), "stalled"
+    assert (store.count(tables.Turn), store.count(tables.DeadLetter), polled) >= (25, 1, 25), "stalled"
     assert written_by_doomed + written_by_successor == 26
-    assert rows(store, tables.Session) == 5
+    assert store.count(tables.Session) == 5
 
     # Everything was committed: another run finds nothing to do.
     again = Recorder(event_log, store)

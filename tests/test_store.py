@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from sqlmodel import func, select
 
-from factories import turn
 from nextturn import events, tables
 from nextturn.errors import SchemaOutOfDate
-from nextturn.store import Store, upgrade
+from nextturn.store import Store
 
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    upgrade(database_url)
-    store = Store(database_url)
-    yield store
-    store.close()
-
-
-def count(store: Store, table: type) -> int:
-    with store.session() as db:
-        return int(db.exec(select(func.count()).select_from(table)).one())
+from factories import turn
 
 
 def a_bit_of_everything() -> list[events.Event]:
@@ -54,7 +40,7 @@ def test_apply_twice_writes_once(store: Store) -> None:
     for table, rows in [(tables.Turn, 2), (tables.Feedback, 2), (tables.Signal, 1), (tables.Adapter, 1),
                         (tables.DeploymentChange, 1), (tables.Deployment, 1), (tables.DeadLetter, 1),
                         (tables.Session, 1)]:
-        assert count(store, table) == rows, table.__tablename__
+        assert store.count(table) == rows, table.__tablename__
 
 
 def test_a_turn_is_stored_exactly_as_recorded(store: Store) -> None:
@@ -95,14 +81,14 @@ def test_the_latest_deployment_change_wins_even_when_applied_out_of_order(store:
     deployment = store.get(tables.Deployment, "default")
     assert deployment is not None
     assert (deployment.stable_version, deployment.canary_version, deployment.last_event_id) == (2, None, newer.event_id)
-    assert count(store, tables.DeploymentChange) == 2
+    assert store.count(tables.DeploymentChange) == 2
 
 
 def test_a_repeated_idempotency_key_is_stored_once(store: Store) -> None:
     rating = dict(tenant="acme", session_id="s", turn_id="t", kind="rating", value=1.0, idempotency_key="retry")
     store.apply([events.FeedbackReceived(**rating)])  # type: ignore[arg-type]
     store.apply([events.FeedbackReceived(**rating)])  # type: ignore[arg-type]  # a new event id, same key
-    assert count(store, tables.Feedback) == 1
+    assert store.count(tables.Feedback) == 1
 
 
 def test_a_store_behind_the_migrations_says_so(database_url: str) -> None:

@@ -29,15 +29,17 @@ from nextturn.bus.log import (
     DeadLetter,
     Delivery,
     Record,
+    Row,
     Start,
-    check_sizes,
+    check_rows,
     check_topics,
     decode_records,
+    encode_batch,
 )
 from nextturn.errors import CommitFailed, EventLogUnavailable
 
-_TOPIC_ALREADY_EXISTS = 36
 _MAX_RECORD_BYTES = MAX_EVENT_BYTES + (1 << 20)  # room for the record batch's own framing
+_TOPIC_ALREADY_EXISTS = 36
 
 
 class KafkaEventLog:
@@ -63,16 +65,15 @@ class KafkaEventLog:
     # -- writing --------------------------------------------------------------------------------------
 
     def append(self, batch: Iterable[events.Event]) -> None:
-        self._send([(event.TOPIC, event.partition_key, event.encode()) for event in batch])
+        self._send(encode_batch(batch))
 
     def append_raw(self, topic: str, key: str | None, payload: bytes) -> None:
-        check_topics([topic])
         self._send([(topic, key, payload)])
 
-    def _send(self, rows: Sequence[tuple[str, str | None, bytes]]) -> None:
+    def _send(self, rows: Sequence[Row]) -> None:
+        check_rows(rows)
         if not rows:
             return
-        check_sizes(rows)
         with self._lock:
             try:
                 self._send_once(rows)
@@ -87,7 +88,7 @@ class KafkaEventLog:
                     self._drop_producer()
                     raise EventLogUnavailable(f"the Kafka event log refused the batch: {exc}") from exc
 
-    def _send_once(self, rows: Sequence[tuple[str, str | None, bytes]]) -> None:
+    def _send_once(self, rows: Sequence[Row]) -> None:
         producer = self._ensure_producer()
         futures = [
             producer.send(topic, key=None if key is None else key.encode(), value=value) for topic, key, value in rows
@@ -136,25 +137,25 @@ class KafkaEventLog:
             )
         except KafkaError as exc:
             raise EventLogUnavailable(f"cannot reach Kafka at {','.join(self._servers)}: {exc}") from exc
+        spec = {
+            "num_partitions": self.partitions,
+            "replication_factor": -1,  # the broker's default
+            # Brokers default to ~1 MB records; a long prompt's token ids can be much more.
+            "configs": {"max.message.bytes": str(_MAX_RECORD_BYTES)},
+        }
         try:
-            spec = {
-                "num_partitions": self.partitions,
-                "replication_factor": -1,  # the broker's default
-                # Brokers default to ~1 MB records; a long prompt's token ids can be much more.
-                "configs": {"max.message.bytes": str(_MAX_RECORD_BYTES)},
-            }
             response = admin.create_topics({topic: spec for topic in events.TOPICS}, raise_errors=False)
-            failed = [
-                f"{topic['name']}: {topic['error_message'] or topic['error_code']}"
-                for topic in response["topics"]
-                if topic["error_code"] not in (0, _TOPIC_ALREADY_EXISTS)
-            ]
-            if failed:
-                raise EventLogUnavailable(f"cannot create the event log's topics: {'; '.join(failed)}")
         except KafkaError as exc:
             raise EventLogUnavailable(f"cannot create the event log's topics: {exc}") from exc
         finally:
             admin.close()
+        failed = [
+            f"{topic['name']}: {topic['error_message'] or topic['error_code']}"
+            for topic in response["topics"]
+            if topic["error_code"] not in (0, _TOPIC_ALREADY_EXISTS)
+        ]
+        if failed:
+            raise EventLogUnavailable(f"cannot create the event log's topics: {'; '.join(failed)}")
         self._topics_ready = True
 
     # -- reading --------------------------------------------------------------------------------------
@@ -215,6 +216,10 @@ class _StartAt(ConsumerRebalanceListener):
             self._consumer.seek_to_end(*fresh)
 
 
+def _text(key: bytes | None) -> str | None:
+    return None if key is None else key.decode()
+
+
 class KafkaEventConsumer:
     def __init__(
         self,
@@ -230,7 +235,9 @@ class KafkaEventConsumer:
         try:
             if group is None:
                 partitions = [
-                    TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or ())
+                    TopicPartition(topic, p)
+                    for topic in topics
+                    for p in sorted(consumer.partitions_for_topic(topic) or ())
                 ]
                 consumer.assign(partitions)
                 if start == "end":
@@ -249,7 +256,7 @@ class KafkaEventConsumer:
         except KafkaError as exc:
             raise EventLogUnavailable(f"cannot read from Kafka: {exc}") from exc
         records = [
-            Record(tp.topic, tp.partition, message.offset, None if message.key is None else message.key.decode(), message.value)
+            Record(tp.topic, tp.partition, message.offset, _text(message.key), message.value)
             for tp, messages in batches.items()
             for message in messages
         ]

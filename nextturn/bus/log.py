@@ -22,6 +22,7 @@ from nextturn import events
 from nextturn.errors import EventError, EventTooLarge, UndecodableRecord, UnknownTopic
 
 Start = Literal["committed", "beginning", "end"]
+Row = tuple[str, str | None, bytes]  # topic, key, encoded event
 MAX_EVENT_BYTES = 16 << 20  # a turn with a very long prompt: its token ids are most of it
 
 
@@ -140,8 +141,13 @@ def decode_records(records: Iterable[Record], on_bad_record: BadRecordPolicy) ->
     return deliveries
 
 
-def check_sizes(rows: Iterable[tuple[str, str | None, bytes]]) -> None:
-    """Refuse a batch with an event over the limit before any of it is written."""
+def encode_batch(batch: Iterable[events.Event]) -> list[Row]:
+    return [(event.TOPIC, event.partition_key, event.encode()) for event in batch]
+
+
+def check_rows(rows: Sequence[Row]) -> None:
+    """Refuse a batch with an unknown topic or an event over the limit before any of it is written."""
+    check_topics({topic for topic, _, _ in rows})
     for topic, key, payload in rows:
         if len(payload) > MAX_EVENT_BYTES:
             raise EventTooLarge(

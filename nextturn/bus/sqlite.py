@@ -27,10 +27,12 @@ from nextturn.bus.log import (
     DeadLetter,
     Delivery,
     Record,
+    Row,
     Start,
-    check_sizes,
+    check_rows,
     check_topics,
     decode_records,
+    encode_batch,
 )
 from nextturn.errors import CommitFailed, EventLogError, EventLogUnavailable
 
@@ -123,16 +125,15 @@ class SqliteEventLog:
         self.partitions = int(stored)
 
     def append(self, batch: Iterable[events.Event]) -> None:
-        self._insert([(event.TOPIC, event.partition_key, event.encode()) for event in batch])
+        self._insert(encode_batch(batch))
 
     def append_raw(self, topic: str, key: str | None, payload: bytes) -> None:
-        check_topics([topic])
         self._insert([(topic, key, payload)])
 
-    def _insert(self, rows: Sequence[tuple[str, str | None, bytes]]) -> None:
+    def _insert(self, rows: Sequence[Row]) -> None:
+        check_rows(rows)
         if not rows:
             return
-        check_sizes(rows)
         now = time.time()
         values = [(topic, self.partition_of(key), key, value, now) for topic, key, value in rows]
         with self._lock, _Transaction(self._conn) as conn:
@@ -213,7 +214,9 @@ class SqliteConsumer:
                 "(SELECT member FROM group_members WHERE grp = ?)",
                 (grp, grp),
             )
-            members = [m for (m,) in conn.execute("SELECT member FROM group_members WHERE grp = ? ORDER BY member", (grp,))]
+            members = [
+                m for (m,) in conn.execute("SELECT member FROM group_members WHERE grp = ? ORDER BY member", (grp,))
+            ]
             mine = {p for p in range(self._partitions) if members[p % len(members)] == self._member}
             conn.executemany(
                 "DELETE FROM partition_owners WHERE grp = ? AND partition = ? AND member = ?",
@@ -317,7 +320,9 @@ class SqliteConsumer:
             try:
                 with _Transaction(self._conn) as conn:
                     conn.execute("DELETE FROM group_members WHERE grp = ? AND member = ?", (self._group, self._member))
-                    conn.execute("DELETE FROM partition_owners WHERE grp = ? AND member = ?", (self._group, self._member))
+                    conn.execute(
+                        "DELETE FROM partition_owners WHERE grp = ? AND member = ?", (self._group, self._member)
+                    )
             finally:
                 self._conn.close()
         else:
