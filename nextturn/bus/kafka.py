@@ -77,16 +77,17 @@ class KafkaEventLog:
         with self._lock:
             try:
                 self._send_once(rows)
+                return
             except KafkaTimeoutError as exc:
                 self._drop_producer()
                 raise EventLogUnavailable(f"the Kafka event log did not answer in time: {exc}") from exc
-            except (KafkaError, EventLogUnavailable):
+            except KafkaError:
                 self._drop_producer()  # may be the idempotent producer broken for good: build a new one
-                try:
-                    self._send_once(rows)
-                except KafkaError as exc:
-                    self._drop_producer()
-                    raise EventLogUnavailable(f"the Kafka event log refused the batch: {exc}") from exc
+            try:
+                self._send_once(rows)
+            except KafkaError as exc:
+                self._drop_producer()
+                raise EventLogUnavailable(f"the Kafka event log refused the batch: {exc}") from exc
 
     def _send_once(self, rows: Sequence[Row]) -> None:
         producer = self._ensure_producer()
@@ -191,9 +192,7 @@ class KafkaEventLog:
 
     def close(self) -> None:
         with self._lock:
-            if self._producer is not None:
-                self._producer.close(timeout=self._request_timeout_ms / 1000)
-                self._producer = None
+            self._drop_producer()
 
 
 class _StartAt(ConsumerRebalanceListener):
