@@ -26,8 +26,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
 events_app = typer.Typer(help="The event log.", no_args_is_help=True)
+model_app = typer.Typer(help="Local models (built here, never downloaded).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
+app.add_typer(model_app, name="model")
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -88,6 +90,19 @@ def events_tail(
 def _report(record: Record, error: EventError) -> None:
     """Reading is not consuming: a tail reports bad records instead of dead-lettering them."""
     typer.echo(f"# {record.topic}[{record.partition}]@{record.offset} is not an event: {error}", err=True)
+
+
+@model_app.command("init")
+def model_init(
+    directory: Annotated[Path, typer.Argument(help="A new or empty directory.")],
+    size: Annotated[str, typer.Option(help="tiny (tests) or small (demo, benchmarks).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 0,
+) -> None:
+    """Build a small Llama-architecture model and its tokenizer, in Hugging Face format."""
+    from nextturn.local_models import init_model
+
+    init_model(directory, size=size, seed=seed)
+    typer.echo(f"model ({size}, seed {seed}) written to {directory}")
 
 
 @app.command()

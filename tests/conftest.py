@@ -94,3 +94,11 @@ def store(database_url: str) -> Iterator[Store]:
     store = Store(database_url)
     yield store
     store.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny local model directory, built once per test run (nothing is downloaded)."""
+    from nextturn.local_models import init_model
+
+    return init_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)

@@ -26,7 +26,7 @@ def nextturn(*args: str, data_dir: Path, **env: str) -> subprocess.CompletedProc
 def test_help_lists_the_commands(tmp_path: Path) -> None:
     result = nextturn("--help", data_dir=tmp_path)
     assert result.returncode == 0
-    for command in ("db", "events", "demo"):
+    for command in ("db", "events", "model", "demo"):
         assert command in result.stdout
 
 
@@ -62,6 +62,12 @@ def test_errors_are_one_clear_line_and_a_non_zero_exit(tmp_path: Path) -> None:
     assert bad_settings.returncode == 1
     assert len(bad_settings.stderr.strip().splitlines()) == 1
     assert "NEXTTURN_KAFKA_BOOTSTRAP_SERVERS" in bad_settings.stderr
+
+
+def test_model_init_writes_a_loadable_model(tmp_path: Path) -> None:
+    result = nextturn("model", "init", str(tmp_path / "model"), "--seed", "3", data_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in (tmp_path / "model").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
 
 
 def test_demo_runs_the_foundation_and_says_what_is_missing(tmp_path: Path) -> None:
