@@ -1,0 +1,82 @@
+"""Sessions: which earlier turn a request continues, and what happened after it.
+
+With an ``X-Session-Id`` header the client names its session. Without one, the request is linked to the
+turn whose messages plus response are the longest prefix of the request's messages (see
+:mod:`nextturn.conversation`); the messages after that prefix are the parent turn's next state: the
+user's reply, or every tool result of a parallel tool call. A request that continues nothing starts a
+new session.
+
+The index is bounded: at most ``capacity`` turns, each forgotten after ``idle_timeout_s`` without use, so
+millions of sessions cannot exhaust memory. It is one replica's memory; a later step looks up misses in
+the store, so that replicas and restarts link too.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from nextturn.conversation import prefix_hashes, turn_key
+from nextturn.events import ChatMessage
+
+
+@dataclass(frozen=True)
+class Link:
+    session_id: str
+    parent_turn_id: str | None
+    next_state: list[ChatMessage]  # of the parent turn; empty when there is no parent
+
+
+@dataclass
+class _Known:
+    turn_id: str
+    session_id: str
+    last_used: float
+
+
+class SessionLinker:
+    def __init__(
+        self, *, capacity: int = 100_000, idle_timeout_s: float = 3600.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._capacity = capacity
+        self._idle_timeout_s = idle_timeout_s
+        self._clock = clock
+        self._turns: OrderedDict[str, _Known] = OrderedDict()  # turn key -> turn, least recently used first
+
+    def link(self, tenant: str, messages: Sequence[ChatMessage], session_id: str | None = None) -> Link:
+        """The session and parent of a new request. With a session id, only that session's turns link."""
+        self._forget_idle()
+        hashes = prefix_hashes(tenant, messages)
+        # The longest prefix that leaves at least one new message: the most recent turn continued.
+        for end in range(len(messages) - 1, 0, -1):
+            known = self._turns.get(hashes[end - 1])
+            if known is None or (session_id is not None and known.session_id != session_id):
+                continue
+            known.last_used = self._clock()
+            self._turns.move_to_end(hashes[end - 1])
+            return Link(known.session_id, known.turn_id, list(messages[end:]))
+        return Link(session_id or f"sess-{uuid.uuid4().hex}", None, [])
+
+    def remember(
+        self, tenant: str, session_id: str, turn_id: str, messages: Sequence[ChatMessage], response: ChatMessage
+    ) -> None:
+        """Make a served turn linkable by the requests that continue it."""
+        key = turn_key(tenant, messages, response)
+        self._turns[key] = _Known(turn_id, session_id, self._clock())
+        self._turns.move_to_end(key)
+        while len(self._turns) > self._capacity:
+            self._turns.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    def _forget_idle(self) -> None:
+        horizon = self._clock() - self._idle_timeout_s
+        while self._turns:
+            oldest = next(iter(self._turns.values()))
+            if oldest.last_used >= horizon:
+                break
+            self._turns.popitem(last=False)

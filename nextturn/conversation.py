@@ -1,0 +1,64 @@
+"""Conversation identity: the canonical form of messages and the hashes of a conversation's prefixes.
+
+A client that keeps no session id still sends the whole conversation each time. The turn that answered
+``messages`` with ``response`` is identified by the hash of ``messages + [response]``; a later request
+whose messages start with that prefix continues that turn, and what follows the prefix is the turn's next
+state. The gateway links requests with these hashes; the store keeps them so that any replica can link.
+
+Hashes are seeded with the tenant, so conversations of different tenants never link, and they are built
+over a canonical form that ignores what clients change when they echo a message back: content as a
+string or as text parts, JSON spacing in tool-call arguments, extra fields such as ``refusal``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from nextturn.events import ChatMessage
+
+
+def canonical(message: ChatMessage) -> bytes:
+    """The parts of a message that identify it, as compact JSON.
+
+    >>> canonical(ChatMessage(role="user", content=[{"type": "text", "text": "hi"}]))
+    b'["user","hi",[],null]'
+    """
+    calls = [[call.id, call.function.name, _canonical_arguments(call.function.arguments)]
+             for call in message.tool_calls or []]
+    return json.dumps([message.role, _canonical_content(message.content), calls, message.tool_call_id],
+                      separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
+
+
+def _canonical_content(content: str | list[dict[str, Any]] | None) -> Any:
+    if content is None:
+        return ""
+    if isinstance(content, list) and all(part.get("type") == "text" for part in content):
+        return "".join(str(part.get("text", "")) for part in content)
+    return content
+
+
+def _canonical_arguments(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments), separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    except ValueError:
+        return arguments  # not JSON: compared as the model wrote it
+
+
+def prefix_hashes(tenant: str, messages: Sequence[ChatMessage]) -> list[str]:
+    """``result[i]`` identifies ``messages[: i + 1]`` within the tenant."""
+    running = hashlib.blake2b(tenant.encode(), digest_size=16, person=b"nextturn-conv")
+    hashes = []
+    for message in messages:
+        body = canonical(message)
+        running.update(len(body).to_bytes(8, "big"))  # length-prefixed: no two splits hash alike
+        running.update(body)
+        hashes.append(running.copy().hexdigest())
+    return hashes
+
+
+def turn_key(tenant: str, messages: Sequence[ChatMessage], response: ChatMessage) -> str:
+    """The hash a later request's prefix must match to continue this turn."""
+    return prefix_hashes(tenant, [*messages, response])[-1]
