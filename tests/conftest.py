@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -25,29 +24,12 @@ def _no_nextturn_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-# kafka-python 3.0's network layer leaks sockets: a refused connection's socket is never closed
-# (kafka/net/inet.py sock_connect), and a connection closed while a read is pending can drop its
-# socket (kafka/net/transport.py). Tests that use Kafka ignore leaked-socket warnings; their fixtures
-# collect garbage at teardown so that the leaks surface there, not in a later test, where a leaked
-# socket is still an error.
-KAFKA_LEAKS_SOCKETS = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("kafka"):
-            item.add_marker(KAFKA_LEAKS_SOCKETS)
-
-
 @pytest.fixture
 def tansu() -> Iterator[Tansu]:
     broker = Tansu()
     broker.start()
     yield broker
     broker.stop()
-    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +50,6 @@ def log_spec(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
     broker.start()
     yield "kafka", broker.bootstrap_servers
     broker.stop()
-    gc.collect()
 
 
 @pytest.fixture

@@ -112,6 +112,7 @@ class KafkaEventLog:
                     linger_ms=1,
                     max_request_size=_MAX_RECORD_BYTES,
                     request_timeout_ms=self._request_timeout_ms,
+                    bootstrap_timeout_ms=self._request_timeout_ms,
                     max_block_ms=self._request_timeout_ms,
                     delivery_timeout_ms=int(self._delivery_timeout_s * 1000),
                 )
@@ -134,7 +135,10 @@ class KafkaEventLog:
             return
         try:
             admin = KafkaAdminClient(
-                bootstrap_servers=self._servers, client_id=self._client_id, request_timeout_ms=self._request_timeout_ms
+                bootstrap_servers=self._servers,
+                client_id=self._client_id,
+                request_timeout_ms=self._request_timeout_ms,
+                bootstrap_timeout_ms=self._request_timeout_ms,  # an unreachable broker: fail, do not hang 30 s
             )
         except KafkaError as exc:
             raise EventLogUnavailable(f"cannot reach Kafka at {','.join(self._servers)}: {exc}") from exc
@@ -182,6 +186,7 @@ class KafkaEventLog:
                 session_timeout_ms=self._session_timeout_ms,
                 heartbeat_interval_ms=max(100, self._session_timeout_ms // 4),
                 request_timeout_ms=max(self._request_timeout_ms, self._session_timeout_ms + 5000),
+                bootstrap_timeout_ms=self._request_timeout_ms,
                 max_partition_fetch_bytes=_MAX_RECORD_BYTES,
                 fetch_max_bytes=4 * MAX_EVENT_BYTES,
                 partition_assignment_strategy=(RangePartitionAssignor,),

@@ -1,0 +1,198 @@
+"""The publisher: events leave the request path at once and reach the event log in order, eventually.
+
+``publish`` never waits on the log. It puts the event in a bounded in-memory queue; a background thread
+drains the queue in batches into the log. When the log is slow or down, a batch goes to the spool
+instead, an append-only file (one encoded event per line, fsynced) in the data directory, and while the
+spool holds anything, newer events queue up behind it, so the log receives everything in the order it was
+published. The thread retries the spool with a growing pause and deletes it once every event in it is
+on the log. A new publisher (a restarted gateway) replays the spool it finds before anything else.
+
+If the queue is full (the thread cannot keep up), ``publish`` writes the event to the spool itself:
+slower for that request, but nothing is lost. Such an event may overtake events still in the queue;
+order holds as long as the queue has room (``capacity``, 10,000 events by default).
+
+Delivery is at least once: a replay cut short is replayed again from the start of the spool, so the
+log may receive an event twice under one event id, and its consumers write idempotently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from nextturn import events
+from nextturn.bus import EventLog
+from nextturn.errors import EventError, EventLogError, NextturnError
+
+log = logging.getLogger(__name__)
+
+
+class PublisherStopped(NextturnError):
+    """The publisher's thread is not running (stopped, or dead: see the cause)."""
+
+
+class Spool:
+    """An append-only file of encoded events, one per line (JSON has no raw newlines)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._repair()
+        self._count = self._read_bytes().count(b"\n")
+
+    def _read_bytes(self) -> bytes:
+        return self.path.read_bytes() if self.path.exists() else b""
+
+    def _repair(self) -> None:
+        """Cut a line torn by a crash mid-write: it was never acknowledged, and the next write would
+        otherwise be glued to it."""
+        content = self._read_bytes()
+        if content and not content.endswith(b"\n"):
+            kept = content[: content.rfind(b"\n") + 1]
+            log.warning("cutting %d bytes of a torn write from %s", len(content) - len(kept), self.path)
+            self._rewrite(kept)
+
+    def _rewrite(self, content: bytes) -> None:
+        if not content:
+            self.path.unlink(missing_ok=True)
+            return
+        temporary = self.path.with_suffix(".tmp")
+        with temporary.open("wb") as file:
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
+
+    def write(self, batch: Sequence[events.Event]) -> None:
+        lines = b"".join(event.encode() + b"\n" for event in batch)
+        with self._lock, self.path.open("ab") as file:
+            file.write(lines)
+            file.flush()
+            os.fsync(file.fileno())
+            self._count += len(batch)
+
+    def read(self) -> list[events.Event]:
+        """Every spooled event, oldest first; one per line (an unreadable line reads as nothing)."""
+        with self._lock:
+            lines = self._read_bytes().splitlines()
+        spooled = []
+        for number, line in enumerate(lines, 1):
+            try:
+                spooled.append(events.decode(line))
+            except EventError as exc:
+                log.error("dropping unreadable line %d of %s: %s", number, self.path, exc)
+        return spooled
+
+    def drop_through(self, last: events.Event) -> None:
+        """Remove every line up to and including ``last``: they are on the log now."""
+        marker = last.encode() + b"\n"
+        with self._lock:
+            content = self._read_bytes()
+            end = content.index(marker) + len(marker)
+            self._rewrite(content[end:])
+            self._count = content[end:].count(b"\n")
+
+    def __len__(self) -> int:
+        return self._count
+
+
+class Publisher:
+    def __init__(
+        self,
+        event_log: EventLog,
+        spool_path: Path,
+        *,
+        capacity: int = 10_000,
+        batch_size: int = 500,
+        retry_pause_s: tuple[float, float] = (0.1, 5.0),
+    ) -> None:
+        self._log = event_log
+        self.spool = Spool(spool_path)
+        self._queue: queue.Queue[events.Event] = queue.Queue(maxsize=capacity)
+        self._batch_size = batch_size
+        self._first_pause_s, self._max_pause_s = retry_pause_s
+        self._stopping = threading.Event()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nextturn-publisher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def publish(self, event: events.Event) -> None:
+        """Hand an event over; returns at once (raises PublisherStopped if the thread is not running)."""
+        if not self._thread.is_alive():
+            raise PublisherStopped("the event publisher is not running") from self._failure
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self.spool.write([event])
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Deliver or spool what is queued, then stop the thread."""
+        self._stopping.set()
+        self._thread.join(timeout_s)
+
+    # -- the thread ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            pause = self._first_pause_s
+            next_replay = 0.0
+            while not (self._stopping.is_set() and self._queue.empty()):
+                if len(self.spool) and time.monotonic() >= next_replay:
+                    if self._replay():
+                        pause = self._first_pause_s
+                    else:
+                        next_replay = time.monotonic() + pause
+                        pause = min(pause * 2, self._max_pause_s)
+                batch = self._take(timeout_s=0.05)
+                if batch:
+                    self._deliver(batch)
+        except BaseException as exc:  # supervised: publish() raises from now on, with this as the cause
+            self._failure = exc
+            log.exception("the event publisher died")
+
+    def _take(self, timeout_s: float) -> list[events.Event]:
+        try:
+            batch = [self._queue.get(timeout=timeout_s)]
+        except queue.Empty:
+            return []
+        while len(batch) < self._batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _deliver(self, batch: list[events.Event]) -> None:
+        if len(self.spool):  # older events wait in the spool: these go behind them
+            self.spool.write(batch)
+            return
+        try:
+            self._log.append(batch)
+        except EventLogError as exc:
+            log.warning("event log unavailable, spooling %d event(s): %s", len(batch), exc)
+            self.spool.write(batch)
+
+    def _replay(self) -> bool:
+        """Move the spool onto the log, oldest first; False if the log is still unavailable."""
+        spooled = self.spool.read()
+        for start in range(0, len(spooled), self._batch_size):
+            chunk = spooled[start:start + self._batch_size]
+            try:
+                self._log.append(chunk)
+            except EventLogError as exc:
+                log.info("event log still unavailable (%s); %d event(s) remain spooled", exc, len(spooled) - start)
+                return False
+            self.spool.drop_through(chunk[-1])
+        return True

@@ -1,0 +1,132 @@
+"""Recording never hurts serving: the publisher queues, spools when the log is down, and replays in order."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pytest
+
+from gateway.publisher import Publisher, PublisherStopped, Spool
+from nextturn import events
+from nextturn.bus import Consumer, EventLog
+from nextturn.bus.kafka import KafkaEventLog
+from nextturn.bus.sqlite import SqliteEventLog
+
+from factories import sequence_of, turn
+from services import Tansu
+from test_event_log_contract import poll_until
+
+
+def arrived(log: EventLog, count: int, timeout_s: float = 60) -> list[int]:
+    reader: Consumer = log.consumer(None, [events.TURNS], start="beginning")
+    got = poll_until(reader, count, timeout_s) + reader.poll(timeout_s=0.5)  # and nothing more
+    reader.close()
+    return [sequence_of(d.event) for d in got]
+
+
+def wait_until_spool_is_empty(publisher: Publisher, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(publisher.spool) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_events_reach_the_log_in_order(tmp_path: Path) -> None:
+    log = SqliteEventLog(tmp_path / "events.db")
+    publisher = Publisher(log, tmp_path / "spool.jsonl")
+    publisher.start()
+    for n in range(200):
+        publisher.publish(turn("one-session", n))
+    publisher.stop()
+    assert arrived(log, 200) == list(range(200))
+    assert not (tmp_path / "spool.jsonl").exists()
+    log.close()
+
+
+@pytest.mark.kafka
+def test_while_the_log_is_down_events_spool_and_then_arrive_once_in_order(tansu: Tansu, tmp_path: Path) -> None:
+    log = KafkaEventLog(tansu.bootstrap_servers, request_timeout_ms=1000, session_timeout_ms=2000)
+    publisher = Publisher(log, tmp_path / "spool.jsonl", retry_pause_s=(0.1, 0.5))
+    publisher.start()
+    publisher.publish(turn("s", 0))
+    assert arrived(log, 1) == [0]
+
+    tansu.stop()
+    for n in range(1, 31):
+        publisher.publish(turn("s", n))  # returns at once: the request path never waits on the log
+    deadline = time.monotonic() + 30
+    while len(publisher.spool) < 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(publisher.spool) == 30
+
+    tansu.start()  # an empty broker on the same port: everything spooled must arrive now
+    wait_until_spool_is_empty(publisher)
+    publisher.publish(turn("s", 31))
+    publisher.stop()
+    assert arrived(log, 31) == list(range(1, 32))
+    log.close()
+
+
+@pytest.mark.kafka
+def test_a_restarted_gateway_replays_the_spool_it_finds(tansu: Tansu, tmp_path: Path) -> None:
+    log = KafkaEventLog(tansu.bootstrap_servers, request_timeout_ms=1000, session_timeout_ms=2000)
+    tansu.stop()
+    before = Publisher(log, tmp_path / "spool.jsonl", retry_pause_s=(0.1, 0.5))
+    before.start()
+    for n in range(10):
+        before.publish(turn("s", n))
+    before.stop(timeout_s=30)  # the log is down: what was queued is spooled before the thread ends
+    assert len(Spool(tmp_path / "spool.jsonl")) == 10
+
+    tansu.start()
+    after = Publisher(log, tmp_path / "spool.jsonl")
+    after.start()
+    wait_until_spool_is_empty(after)
+    after.stop()
+    assert arrived(log, 10) == list(range(10))
+    log.close()
+
+
+def test_a_torn_last_line_is_cut_and_the_rest_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "spool.jsonl"
+    Spool(path).write([turn("s", 0), turn("s", 1)])
+    with path.open("ab") as file:
+        file.write(turn("s", 2).encode()[:40])  # the process died in the middle of this write
+    spool = Spool(path)
+    assert len(spool) == 2
+    spool.write([turn("s", 3)])
+    assert [sequence_of(e) for e in spool.read()] == [0, 1, 3]
+
+
+class _Unavailable:
+    """An event log that is down: the real interface, failing as the real backends fail."""
+
+    def append(self, batch: Iterable[events.Event]) -> None:
+        from nextturn.errors import EventLogUnavailable
+
+        raise EventLogUnavailable("down for the test")
+
+
+def test_a_full_queue_spills_to_the_spool_and_loses_nothing(tmp_path: Path) -> None:
+    publisher = Publisher(_Unavailable(), tmp_path / "spool.jsonl", capacity=1)  # type: ignore[arg-type]
+    publisher.start()
+    for n in range(50):
+        publisher.publish(turn(f"s{n}", n))
+    publisher.stop()
+    assert sorted(sequence_of(e) for e in publisher.spool.read()) == list(range(50))
+
+
+class _Broken:
+    def append(self, batch: Sequence[events.Event]) -> None:
+        raise RuntimeError("a bug, not an outage")
+
+
+def test_a_dead_publisher_says_so_instead_of_looking_idle(tmp_path: Path) -> None:
+    publisher = Publisher(_Broken(), tmp_path / "spool.jsonl")  # type: ignore[arg-type]
+    publisher.start()
+    publisher.publish(turn("s", 0))
+    publisher._thread.join(timeout=10)
+    with pytest.raises(PublisherStopped) as raised:
+        publisher.publish(turn("s", 1))
+    assert isinstance(raised.value.__cause__, RuntimeError)
