@@ -92,6 +92,17 @@ def _report(record: Record, error: EventError) -> None:
     typer.echo(f"# {record.topic}[{record.partition}]@{record.offset} is not an event: {error}", err=True)
 
 
+@app.command()
+def serve(ctx: typer.Context) -> None:
+    """Run the gateway (an OpenAI-compatible server) on NEXTTURN_HOST:NEXTTURN_PORT."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = _settings(ctx)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
 @model_app.command("init")
 def model_init(
     directory: Annotated[Path, typer.Argument(help="A new or empty directory.")],

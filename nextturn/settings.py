@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,6 +32,15 @@ class Settings(BaseSettings):
     database_url: str | None = None
     bus: Literal["sqlite", "kafka"] = "sqlite"
     kafka_bootstrap_servers: str | None = None
+    engine: Literal["embedded", "vllm", "openai"] = "embedded"
+    model: str | None = None  # a local model directory (embedded, vllm) or the upstream's model name
+    upstream_url: str | None = None  # engine=openai: the upstream's base URL, e.g. https://host/v1
+    upstream_api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    # "key:tenant,key2:tenant2" for the embedded default; production keys live in the store.
+    api_keys: str = ""
+    admin_key: str | None = None
 
     @classmethod
     def settings_customise_sources(
@@ -78,9 +87,31 @@ class Settings(BaseSettings):
                 "NEXTTURN_BUS=kafka needs NEXTTURN_KAFKA_BOOTSTRAP_SERVERS (host:port[,host:port]); "
                 "or set NEXTTURN_BUS=sqlite for the embedded event log"
             )
+        if self.engine == "openai" and not (self.upstream_url and self.model):
+            raise ValueError(
+                "NEXTTURN_ENGINE=openai needs NEXTTURN_UPSTREAM_URL (the upstream's /v1 URL) and NEXTTURN_MODEL "
+                "(the model name to ask it for)"
+            )
+        _ = self.tenant_keys  # parses NEXTTURN_API_KEYS, so that a malformed value fails at start
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'nextturn.db'}"
         return self
+
+    @property
+    def tenant_keys(self) -> dict[str, str]:
+        """API key -> tenant, from ``api_keys``."""
+        keys: dict[str, str] = {}
+        for entry in filter(None, (part.strip() for part in self.api_keys.split(","))):
+            key, sep, tenant = entry.rpartition(":")
+            if not sep or not key or not tenant:
+                raise ValueError(f"NEXTTURN_API_KEYS entries look like key:tenant, not {entry!r}")
+            keys[key] = tenant
+        return keys
+
+    @property
+    def spool_path(self) -> Path:
+        """Where the gateway spools events while the event log is unavailable."""
+        return self.data_dir / "spool.jsonl"
 
     @property
     def event_log_path(self) -> Path:

@@ -70,3 +70,31 @@ def test_config_file_problems_are_clear(tmp_path: Path) -> None:
     broken.write_text("data_dir = \n")
     with pytest.raises(ConfigError, match="cannot read config file"):
         Settings.load(broken)
+
+
+def test_the_gateway_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEXTTURN_ENGINE", "openai")
+    monkeypatch.setenv("NEXTTURN_UPSTREAM_URL", "http://upstream:9000/v1")
+    monkeypatch.setenv("NEXTTURN_MODEL", "big-model")
+    monkeypatch.setenv("NEXTTURN_API_KEYS", "sk-a:acme, sk-b:globex")
+    monkeypatch.setenv("NEXTTURN_PORT", "9001")
+    monkeypatch.setenv("NEXTTURN_HOST", "0.0.0.0")
+    monkeypatch.setenv("NEXTTURN_ADMIN_KEY", "sk-admin")
+    settings = Settings.load()
+    assert settings.engine == "openai"
+    assert (settings.upstream_url, settings.model) == ("http://upstream:9000/v1", "big-model")
+    assert settings.tenant_keys == {"sk-a": "acme", "sk-b": "globex"}
+    assert (settings.host, settings.port, settings.admin_key) == ("0.0.0.0", 9001, "sk-admin")
+    assert settings.spool_path == Path(".nextturn/spool.jsonl")
+
+
+def test_an_upstream_engine_needs_its_url_and_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEXTTURN_ENGINE", "openai")
+    with pytest.raises(ConfigError, match="NEXTTURN_ENGINE=openai needs NEXTTURN_UPSTREAM_URL"):
+        Settings.load()
+
+
+def test_malformed_api_keys_fail_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEXTTURN_API_KEYS", "sk-a:acme,oops")
+    with pytest.raises(ConfigError, match="entries look like key:tenant, not 'oops'"):
+        Settings.load()

@@ -1,0 +1,93 @@
+"""Errors of the gateway, and the one place that turns them into OpenAI-style JSON.
+
+    GatewayError                 status  type
+    ├── AuthenticationFailed     401     invalid_request_error (code invalid_api_key)
+    ├── NotFound                 404     invalid_request_error (code model_not_found, turn_not_found…)
+    ├── InvalidRequest           400     invalid_request_error
+    ├── PayloadTooLarge          413     invalid_request_error
+    ├── EngineUnavailable        502     api_error: the engine failed or is unreachable
+    └── EngineTimeout            504     api_error
+
+Domain errors never subclass HTTPException; the handlers below are the only translation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nextturn.errors import NextturnError
+
+log = logging.getLogger(__name__)
+
+
+class GatewayError(NextturnError):
+    status = 500
+    type = "api_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class AuthenticationFailed(GatewayError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class NotFound(GatewayError):
+    status, type = 404, "invalid_request_error"
+
+
+class InvalidRequest(GatewayError):
+    status, type = 400, "invalid_request_error"
+
+
+class PayloadTooLarge(GatewayError):
+    status, type = 413, "invalid_request_error"
+
+
+class EngineUnavailable(GatewayError):
+    status, type = 502, "api_error"
+
+
+class EngineTimeout(GatewayError):
+    status, type = 504, "api_error"
+
+
+def error_body(error: GatewayError) -> dict[str, object]:
+    return {"error": {"message": str(error), "type": error.type, "param": error.param, "code": error.code}}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        if first["type"] == "json_invalid":
+            error = InvalidRequest("the request body is not valid JSON")
+        else:
+            error = InvalidRequest(f"{where or 'body'}: {first['msg']}", param=where or None)
+        return JSONResponse(error_body(error), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:  # unknown routes, wrong methods
+        error = GatewayError(str(exc.detail))
+        error.status, error.type = exc.status_code, "invalid_request_error"
+        return JSONResponse(error_body(error), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(error_body(GatewayError("internal error; it has been logged")), status_code=500)

@@ -1,0 +1,52 @@
+"""The HTTP request bodies the gateway accepts (OpenAI's chat completion format)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nextturn import events
+
+
+class FunctionSpec(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _a_json_schema_object(cls, parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+        if parameters is not None and parameters.get("type", "object") != "object":
+            raise ValueError("a function's parameters must be a JSON Schema of type 'object'")
+        return parameters
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI parameters we do not act on are accepted, not used
+
+    model: str = Field(min_length=1)
+    messages: list[events.ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: Literal[1] = 1
+    tools: list[ToolSpec] | None = None
+    tool_choice: Any = None
+
+    def sampling(self) -> events.SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        return events.SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
+                                     max_tokens=self.max_completion_tokens or self.max_tokens)
+
+    def tool_definitions(self) -> list[dict[str, Any]] | None:
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None

@@ -1,0 +1,110 @@
+"""Serving one turn: link it to its session, generate, answer (whole or streamed), record it.
+
+The turn id is the completion id the client sees; the recorded TurnRecorded carries exactly what was
+generated. A turn that fails is recorded as failed, and a stream that fails ends with an error event.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.engines import Delta, Engine, Generation
+from gateway.errors import GatewayError, error_body
+from gateway.publisher import Publisher
+from gateway.schemas import ChatCompletionRequest
+from gateway.sessions import Link, SessionLinker
+from nextturn import events
+
+BASE = events.BASE_VERSION
+
+
+@dataclass
+class Turn:
+    tenant: str
+    request: ChatCompletionRequest
+    link: Link
+    turn_id: str
+    started_at: Any  # datetime
+    started: float  # monotonic
+
+
+class TurnService:
+    def __init__(self, engine: Engine, linker: SessionLinker, publisher: Publisher) -> None:
+        self.engine = engine
+        self.linker = linker
+        self.publisher = publisher
+
+    def begin(self, tenant: str, request: ChatCompletionRequest, session_id: str | None) -> Turn:
+        link = self.linker.link(tenant, request.messages, session_id)
+        return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", events.utc_now(), time.monotonic())
+
+    async def complete(self, turn: Turn) -> dict[str, Any]:
+        try:
+            generation = await self.engine.complete(turn.request, BASE)
+        except GatewayError as exc:
+            self._record(turn, None, exc)
+            raise
+        self._record(turn, generation, None)
+        return {
+            "id": turn.turn_id, "object": "chat.completion", "created": int(time.time()),
+            "model": turn.request.model,
+            "choices": [
+                {"index": 0, "message": _message(generation.message), "finish_reason": generation.finish_reason}
+            ],
+            "usage": {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
+                      "total_tokens": generation.prompt_tokens + generation.completion_tokens},
+        }
+
+    async def stream(self, turn: Turn) -> AsyncIterator[str]:
+        """Server-sent events: a role chunk, the deltas as they come, a finish chunk, ``[DONE]``."""
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
+            body = {"id": turn.turn_id, "object": "chat.completion.chunk", "created": created,
+                    "model": turn.request.model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async for item in self.engine.stream(turn.request, BASE):
+                if isinstance(item, Delta):
+                    yield chunk({k: v for k, v in (("content", item.content), ("tool_calls", item.tool_calls)) if v})
+                else:
+                    self._record(turn, item, None)
+                    yield chunk({}, item.finish_reason)
+        except GatewayError as exc:
+            self._record(turn, None, exc)
+            yield f"data: {json.dumps(error_body(exc))}\n\n"
+            return
+        yield "data: [DONE]\n\n"
+
+    def _record(self, turn: Turn, generation: Generation | None, error: GatewayError | None) -> None:
+        finished_at = events.utc_now()
+        self.publisher.publish(events.TurnRecorded(
+            tenant=turn.tenant, session_id=turn.link.session_id, turn_id=turn.turn_id,
+            parent_turn_id=turn.link.parent_turn_id, model=turn.request.model, adapter_version=BASE,
+            messages=turn.request.messages, tools=turn.request.tool_definitions(), params=turn.request.sampling(),
+            response=generation.message if generation else None,
+            prompt_token_ids=generation.prompt_token_ids if generation else [],
+            response_token_ids=generation.response_token_ids if generation else [],
+            response_logprobs=generation.response_logprobs if generation else None,
+            finish_reason=generation.finish_reason if generation else "error",  # type: ignore[arg-type]
+            status="ok" if generation else "failed", error=str(error) if error else None,
+            latency_ms=(time.monotonic() - turn.started) * 1000, started_at=turn.started_at, finished_at=finished_at,
+        ))
+        if generation is not None:
+            self.linker.remember(turn.tenant, turn.link.session_id, turn.turn_id, turn.request.messages,
+                                 generation.message)
+
+
+def _message(message: events.ChatMessage) -> dict[str, Any]:
+    body: dict[str, Any] = {"role": "assistant", "content": message.content}
+    if message.tool_calls:
+        body["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    return body

@@ -1,0 +1,195 @@
+"""The gateway as clients see it: the real openai SDK against real uvicorn, in front of an upstream."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from upstream import CALLS, MODEL, create_upstream
+
+from gateway.app import create_app
+from nextturn import events
+from nextturn.bus.sqlite import SqliteEventLog
+from nextturn.settings import Settings
+
+from services import Uvicorn
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Uvicorn]:
+    server = Uvicorn(create_upstream())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gateway")
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: Uvicorn, data_dir: Path) -> Iterator[Uvicorn]:
+    settings = Settings(data_dir=data_dir, engine="openai", upstream_url=f"{upstream.url}/v1", model=MODEL,
+                        api_keys="sk-acme:acme,sk-globex:globex")
+    server = Uvicorn(create_app(settings))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(gateway: Uvicorn) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-acme", max_retries=0) as client:
+        yield client
+
+
+def recorded(data_dir: Path, turn_id: str, timeout_s: float = 20) -> events.TurnRecorded:
+    """The TurnRecorded for a turn, read back from the event log."""
+    log = SqliteEventLog(data_dir / "events.db")
+    reader = log.consumer(None, [events.TURNS], start="beginning")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for delivery in reader.poll(timeout_s=0.2):
+                if isinstance(delivery.event, events.TurnRecorded) and delivery.event.turn_id == turn_id:
+                    return delivery.event
+        raise AssertionError(f"{turn_id} was not recorded")
+    finally:
+        reader.close()
+        log.close()
+
+
+def test_a_completion_is_answered_and_recorded_under_its_id(client: openai.OpenAI, data_dir: Path) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello there"}], temperature=0.5, seed=7)
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "echo: hello there"
+    assert completion.id.startswith("chatcmpl-")
+    assert raw.headers["X-Nextturn-Adapter"] == "base"
+    turn = recorded(data_dir, completion.id)
+    assert (turn.tenant, turn.status, turn.parent_turn_id) == ("acme", "ok", None)
+    assert turn.response is not None and turn.response.content == "echo: hello there"
+    assert (turn.params.temperature, turn.params.seed) == (0.5, 7)
+
+
+def test_a_stream_arrives_in_pieces_and_is_recorded_whole(client: openai.OpenAI, data_dir: Path) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "one two three four"}], stream=True)
+    pieces, turn_id, finish = [], None, None
+    for chunk in stream:
+        turn_id = chunk.id
+        pieces.append(chunk.choices[0].delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    assert len([p for p in pieces if p]) == 5  # "echo:" and four words, one chunk each
+    assert "".join(pieces) == "echo: one two three four"
+    assert finish == "stop"
+    assert recorded(data_dir, turn_id).response.content == "echo: one two three four"  # type: ignore[union-attr,arg-type]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_conversation_with_a_parallel_tool_call_links_itself(
+    client: openai.OpenAI, data_dir: Path, stream: bool
+) -> None:
+    messages: list[dict] = [{"role": "system", "content": "You run tests."},
+                            {"role": "user", "content": f"run the tools (stream={stream})"}]
+
+    def ask() -> tuple[str, dict]:
+        if not stream:
+            completion = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS)
+            return completion.id, completion.choices[0].message.model_dump(exclude_none=True)
+        content, calls, turn_id = "", {}, ""
+        for chunk in client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, stream=True):
+            turn_id, delta = chunk.id, chunk.choices[0].delta
+            content += delta.content or ""
+            for call in delta.tool_calls or []:
+                into = calls.setdefault(call.index, {"id": call.id, "type": "function",
+                                                     "function": {"name": "", "arguments": ""}})
+                into["function"]["name"] += call.function.name or ""
+                into["function"]["arguments"] += call.function.arguments or ""
+        message = {"role": "assistant", "content": content or None}
+        return turn_id, message | ({"tool_calls": list(calls.values())} if calls else {})
+
+    first_id, first = ask()
+    assert [call["function"] for call in first["tool_calls"]] == [call["function"] for call in CALLS]
+    messages += [first, {"role": "tool", "tool_call_id": "call_a", "content": "3 passed"},
+                 {"role": "tool", "tool_call_id": "call_b", "content": "1 failed"}]
+    second_id, second = ask()
+    assert second["content"] == "results: 3 passed | 1 failed"
+    messages += [second, {"role": "user", "content": "No, I meant only b."}]
+    third_id, third = ask()
+    messages += [third, {"role": "user", "content": "Thanks!"}]
+    fourth_id, _ = ask()
+
+    turns = [recorded(data_dir, turn_id) for turn_id in (first_id, second_id, third_id, fourth_id)]
+    assert [t.parent_turn_id for t in turns] == [None, first_id, second_id, third_id]
+    assert len({t.session_id for t in turns}) == 1
+    assert [c.function.arguments for c in turns[0].response.tool_calls] == ['{"path": "a"}', '{"path": "b"}']  # type: ignore[union-attr]
+
+
+TOOLS = [{"type": "function", "function": {"name": "pytest", "parameters": {"type": "object"}}}]
+
+
+def test_another_tenant_never_continues_a_conversation(gateway: Uvicorn, data_dir: Path) -> None:
+    question = [{"role": "user", "content": "shared words"}]
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-acme", max_retries=0) as acme, \
+            openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-globex", max_retries=0) as globex:
+        answer = acme.chat.completions.create(model=MODEL, messages=question)
+        follow_up = [*question, {"role": "assistant", "content": answer.choices[0].message.content},
+                     {"role": "user", "content": "and?"}]
+        theirs = globex.chat.completions.create(model=MODEL, messages=follow_up)
+    turn = recorded(data_dir, theirs.id)
+    assert (turn.tenant, turn.parent_turn_id) == ("globex", None)
+
+
+def test_missing_or_wrong_keys_are_refused(gateway: Uvicorn) -> None:
+    for key in ("", "sk-wrong"):
+        with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=key or "x", max_retries=0,
+                           default_headers={"Authorization": ""} if not key else None) as client:
+            with pytest.raises(openai.AuthenticationError) as refused:
+                client.models.list()
+            assert refused.value.status_code == 401
+            assert refused.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+
+
+def test_bad_requests_get_clear_openai_errors(client: openai.OpenAI, gateway: Uvicorn) -> None:
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.BadRequestError, match="n"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+    with pytest.raises(openai.BadRequestError, match="JSON Schema of type 'object'"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       tools=[{"type": "function", "function": {"name": "f",
+                                                                                "parameters": {"type": "string"}}}])
+    malformed = httpx.post(f"{gateway.url}/v1/chat/completions", content=b"{not json",
+                           headers={"Authorization": "Bearer sk-acme", "Content-Type": "application/json"})
+    assert malformed.status_code == 400
+    assert malformed.json()["error"]["message"] == "the request body is not valid JSON"
+
+
+def test_an_upstream_failure_is_a_clean_error_and_a_failed_turn(client: openai.OpenAI, data_dir: Path) -> None:
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "please fail"}])
+    assert failed.value.status_code == 502
+    assert "upstream exploded" in failed.value.message
+
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "break it"}],
+                                            stream=True)
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        for chunk in stream:
+            turn_id = chunk.id
+    turn = recorded(data_dir, turn_id)
+    assert turn.status == "failed" and "mid-stream" in (turn.error or "")
+
+
+def test_models_and_health(client: openai.OpenAI, gateway: Uvicorn) -> None:
+    assert [model.id for model in client.models.list()] == [MODEL]
+    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok"}
+    assert json.loads(httpx.get(f"{gateway.url}/nope").text)["error"]["type"] == "invalid_request_error"
