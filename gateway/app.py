@@ -1,13 +1,17 @@
 """The gateway's FastAPI app: ``create_app(settings)``.
 
-The lifespan owns the long-lived parts: the event log, the publisher and its thread, the session
-linker, the engine and its HTTP client. Requests reach them through ``request.app.state``.
+The lifespan owns the long-lived parts: the event log, the publisher and its thread, the store and a
+recorder thread that copies the log into it (each replica is a member of the recorder's group), the
+session linker, the engine and its HTTP client. Requests reach them through ``request.app.state``.
+A background thread that dies turns /healthz into a 503 that names it.
 
 No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations at runtime, and
 their dependencies are local to create_app.
 """
 
-from collections.abc import AsyncIterator
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -17,15 +21,42 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from gateway.auth import Keyring
 from gateway.engines import Engine
 from gateway.errors import NotFound, install_error_handlers
+from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
 from gateway.publisher import Publisher
 from gateway.schemas import ChatCompletionRequest
 from gateway.sessions import SessionLinker
 from gateway.turns import BASE, TurnService
 from nextturn.bus import open_event_log
 from nextturn.errors import ConfigError
+from nextturn.recorder import Recorder
 from nextturn.settings import Settings
+from nextturn.store import Store, upgrade
+
+log = logging.getLogger(__name__)
 
 ADAPTER_HEADER = "X-Nextturn-Adapter"
+
+
+class Supervised:
+    """A background loop in a thread; it stops on request, and a crash is kept, not hidden."""
+
+    def __init__(self, name: str, loop: Callable[[threading.Event], None]) -> None:
+        self.name = name
+        self.failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(loop,), name=f"nextturn-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self, loop: Callable[[threading.Event], None]) -> None:
+        try:
+            loop(self._stop)
+        except BaseException as exc:
+            self.failure = exc
+            log.exception("the %s thread died", self.name)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -45,17 +76,27 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = Store.from_settings(settings)
+        if settings.store_url.startswith("sqlite"):
+            upgrade(settings.store_url)  # the embedded default migrates itself; production runs db upgrade
+        store.check_schema()
         event_log = open_event_log(settings)
         publisher = Publisher(event_log, settings.spool_path)
         publisher.start()
+        recorder = Supervised("recorder", Recorder(event_log, store).run)
         await engine.start()
         app.state.turns = TurnService(engine, SessionLinker(), publisher)
+        app.state.store = store
+        app.state.background = [recorder]
+        app.state.publisher = publisher
         try:
             yield
         finally:
             await engine.close()
+            recorder.stop()
             publisher.stop()
             event_log.close()
+            store.close()
 
     app = FastAPI(title="nextturn", lifespan=lifespan)
     install_error_handlers(app)
@@ -67,9 +108,37 @@ def create_app(settings: Settings) -> FastAPI:
         service: TurnService = request.app.state.turns
         return service
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
+    def store(request: Request) -> Store:
+        found: Store = request.app.state.store
+        return found
+
+    @app.get("/healthz", response_model=None)
+    async def healthz(request: Request) -> dict[str, str] | JSONResponse:
+        dead = [task.name for task in request.app.state.background if task.failure is not None]
+        if not request.app.state.publisher.alive:
+            dead.append("publisher")
+        if dead:
+            return JSONResponse({"status": "degraded", "dead": ", ".join(dead)}, status_code=503)
         return {"status": "ok"}
+
+    @app.post("/v1/feedback")
+    async def post_feedback(
+        body: FeedbackRequest,
+        who: Annotated[str, Depends(tenant)],
+        service: Annotated[TurnService, Depends(turns)],
+        db: Annotated[Store, Depends(store)],
+        idempotency_key: Annotated[str | None, Header()] = None,
+    ) -> dict[str, Any]:
+        session_id = owner_session(service, db, who, body.turn_id)
+        event = feedback_event(who, session_id, body, idempotency_key)
+        service.publisher.publish(event)
+        return {"id": event.event_id, "object": "feedback", "turn_id": event.turn_id, "kind": event.kind}
+
+    @app.get("/v1/turns/{turn_id}")
+    async def get_turn(
+        turn_id: str, who: Annotated[str, Depends(tenant)], db: Annotated[Store, Depends(store)]
+    ) -> dict[str, Any]:
+        return turn_view(db, who, turn_id)
 
     @app.get("/v1/models")
     async def models(_: Annotated[str, Depends(tenant)]) -> dict[str, Any]:

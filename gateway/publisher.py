@@ -134,6 +134,10 @@ class Publisher:
             self.spool.write([event])
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def queued(self) -> int:
         return self._queue.qsize()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +35,17 @@ class Turn:
 
 
 class TurnService:
-    def __init__(self, engine: Engine, linker: SessionLinker, publisher: Publisher) -> None:
+    def __init__(self, engine: Engine, linker: SessionLinker, publisher: Publisher, *, recent: int = 100_000) -> None:
         self.engine = engine
         self.linker = linker
         self.publisher = publisher
+        # turn id -> (tenant, session): feedback on a turn this replica just served needs no store lookup
+        self._recent: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._recent_capacity = recent
+
+    def served(self, turn_id: str) -> tuple[str, str] | None:
+        """(tenant, session id) of a turn this replica served recently."""
+        return self._recent.get(turn_id)
 
     def begin(self, tenant: str, request: ChatCompletionRequest, session_id: str | None) -> Turn:
         link = self.linker.link(tenant, request.messages, session_id)
@@ -98,6 +106,9 @@ class TurnService:
             status="ok" if generation else "failed", error=str(error) if error else None,
             latency_ms=(time.monotonic() - turn.started) * 1000, started_at=turn.started_at, finished_at=finished_at,
         ))
+        self._recent[turn.turn_id] = (turn.tenant, turn.link.session_id)
+        while len(self._recent) > self._recent_capacity:
+            self._recent.popitem(last=False)
         if generation is not None:
             self.linker.remember(turn.tenant, turn.link.session_id, turn.turn_id, turn.request.messages,
                                  generation.message)

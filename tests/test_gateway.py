@@ -191,5 +191,66 @@ def test_an_upstream_failure_is_a_clean_error_and_a_failed_turn(client: openai.O
 
 def test_models_and_health(client: openai.OpenAI, gateway: Uvicorn) -> None:
     assert [model.id for model in client.models.list()] == [MODEL]
-    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok"}  # publisher and recorder alive
     assert json.loads(httpx.get(f"{gateway.url}/nope").text)["error"]["type"] == "invalid_request_error"
+
+
+def api(gateway: Uvicorn, method: str, path: str, key: str = "sk-acme", **kwargs: object) -> httpx.Response:
+    return httpx.request(method, f"{gateway.url}{path}", headers={"Authorization": f"Bearer {key}"},
+                         timeout=10, **kwargs)  # type: ignore[arg-type]
+
+
+def stored_turn(gateway: Uvicorn, turn_id: str, until: str = "", timeout_s: float = 20) -> dict:
+    """GET /v1/turns/{id} once the recorder has stored the turn (and ``until`` holds, e.g. feedback)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = api(gateway, "GET", f"/v1/turns/{turn_id}")
+        if response.status_code == 200 and (not until or response.json()[until]):
+            return response.json()
+        time.sleep(0.1)
+    raise AssertionError(f"{turn_id} was not stored: {response.status_code} {response.text}")
+
+
+def test_feedback_reaches_the_turn_once_even_when_retried(client: openai.OpenAI, gateway: Uvicorn) -> None:
+    completion = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "rate me"}])
+    rating = {"turn_id": completion.id, "kind": "rating", "value": 1.0}
+    first = httpx.post(f"{gateway.url}/v1/feedback", json=rating,
+                       headers={"Authorization": "Bearer sk-acme", "Idempotency-Key": "retry-1"})
+    again = httpx.post(f"{gateway.url}/v1/feedback", json=rating,
+                       headers={"Authorization": "Bearer sk-acme", "Idempotency-Key": "retry-1"})
+    assert first.status_code == again.status_code == 200
+    assert first.json()["id"] == again.json()["id"]
+    tool = {"turn_id": completion.id, "kind": "tool_result",
+            "tool": {"name": "pytest", "call_id": "call_a", "exit_code": 1, "passed": False, "output": "1 failed"}}
+    assert api(gateway, "POST", "/v1/feedback", json=tool).status_code == 200
+
+    turn = stored_turn(gateway, completion.id, until="feedback")
+    deadline = time.monotonic() + 20
+    while len(turn["feedback"]) < 2 and time.monotonic() < deadline:
+        turn = stored_turn(gateway, completion.id)
+    assert sorted(f["kind"] for f in turn["feedback"]) == ["rating", "tool_result"]  # the retry counted once
+    assert (turn["id"], turn["status"], turn["adapter_version"]) == (completion.id, "ok", "base")
+    assert turn["response"]["content"] == "echo: rate me" and turn["signals"] == []
+
+
+def test_another_tenants_turn_is_not_found_exactly_like_a_missing_one(
+    client: openai.OpenAI, gateway: Uvicorn
+) -> None:
+    completion = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "mine"}])
+    stored_turn(gateway, completion.id)
+    theirs = api(gateway, "POST", "/v1/feedback", key="sk-globex",
+                 json={"turn_id": completion.id, "kind": "rating", "value": -1})
+    missing = api(gateway, "POST", "/v1/feedback", json={"turn_id": "chatcmpl-nope", "kind": "rating", "value": -1})
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.json()["error"]["code"] == missing.json()["error"]["code"] == "turn_not_found"
+    assert api(gateway, "GET", f"/v1/turns/{completion.id}", key="sk-globex").status_code == 404
+
+
+def test_invalid_feedback_is_a_clear_400(client: openai.OpenAI, gateway: Uvicorn) -> None:
+    completion = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    no_value = api(gateway, "POST", "/v1/feedback", json={"turn_id": completion.id, "kind": "rating"})
+    assert no_value.status_code == 400 and "needs `value`" in no_value.json()["error"]["message"]
+    too_big = api(gateway, "POST", "/v1/feedback", json={"turn_id": completion.id, "kind": "rating", "value": 5})
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "value"
+    unknown_kind = api(gateway, "POST", "/v1/feedback", json={"turn_id": completion.id, "kind": "vibes"})
+    assert unknown_kind.status_code == 400
