@@ -101,14 +101,16 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="nextturn", lifespan=lifespan)
     install_error_handlers(app)
 
-    def tenant(authorization: Annotated[str | None, Header()] = None) -> str:
+    # Dependencies are async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop
+    # per dependency per request that cost milliseconds under load (measured by bench/gateway_overhead.py).
+    async def tenant(authorization: Annotated[str | None, Header()] = None) -> str:
         return keyring.tenant(authorization)
 
-    def turns(request: Request) -> TurnService:
+    async def turns(request: Request) -> TurnService:
         service: TurnService = request.app.state.turns
         return service
 
-    def store(request: Request) -> Store:
+    async def store(request: Request) -> Store:
         found: Store = request.app.state.store
         return found
 
