@@ -49,17 +49,20 @@ def client(gateway: Uvicorn) -> Iterator[openai.OpenAI]:
         yield client
 
 
-def recorded(data_dir: Path, turn_id: str, timeout_s: float = 20) -> events.TurnRecorded:
-    """The TurnRecorded for a turn, read back from the event log."""
+def recorded(data_dir: Path, turn_id: str, timeout_s: float = 20, *, asked: str | None = None) -> events.TurnRecorded:
+    """The TurnRecorded for a turn (or for the turn whose last message was ``asked``), from the event log."""
     log = SqliteEventLog(data_dir / "events.db")
     reader = log.consumer(None, [events.TURNS], start="beginning")
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             for delivery in reader.poll(timeout_s=0.2):
-                if isinstance(delivery.event, events.TurnRecorded) and delivery.event.turn_id == turn_id:
-                    return delivery.event
-        raise AssertionError(f"{turn_id} was not recorded")
+                turn = delivery.event
+                if not isinstance(turn, events.TurnRecorded):
+                    continue
+                if turn.turn_id == turn_id or (asked is not None and turn.messages[-1].content == asked):
+                    return turn
+        raise AssertionError(f"{turn_id or asked} was not recorded")
     finally:
         reader.close()
         log.close()
@@ -254,3 +257,21 @@ def test_invalid_feedback_is_a_clear_400(client: openai.OpenAI, gateway: Uvicorn
     assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "value"
     unknown_kind = api(gateway, "POST", "/v1/feedback", json={"turn_id": completion.id, "kind": "vibes"})
     assert unknown_kind.status_code == 400
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_reply_that_is_not_a_completion_is_a_clean_error_and_a_failed_turn(
+    client: openai.OpenAI, gateway: Uvicorn, data_dir: Path, stream: bool
+) -> None:
+    asked = f"garble it {stream}"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": asked}], "stream": stream}
+    response = api(gateway, "POST", "/v1/chat/completions", json=body)
+    if stream:
+        assert response.status_code == 200
+        frames = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+        assert "not a completion" in json.loads(frames[-1])["error"]["message"]  # the stream ends with an error
+    else:
+        assert response.status_code == 502
+        assert "not a completion" in response.json()["error"]["message"]
+    turn = recorded(data_dir, "", asked=asked)
+    assert turn.status == "failed" and "not a completion" in (turn.error or "")

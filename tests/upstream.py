@@ -2,7 +2,8 @@
 HTTP interface (served by real uvicorn) with answers the tests can predict.
 
 The last message decides: "run the tools" asks for two parallel tool calls, "please fail" is a 500,
-"break it" breaks the stream after a first piece, tool results are summarised; anything else is echoed.
+"break it" breaks the stream after a first piece, "garble it" answers something that is not a
+completion, tool results are summarised; anything else is echoed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ def create_upstream() -> FastAPI:
         text = str(body["messages"][-1].get("content"))
         if "please fail" in text:
             return JSONResponse({"error": {"message": "upstream exploded", "type": "api_error"}}, status_code=500)
+        if "garble it" in text:
+            if body.get("stream"):
+                garbled = iter(['data: {"choices": [{"delta": {"content": "ok"}}]}\n\n', "data: {not json\n\n"])
+                return StreamingResponse(garbled, media_type="text/event-stream")
+            return JSONResponse({"unexpected": "shape"})
         message = reply_to(body["messages"])
         finish = "tool_calls" if message.get("tool_calls") else "stop"
         if not body.get("stream"):

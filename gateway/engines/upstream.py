@@ -17,6 +17,10 @@ from gateway.errors import EngineTimeout, EngineUnavailable, InvalidRequest
 from gateway.schemas import ChatCompletionRequest
 from nextturn import events
 
+# What a reply that is not a chat completion raises while we read it (pydantic's ValidationError is a
+# ValueError): translated here, so that the turn is recorded as failed instead of escaping as a 500.
+_MALFORMED = (ValueError, KeyError, IndexError, TypeError, AttributeError)
+
 
 class UpstreamEngine:
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout_s: float = 120.0) -> None:
@@ -50,15 +54,18 @@ class UpstreamEngine:
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"the upstream model is unreachable: {exc}") from exc
         _raise_for_upstream(response.status_code, response.text)
-        payload = response.json()
-        choice = payload["choices"][0]
-        usage = payload.get("usage") or {}
-        return Generation(
-            message=events.ChatMessage.model_validate(_assistant(choice["message"])),
-            finish_reason=choice.get("finish_reason") or "stop",
-            prompt_tokens=usage.get("prompt_tokens", 0),
-            completion_tokens=usage.get("completion_tokens", 0),
-        )
+        try:
+            payload = response.json()
+            choice = payload["choices"][0]
+            usage = payload.get("usage") or {}
+            return Generation(
+                message=events.ChatMessage.model_validate(_assistant(choice["message"])),
+                finish_reason=choice.get("finish_reason") or "stop",
+                prompt_tokens=usage.get("prompt_tokens", 0),
+                completion_tokens=usage.get("completion_tokens", 0),
+            )
+        except _MALFORMED as exc:
+            raise EngineUnavailable(f"the upstream model answered something that is not a completion: {exc!r}") from exc
 
     async def stream(self, request: ChatCompletionRequest, adapter: str) -> AsyncIterator[Delta | Generation]:
         assert self._client is not None, "start() the engine first"
@@ -84,13 +91,16 @@ class UpstreamEngine:
                         _merge_call(calls.setdefault(call.get("index", 0), {}), call)
                     if delta.get("content") or delta.get("tool_calls"):
                         yield Delta(content=delta.get("content"), tool_calls=delta.get("tool_calls"))
+            tool_calls = [calls[index] for index in sorted(calls)] or None
+            message = {"role": "assistant", "content": "".join(content) or None, "tool_calls": tool_calls}
+            generation = Generation(message=events.ChatMessage.model_validate(message), finish_reason=finish_reason)
         except httpx.TimeoutException as exc:
             raise EngineTimeout(f"the upstream model stopped answering: {exc}") from exc
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"the upstream model failed mid-stream: {exc}") from exc
-        tool_calls = [calls[index] for index in sorted(calls)] or None
-        message = {"role": "assistant", "content": "".join(content) or None, "tool_calls": tool_calls}
-        yield Generation(message=events.ChatMessage.model_validate(message), finish_reason=finish_reason)
+        except _MALFORMED as exc:
+            raise EngineUnavailable(f"the upstream model streamed something that is not a completion: {exc!r}") from exc
+        yield generation
 
 
 def _assistant(message: dict[str, Any]) -> dict[str, Any]:
