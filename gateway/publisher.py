@@ -77,26 +77,24 @@ class Spool:
             os.fsync(file.fileno())
             self._count += len(batch)
 
-    def read(self) -> list[events.Event]:
-        """Every spooled event, oldest first; one per line (an unreadable line reads as nothing)."""
+    def read(self) -> list[tuple[int, events.Event]]:
+        """Every spooled event, oldest first, with its line number (an unreadable line reads as nothing)."""
         with self._lock:
             lines = self._read_bytes().splitlines()
         spooled = []
         for number, line in enumerate(lines, 1):
             try:
-                spooled.append(events.decode(line))
+                spooled.append((number, events.decode(line)))
             except EventError as exc:
                 log.error("dropping unreadable line %d of %s: %s", number, self.path, exc)
         return spooled
 
-    def drop_through(self, last: events.Event) -> None:
-        """Remove every line up to and including ``last``: they are on the log now."""
-        marker = last.encode() + b"\n"
+    def drop(self, lines: int) -> None:
+        """Remove the first ``lines`` lines: their events are on the log now. Later writes are kept."""
         with self._lock:
-            content = self._read_bytes()
-            end = content.index(marker) + len(marker)
-            self._rewrite(content[end:])
-            self._count = content[end:].count(b"\n")
+            rest = b"".join(self._read_bytes().splitlines(keepends=True)[lines:])
+            self._rewrite(rest)
+            self._count = rest.count(b"\n")
 
     def __len__(self) -> int:
         return self._count
@@ -121,6 +119,8 @@ class Publisher:
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="nextturn-publisher", daemon=True)
 
+    name = "publisher"
+
     def start(self) -> None:
         self._thread.start()
 
@@ -134,8 +134,9 @@ class Publisher:
             self.spool.write([event])
 
     @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def failure(self) -> BaseException | None:
+        """Why the thread died, or None while it runs (the same check as the gateway's other threads)."""
+        return self._failure
 
     @property
     def queued(self) -> int:
@@ -194,9 +195,10 @@ class Publisher:
         for start in range(0, len(spooled), self._batch_size):
             chunk = spooled[start:start + self._batch_size]
             try:
-                self._log.append(chunk)
+                self._log.append([event for _, event in chunk])
             except EventLogError as exc:
                 log.info("event log still unavailable (%s); %d event(s) remain spooled", exc, len(spooled) - start)
                 return False
-            self.spool.drop_through(chunk[-1])
+            last_line, _ = chunk[-1]
+            self.spool.drop(last_line)
         return True

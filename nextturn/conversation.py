@@ -49,14 +49,18 @@ def _canonical_arguments(arguments: str) -> str:
 
 def prefix_hashes(tenant: str, messages: Sequence[ChatMessage]) -> list[str]:
     """``result[i]`` identifies ``messages[: i + 1]`` within the tenant."""
-    running = hashlib.blake2b(tenant.encode(), digest_size=16, person=b"nextturn-conv")
+    running = hashlib.blake2b(digest_size=16, person=b"nextturn-conv")
+    _feed(running, tenant.encode())
     hashes = []
     for message in messages:
-        body = canonical(message)
-        running.update(len(body).to_bytes(8, "big"))  # length-prefixed: no two splits hash alike
-        running.update(body)
+        _feed(running, canonical(message))
         hashes.append(running.copy().hexdigest())
     return hashes
+
+
+def _feed(running: Any, part: bytes) -> None:
+    running.update(len(part).to_bytes(8, "big"))  # length-prefixed: no two splits hash alike
+    running.update(part)
 
 
 def turn_key(tenant: str, messages: Sequence[ChatMessage], response: ChatMessage) -> str:

@@ -96,7 +96,7 @@ def test_a_torn_last_line_is_cut_and_the_rest_is_kept(tmp_path: Path) -> None:
     spool = Spool(path)
     assert len(spool) == 2
     spool.write([turn("s", 3)])
-    assert [sequence_of(e) for e in spool.read()] == [0, 1, 3]
+    assert [sequence_of(e) for _, e in spool.read()] == [0, 1, 3]
 
 
 class _Unavailable:
@@ -114,7 +114,7 @@ def test_a_full_queue_spills_to_the_spool_and_loses_nothing(tmp_path: Path) -> N
     for n in range(50):
         publisher.publish(turn(f"s{n}", n))
     publisher.stop()
-    assert sorted(sequence_of(e) for e in publisher.spool.read()) == list(range(50))
+    assert sorted(sequence_of(e) for _, e in publisher.spool.read()) == list(range(50))
 
 
 class _Broken:
