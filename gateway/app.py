@@ -20,12 +20,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway.auth import Keyring
 from gateway.engines import Engine
-from gateway.errors import NotFound, install_error_handlers
+from gateway.errors import install_error_handlers
 from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
 from gateway.publisher import Publisher
 from gateway.schemas import ChatCompletionRequest
 from gateway.sessions import SessionLinker
-from gateway.turns import BASE, TurnService
+from gateway.turns import TurnService
 from nextturn.bus import open_event_log
 from nextturn.errors import ConfigError
 from nextturn.recorder import Recorder
@@ -65,8 +65,17 @@ def build_engine(settings: Settings) -> Engine:
 
         assert settings.upstream_url and settings.model  # Settings refuses the openai engine without them
         return UpstreamEngine(settings.upstream_url, settings.model, settings.upstream_api_key)
+    if settings.engine == "embedded":
+        try:
+            from gateway.engines.embedded import EmbeddedEngine
+        except ImportError as exc:
+            raise ConfigError("the embedded engine needs the ml extra: pip install 'nextturn[ml]'") from exc
+        if not (settings.model_path / "config.json").is_file():
+            raise ConfigError(f"no model in {settings.model_path}; build one with `nextturn model init "
+                              f"{settings.model_path}`, or set NEXTTURN_MODEL to a local Hugging Face model directory")
+        return EmbeddedEngine(settings.model_path)
     raise ConfigError(
-        f"the {settings.engine} engine is not built yet; use NEXTTURN_ENGINE=openai with NEXTTURN_UPSTREAM_URL"
+        f"the {settings.engine} engine is not built yet; use NEXTTURN_ENGINE=embedded or openai"
     )
 
 
@@ -87,7 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
         await engine.start()
         app.state.turns = TurnService(engine, SessionLinker(), publisher)
         app.state.store = store
-        app.state.background = [publisher, recorder]
+        app.state.background = [publisher, recorder, engine]
         try:
             yield
         finally:
@@ -151,13 +160,11 @@ def create_app(settings: Settings) -> FastAPI:
         service: Annotated[TurnService, Depends(turns)],
         x_session_id: Annotated[str | None, Header()] = None,
     ) -> JSONResponse | StreamingResponse:
-        if body.model not in engine.models():
-            raise NotFound(f"the model {body.model!r} does not exist; see /v1/models", param="model",
-                           code="model_not_found")
         turn = service.begin(who, body, x_session_id)
-        headers = {ADAPTER_HEADER: BASE}
+        headers = {ADAPTER_HEADER: turn.adapter}
         if body.stream:
-            return StreamingResponse(service.stream(turn), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(await service.open_stream(turn), media_type="text/event-stream",
+                                     headers=headers)
         return JSONResponse(await service.complete(turn), headers=headers)
 
     return app

@@ -11,17 +11,16 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.engines import Delta, Engine, Generation
-from gateway.errors import GatewayError, error_body
+from gateway.errors import GatewayError, NotFound, error_body
 from gateway.publisher import Publisher
 from gateway.schemas import ChatCompletionRequest
 from gateway.sessions import Link, SessionLinker
 from nextturn import events
-
-BASE = events.BASE_VERSION
 
 
 @dataclass
@@ -30,6 +29,7 @@ class Turn:
     request: ChatCompletionRequest
     link: Link
     turn_id: str
+    adapter: str  # the adapter version that serves it
     started_at: Any  # datetime
     started: float  # monotonic
 
@@ -48,12 +48,17 @@ class TurnService:
         return self._recent.get(turn_id)
 
     def begin(self, tenant: str, request: ChatCompletionRequest, session_id: str | None) -> Turn:
+        adapter = self.engine.adapter_for(request.model)
+        if adapter is None:
+            raise NotFound(f"the model {request.model!r} does not exist; see /v1/models", param="model",
+                           code="model_not_found")
         link = self.linker.link(tenant, request.messages, session_id)
-        return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", events.utc_now(), time.monotonic())
+        return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", adapter, events.utc_now(),
+                    time.monotonic())
 
     async def complete(self, turn: Turn) -> dict[str, Any]:
         try:
-            generation = await self.engine.complete(turn.request, BASE)
+            generation = await self.engine.complete(turn.request, turn.adapter)
         except GatewayError as exc:
             self._record(turn, None, exc)
             raise
@@ -68,7 +73,16 @@ class TurnService:
                       "total_tokens": generation.prompt_tokens + generation.completion_tokens},
         }
 
-    async def stream(self, turn: Turn) -> AsyncIterator[str]:
+    async def open_stream(self, turn: Turn) -> AsyncIterator[str]:
+        """Start generating; a request the engine refuses fails here, with its status, before any chunk."""
+        try:
+            items = await self.engine.stream(turn.request, turn.adapter)
+        except GatewayError as exc:
+            self._record(turn, None, exc)
+            raise
+        return self._events(turn, items)
+
+    async def _events(self, turn: Turn, items: AsyncIterator[Delta | Generation]) -> AsyncIterator[str]:
         """Server-sent events: a role chunk, the deltas as they come, a finish chunk, ``[DONE]``."""
         created = int(time.time())
 
@@ -80,12 +94,14 @@ class TurnService:
 
         yield chunk({"role": "assistant", "content": ""})
         try:
-            async for item in self.engine.stream(turn.request, BASE):
-                if isinstance(item, Delta):
-                    yield chunk({k: v for k, v in (("content", item.content), ("tool_calls", item.tool_calls)) if v})
-                else:
-                    self._record(turn, item, None)
-                    yield chunk({}, item.finish_reason)
+            async with aclosing(items):  # a client that leaves stops the generation it was waiting for
+                async for item in items:
+                    if isinstance(item, Delta):
+                        yield chunk({k: v for k, v in (("content", item.content), ("tool_calls", item.tool_calls))
+                                     if v})
+                    else:
+                        self._record(turn, item, None)
+                        yield chunk({}, item.finish_reason)
         except GatewayError as exc:
             self._record(turn, None, exc)
             yield f"data: {json.dumps(error_body(exc))}\n\n"
@@ -96,7 +112,7 @@ class TurnService:
         finished_at = events.utc_now()
         self.publisher.publish(events.TurnRecorded(
             tenant=turn.tenant, session_id=turn.link.session_id, turn_id=turn.turn_id,
-            parent_turn_id=turn.link.parent_turn_id, model=turn.request.model, adapter_version=BASE,
+            parent_turn_id=turn.link.parent_turn_id, model=turn.request.model, adapter_version=turn.adapter,
             messages=turn.request.messages, tools=turn.request.tool_definitions(), params=turn.request.sampling(),
             response=generation.message if generation else None,
             prompt_token_ids=generation.prompt_token_ids if generation else [],

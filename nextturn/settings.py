@@ -109,6 +109,11 @@ class Settings(BaseSettings):
         return keys
 
     @property
+    def model_path(self) -> Path:
+        """The local model directory (embedded, vllm): NEXTTURN_MODEL, else ``<data dir>/model``."""
+        return Path(self.model) if self.model else self.data_dir / "model"
+
+    @property
     def spool_path(self) -> Path:
         """Where the gateway spools events while the event log is unavailable."""
         return self.data_dir / "spool.jsonl"

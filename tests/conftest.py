@@ -83,3 +83,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from nextturn.local_models import init_model
 
     return init_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRA adapters for the tiny model, with random (non-zero) weights, so each changes its outputs."""
+    from adapters import random_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: random_adapter(tiny_model, root / name, seed=seed) for seed, name in enumerate(("a1", "a2"), 1)}

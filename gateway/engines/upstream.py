@@ -23,6 +23,9 @@ _MALFORMED = (ValueError, KeyError, IndexError, TypeError, AttributeError)
 
 
 class UpstreamEngine:
+    name = "engine"
+    failure: BaseException | None = None  # no thread of its own: it cannot die apart from the requests
+
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout_s: float = 120.0) -> None:
         self._base_url = base_url.rstrip("/")
         self._model = model
@@ -40,6 +43,15 @@ class UpstreamEngine:
 
     def models(self) -> list[str]:
         return [self._model]
+
+    def adapter_for(self, model: str) -> str | None:
+        return events.BASE_VERSION if model == self._model else None
+
+    async def add_adapter(self, version: str, path: str) -> None:
+        raise InvalidRequest("the openai engine serves what its upstream serves; it cannot load adapters")
+
+    async def remove_adapter(self, version: str) -> None:
+        raise InvalidRequest("the openai engine serves what its upstream serves; it has no adapters")
 
     def _body(self, request: ChatCompletionRequest, stream: bool) -> dict[str, Any]:
         body = request.model_dump(mode="json", exclude_none=True, exclude={"n"})
@@ -69,28 +81,39 @@ class UpstreamEngine:
 
     async def stream(self, request: ChatCompletionRequest, adapter: str) -> AsyncIterator[Delta | Generation]:
         assert self._client is not None, "start() the engine first"
+        outgoing = self._client.build_request("POST", "/chat/completions", json=self._body(request, True))
+        try:
+            response = await self._client.send(outgoing, stream=True)
+        except httpx.TimeoutException as exc:
+            raise EngineTimeout(f"the upstream model did not answer in time: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"the upstream model is unreachable: {exc}") from exc
+        if response.status_code >= 400:
+            text = (await response.aread()).decode(errors="replace")
+            await response.aclose()
+            _raise_for_upstream(response.status_code, text)
+        return self._chunks(response)
+
+    async def _chunks(self, response: httpx.Response) -> AsyncIterator[Delta | Generation]:
         content: list[str] = []
         calls: dict[int, dict[str, Any]] = {}
         finish_reason = "stop"
         try:
-            async with self._client.stream("POST", "/chat/completions", json=self._body(request, True)) as response:
-                if response.status_code >= 400:
-                    _raise_for_upstream(response.status_code, (await response.aread()).decode(errors="replace"))
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line.removeprefix("data:"))
-                    if not chunk.get("choices"):
-                        continue
-                    choice = chunk["choices"][0]
-                    delta = choice.get("delta") or {}
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                    if delta.get("content"):
-                        content.append(delta["content"])
-                    for call in delta.get("tool_calls") or []:
-                        _merge_call(calls.setdefault(call.get("index", 0), {}), call)
-                    if delta.get("content") or delta.get("tool_calls"):
-                        yield Delta(content=delta.get("content"), tool_calls=delta.get("tool_calls"))
+            async for line in response.aiter_lines():
+                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    continue
+                chunk = json.loads(line.removeprefix("data:"))
+                if not chunk.get("choices"):
+                    continue
+                choice = chunk["choices"][0]
+                delta = choice.get("delta") or {}
+                finish_reason = choice.get("finish_reason") or finish_reason
+                if delta.get("content"):
+                    content.append(delta["content"])
+                for call in delta.get("tool_calls") or []:
+                    _merge_call(calls.setdefault(call.get("index", 0), {}), call)
+                if delta.get("content") or delta.get("tool_calls"):
+                    yield Delta(content=delta.get("content"), tool_calls=delta.get("tool_calls"))
             tool_calls = [calls[index] for index in sorted(calls)] or None
             message = {"role": "assistant", "content": "".join(content) or None, "tool_calls": tool_calls}
             generation = Generation(message=events.ChatMessage.model_validate(message), finish_reason=finish_reason)
@@ -100,6 +123,8 @@ class UpstreamEngine:
             raise EngineUnavailable(f"the upstream model failed mid-stream: {exc}") from exc
         except _MALFORMED as exc:
             raise EngineUnavailable(f"the upstream model streamed something that is not a completion: {exc!r}") from exc
+        finally:
+            await response.aclose()
         yield generation
 
 

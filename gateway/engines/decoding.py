@@ -1,0 +1,158 @@
+"""From sampled token ids to what the client sees: streamed deltas and the final assistant message.
+
+Tokens are detokenized incrementally (a byte-level BPE token can end inside a UTF-8 character, so text
+is released only once it decodes cleanly). The text is then split into content and tool calls: a tool
+call is JSON between ``<|tool_call|>`` and ``<|/tool_call|>`` (the chat template of
+``nextturn.local_models``). A call that does not parse stays visible as content, so a malformed call is
+seen, not silently dropped. A stop string ends the content before it. Text that might be the start of a
+marker or a stop string is held back until the next token tells which it is.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Protocol
+
+from gateway.engines import Delta
+from nextturn import events
+from nextturn.local_models import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+
+class Detokenizer(Protocol):
+    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class TextDecoder:
+    """Feed it sampled tokens one by one; it returns the deltas each one releases.
+
+    >>> class Chars:
+    ...     def decode(self, ids, skip_special_tokens=False): return "".join(map(chr, ids))
+    >>> decoder = TextDecoder(Chars(), stop=["!"], tools=True)
+    >>> [d.content for token in 'Hi <|tool' for d in decoder.feed(ord(token))]
+    ['H', 'i', ' ']
+    >>> for token in '_call|>{"name": "ls", "arguments": {}}<|/tool_call|>ok! more':
+    ...     _ = decoder.feed(ord(token))
+    >>> message = decoder.message()
+    >>> message.content, message.tool_calls[0].function.name, decoder.stopped
+    ('Hi ok', 'ls', True)
+    """
+
+    def __init__(self, tokenizer: Detokenizer, *, stop: list[str] | None = None, tools: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._stop = [s for s in stop or [] if s]
+        self._markers = self._stop + ([TOOL_CALL_OPEN] if tools else [])
+        self._tools = tools
+        self._ids: list[int] = []
+        self._prefix = 0  # detokenization window: ids[_prefix:_read] were already turned into text
+        self._read = 0
+        self._text = ""  # all text released by the detokenizer
+        self._pos = 0  # how much of _text has been split into content and calls
+        self._in_call = False
+        self._content: list[str] = []
+        self._calls: list[events.ToolCall] = []
+        self.stopped = False  # a stop string was generated: the caller stops generating
+
+    def feed(self, token: int) -> list[Delta]:
+        self._ids.append(token)
+        self._text += self._detokenize()
+        return self._split(final=False)
+
+    def finish(self) -> list[Delta]:
+        """The end of generation: release everything held back."""
+        return self._split(final=True)
+
+    def message(self) -> events.ChatMessage:
+        return events.ChatMessage(role="assistant", content="".join(self._content) or None,
+                                  tool_calls=self._calls or None)
+
+    def _detokenize(self) -> str:
+        before = self._tokenizer.decode(self._ids[self._prefix:self._read], skip_special_tokens=False)
+        after = self._tokenizer.decode(self._ids[self._prefix:], skip_special_tokens=False)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for the token that completes it
+        self._prefix, self._read = self._read, len(self._ids)
+        return after[len(before):]
+
+    def _split(self, *, final: bool) -> list[Delta]:
+        deltas: list[Delta] = []
+        while not self.stopped:
+            pending = self._text[self._pos:]
+            if self._in_call:
+                end = pending.find(TOOL_CALL_CLOSE)
+                if end < 0:
+                    if final:  # an unterminated call: show it as the text it is
+                        self._emit(TOOL_CALL_OPEN + pending, deltas)
+                        self._pos = len(self._text)
+                    break
+                self._pos += end + len(TOOL_CALL_CLOSE)
+                self._in_call = False
+                self._call(pending[:end], deltas)
+                continue
+            found = [(at, marker) for marker in self._markers if (at := pending.find(marker)) >= 0]
+            if found:
+                at, marker = min(found, key=lambda hit: (hit[0], -len(hit[1])))
+                self._emit(pending[:at], deltas)
+                if marker == TOOL_CALL_OPEN and self._tools:
+                    self._pos += at + len(marker)
+                    self._in_call = True
+                    continue
+                self.stopped = True
+                self._pos = len(self._text)
+                break
+            keep = 0 if final else _held_back(pending, self._markers)
+            self._emit(pending[:len(pending) - keep], deltas)
+            self._pos += len(pending) - keep
+            break
+        return deltas
+
+    def _emit(self, text: str, deltas: list[Delta]) -> None:
+        if text:
+            self._content.append(text)
+            deltas.append(Delta(content=text))
+
+    def _call(self, body: str, deltas: list[Delta]) -> None:
+        call = parse_tool_call(body)
+        if call is None:
+            self._emit(TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE, deltas)
+            return
+        index = len(self._calls)
+        self._calls.append(call)
+        deltas.append(Delta(tool_calls=[{"index": index, **call.model_dump()}]))
+
+
+def parse_tool_call(body: str) -> events.ToolCall | None:
+    """A tool call the model wrote, or None when it is not one.
+
+    >>> parse_tool_call('{"id": "c1", "name": "pytest", "arguments": {"k": 1}}').function.arguments
+    '{"k": 1}'
+    >>> parse_tool_call('{"name": "pytest", "arguments": [1]}') is None
+    True
+    """
+    try:
+        parsed: Any = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("name"), str) or not parsed["name"]:
+        return None
+    arguments = parsed.get("arguments", {})
+    if not isinstance(arguments, dict):
+        return None
+    call_id = parsed.get("id") if isinstance(parsed.get("id"), str) and parsed.get("id") else None
+    return events.ToolCall(id=call_id or f"call_{uuid.uuid4().hex[:24]}",
+                           function=events.ToolCallFunction(name=parsed["name"], arguments=json.dumps(arguments)))
+
+
+def _held_back(text: str, markers: list[str]) -> int:
+    """The length of the longest end of ``text`` that is the start of a marker.
+
+    >>> _held_back("abc<|to", ["<|tool_call|>"]), _held_back("abc", ["<|tool_call|>"])
+    (4, 0)
+    """
+    longest = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:size]):
+                longest = size
+                break
+    return longest

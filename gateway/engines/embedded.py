@@ -1,0 +1,448 @@
+"""The ``embedded`` engine: a transformers model and its LoRA adapters (peft), in this process.
+
+One generation thread owns the model. Each pass of its loop:
+
+1. applies adapter commands: an added adapter is loaded; a removed one is deleted once no request that
+   started on it is still running (in-flight requests finish on the adapter they started with);
+2. admits waiting requests up to ``max_batch``: each new prompt is prefilled on its own, its first token
+   sampled, and its KV cache joins the running batch, left-padded to the batch's length;
+3. runs one decode step for the whole batch, each row on its own adapter (peft's mixed-adapter batch),
+   samples one token per row and hands it to the request's asyncio queue;
+4. drops finished and cancelled rows, and trims the pad columns no row needs any more.
+
+So a request that arrives while a long one runs starts at the next step, not after the long one.
+
+What is recorded is what was sampled: the token ids and, for each, its log-probability under the
+model's own distribution (the raw logits, before temperature and top-p, as vLLM reports them by
+default). That is the number the trainer recomputes, so a policy ratio starts at exactly 1.
+
+torch, transformers and peft are imported only when this engine is built (gateway/app.py imports this
+module lazily), so a gateway in front of an upstream never loads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from gateway.engines import Delta, Generation
+from gateway.engines.decoding import TextDecoder
+from gateway.errors import EngineUnavailable, InvalidRequest, NotFound
+from gateway.schemas import ChatCompletionRequest
+from nextturn import events
+
+log = logging.getLogger(__name__)
+
+PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, [batch, kv_heads, length, head_dim]
+
+
+@dataclass(eq=False)
+class _Sequence:
+    prompt: list[int]
+    adapter: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None
+    deliver: Callable[[object], None]  # thread-safe: puts into the request's asyncio queue
+    generated: int = 0
+    cancelled: bool = False  # set by the request's side: its client left, or a stop string was generated
+
+
+@dataclass
+class _Command:
+    action: str  # "add" | "remove"
+    version: str
+    path: Path | None
+    done: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+
+
+class _Batch:
+    """The running rows and their shared, left-padded KV cache."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows: list[_Sequence] = []
+        self.kv: KV = []
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # [batch, length]: 1 where a real token is cached
+        self.positions = torch.zeros(0, dtype=torch.long)  # [batch]: the position of each row's next token
+        self.next_tokens = torch.zeros(0, dtype=torch.long)  # [batch]: sampled, not yet fed to the model
+        self.cache: Any = None  # the DynamicCache of the last step, reused while the rows stay the same
+
+    def join(self, row: _Sequence, kv: KV, token: int) -> None:
+        self._settle()
+        length = kv[0][0].shape[2]
+        width = max(length, self.mask.shape[1])
+        if self.rows:
+            self.kv = [(torch.cat([_pad_left(k, width), _pad_left(nk, width)]),
+                        torch.cat([_pad_left(v, width), _pad_left(nv, width)]))
+                       for (k, v), (nk, nv) in zip(self.kv, kv, strict=True)]
+        else:
+            self.kv = kv
+        device = kv[0][0].device
+        mask = F.pad(torch.ones(1, length, dtype=torch.long, device=device), (width - length, 0))
+        self.mask = torch.cat([F.pad(self.mask.to(device), (width - self.mask.shape[1], 0)), mask])
+        self.positions = torch.cat([self.positions.to(device), torch.tensor([length], device=device)])
+        self.next_tokens = torch.cat([self.next_tokens.to(device), torch.tensor([token], device=device)])
+        self.rows.append(row)
+        self.cache = None
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only these rows, and drop the leading columns that are padding in all of them."""
+        if len(keep) == len(self.rows):
+            return
+        self._settle()
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.reset()
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = int(mask.any(0).nonzero()[0])
+        self.mask = mask[:, start:]
+        self.kv = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                   for k, v in self.kv]
+        self.positions = self.positions.index_select(0, index)
+        self.next_tokens = self.next_tokens.index_select(0, index)
+        self.cache = None
+
+    def step_inputs(self) -> dict[str, Any]:
+        if self.cache is None:
+            self.cache = DynamicCache()
+            for layer, (k, v) in enumerate(self.kv):
+                self.cache.update(k, v, layer)
+        ones = torch.ones(len(self.rows), 1, dtype=torch.long, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        inputs = {"input_ids": self.next_tokens[:, None], "attention_mask": self.mask,
+                  "position_ids": self.positions[:, None], "past_key_values": self.cache}
+        self.positions = self.positions + 1
+        return inputs
+
+    def _settle(self) -> None:
+        """Take the tensors back out of the cache the last steps grew."""
+        if self.cache is not None:
+            self.kv = _cache_tensors(self.cache)
+
+
+class EmbeddedEngine:
+    name = "engine"
+
+    def __init__(self, model_dir: str | Path, *, max_batch: int = 16, device: str | None = None) -> None:
+        self._dir = Path(model_dir)
+        self._served = self._dir.name
+        self._max_batch = max_batch
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._inbox: queue.Queue[_Sequence | _Command | None] = queue.Queue()
+        self._available: frozenset[str] = frozenset()  # adapters a new request may use
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.failure: BaseException | None = None
+        self._load_now = 0  # requests running or waiting, as the generation thread last counted
+        self._model: Any = None
+        self._peft: Any = None
+        self._tokenizer: Any = None
+
+    # --- the request side (event loop) ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._run, name="nextturn-engine", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30.0)
+
+    def models(self) -> list[str]:
+        return [self._served, *sorted(self._available)]
+
+    def load(self) -> int:
+        """Requests running or waiting for a row."""
+        return self._load_now
+
+    def adapter_for(self, model: str) -> str | None:
+        """The adapter a request for ``model`` names: the base for the served model, else a loaded version."""
+        if model == self._served:
+            return events.BASE_VERSION
+        return model if model in self._available else None
+
+    async def add_adapter(self, version: str, path: str | Path) -> None:
+        if version in (events.BASE_VERSION, self._served, PEFT_BASE):
+            raise InvalidRequest(f"{version!r} is reserved; name the adapter by its version", param="version")
+        await self._command(_Command("add", version, Path(path)))
+
+    async def remove_adapter(self, version: str) -> None:
+        """Stop sending new requests to ``version``; returns once the last one running on it finished."""
+        if version not in self._available:
+            raise NotFound(f"no adapter {version!r} is loaded", code="adapter_not_found")
+        self._available = self._available - {version}
+        await self._command(_Command("remove", version, None))
+
+    async def complete(self, request: ChatCompletionRequest, adapter: str) -> Generation:
+        async with aclosing(await self.stream(request, adapter)) as items:
+            async for item in items:
+                if isinstance(item, Generation):
+                    return item
+        raise EngineUnavailable("the engine ended a generation without a result")  # not reached
+
+    async def stream(self, request: ChatCompletionRequest, adapter: str) -> AsyncIterator[Delta | Generation]:
+        sequence, inbox = self._submit(request, adapter)  # a bad request fails here, before any chunk is sent
+        return self._generate(request, sequence, inbox)
+
+    async def _generate(
+        self, request: ChatCompletionRequest, sequence: _Sequence, inbox: asyncio.Queue[Any]
+    ) -> AsyncIterator[Delta | Generation]:
+        eos = self._tokenizer.eos_token_id
+        decoder = TextDecoder(self._tokenizer, stop=request.sampling().stop, tools=bool(request.tools))
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        finish: str | None = None
+        try:
+            while finish is None:
+                item = await inbox.get()
+                if isinstance(item, BaseException):
+                    raise EngineUnavailable(f"the model failed: {item!r}") from item
+                token, logprob, finish = item
+                tokens.append(token)
+                logprobs.append(logprob)
+                if token != eos:
+                    for delta in decoder.feed(token):
+                        yield delta
+                if decoder.stopped:
+                    finish = "stop"
+            for delta in decoder.finish():
+                yield delta
+        finally:
+            sequence.cancelled = True  # a no-op when it finished; otherwise frees its row at the next step
+        message = decoder.message()
+        yield Generation(
+            message=message, finish_reason="tool_calls" if message.tool_calls and finish == "stop" else finish,
+            prompt_tokens=len(sequence.prompt), completion_tokens=len(tokens),
+            prompt_token_ids=sequence.prompt, response_token_ids=tokens, response_logprobs=logprobs,
+        )
+
+    def _submit(self, request: ChatCompletionRequest, adapter: str) -> tuple[_Sequence, asyncio.Queue[Any]]:
+        if self.failure is not None or self._thread is None or not self._thread.is_alive():
+            raise EngineUnavailable("the embedded engine is not running; see /healthz")
+        if adapter != events.BASE_VERSION and adapter not in self._available:
+            raise NotFound(f"no adapter {adapter!r} is loaded", code="model_not_found")
+        prompt = self._render(request)
+        context = int(self._model.config.max_position_embeddings)
+        params = request.sampling()
+        wanted = params.max_tokens or max(context - len(prompt), 1)
+        if len(prompt) + wanted > context:
+            raise InvalidRequest(
+                f"this model's context is {context} tokens; the request needs {len(prompt) + wanted} "
+                f"({len(prompt)} in the messages, {wanted} in the completion)",
+                param="messages", code="context_length_exceeded")
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(self._device).manual_seed(params.seed)
+        sequence = _Sequence(
+            prompt=prompt, adapter=adapter, max_tokens=wanted,
+            temperature=1.0 if params.temperature is None else params.temperature,
+            top_p=1.0 if params.top_p is None else params.top_p, generator=generator,
+            deliver=lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item),
+        )
+        self._inbox.put(sequence)
+        return sequence, inbox
+
+    def _render(self, request: ChatCompletionRequest) -> list[int]:
+        messages = [message.model_dump(mode="json", exclude_none=True) for message in request.messages]
+        try:
+            text = self._tokenizer.apply_chat_template(
+                messages, tools=request.tool_definitions(), add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja2 errors: the template cannot render these messages
+            raise InvalidRequest(f"the model's chat template cannot render these messages: {exc}",
+                                 param="messages") from exc
+        ids: list[int] = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    async def _command(self, command: _Command) -> None:
+        if self.failure is not None:
+            raise EngineUnavailable("the embedded engine is not running; see /healthz")
+        self._inbox.put(command)
+        await asyncio.wrap_future(command.done)
+
+    # --- the generation thread -------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        self._tokenizer = AutoTokenizer.from_pretrained(self._dir)
+        self._model = AutoModelForCausalLM.from_pretrained(self._dir).to(self._device).eval()
+
+    def _run(self) -> None:
+        batch = _Batch()
+        waiting: deque[_Sequence] = deque()
+        removals: list[_Command] = []
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    self._receive(waiting, removals, block=not batch.rows and not waiting)
+                    self._load_now = len(batch.rows) + len(waiting)
+                    self._remove_idle(removals, batch, waiting)
+                    while waiting and len(batch.rows) < self._max_batch:
+                        self._admit(waiting.popleft(), batch)
+                    if batch.rows:
+                        self._step(batch)
+        except BaseException as exc:
+            self.failure = exc
+            log.exception("the embedded engine's generation thread died")
+            raise
+        finally:
+            reason = EngineUnavailable("the embedded engine stopped")
+            for sequence in [*batch.rows, *waiting]:
+                sequence.deliver(reason)
+            for command in removals:
+                command.done.set_exception(reason)
+
+    def _receive(self, waiting: deque[_Sequence], removals: list[_Command], *, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if isinstance(item, _Sequence):
+                    waiting.append(item)
+                elif isinstance(item, _Command) and item.action == "remove":
+                    removals.append(item)
+                elif isinstance(item, _Command):
+                    self._add(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _add(self, command: _Command) -> None:
+        try:
+            loaded = set(self._peft.peft_config) if self._peft is not None else set()
+            if command.version in loaded:
+                raise InvalidRequest(f"an adapter {command.version!r} is already loaded", code="adapter_exists")
+            if self._peft is None:
+                from peft import PeftModel
+
+                self._peft = PeftModel.from_pretrained(self._model, command.path, adapter_name=command.version)
+            else:
+                self._peft.load_adapter(command.path, adapter_name=command.version)
+                if self._peft.active_adapter not in self._peft.peft_config:
+                    self._peft.set_adapter(command.version)  # the previous active one was deleted
+        except InvalidRequest as exc:
+            command.done.set_exception(exc)
+        except Exception as exc:  # peft/safetensors/OS errors: the directory is not a loadable adapter
+            command.done.set_exception(
+                InvalidRequest(f"cannot load the adapter {command.version!r} from {command.path}: {exc}"))
+        else:
+            self._available = self._available | {command.version}
+            command.done.set_result(None)
+
+    def _remove_idle(self, removals: list[_Command], batch: _Batch, waiting: deque[_Sequence]) -> None:
+        busy = {sequence.adapter for sequence in [*batch.rows, *waiting]}
+        for command in [command for command in removals if command.version not in busy]:
+            self._peft.delete_adapter(command.version)
+            removals.remove(command)
+            command.done.set_result(None)
+
+    def _forward(self, adapters: list[str], **inputs: Any) -> torch.Tensor:
+        """Logits of the last position, [rows, vocab]; each row on its adapter."""
+        if self._peft is not None and self._peft.peft_config:
+            names = [PEFT_BASE if adapter == events.BASE_VERSION else adapter for adapter in adapters]
+            output = self._peft(**inputs, adapter_names=names, use_cache=True, logits_to_keep=1)
+        else:
+            output = self._model(**inputs, use_cache=True, logits_to_keep=1)
+        return output.logits[:, -1].float()
+
+    def _admit(self, sequence: _Sequence, batch: _Batch) -> None:
+        if sequence.cancelled:
+            return
+        try:
+            cache = DynamicCache()
+            prompt = torch.tensor([sequence.prompt], device=self._device)
+            logits = self._forward([sequence.adapter], input_ids=prompt, past_key_values=cache)
+            (token,) = self._sample(logits, [sequence])
+        except Exception as exc:
+            log.exception("prefill failed")
+            sequence.deliver(exc)
+            return
+        if not self._emit(sequence, token):
+            batch.join(sequence, _cache_tensors(cache), token[0])
+
+    def _step(self, batch: _Batch) -> None:
+        batch.keep([i for i, row in enumerate(batch.rows) if not row.cancelled])
+        if not batch.rows:
+            return
+        try:
+            logits = self._forward([row.adapter for row in batch.rows], **batch.step_inputs())
+            sampled = self._sample(logits, batch.rows)
+        except Exception as exc:
+            log.exception("a decode step failed; failing the requests in it")
+            for row in batch.rows:
+                row.deliver(exc)
+            batch.keep([])
+            return
+        batch.next_tokens = torch.tensor([token for token, _ in sampled], device=self._device)
+        batch.keep([i for i, (row, token) in enumerate(zip(batch.rows, sampled, strict=True))
+                    if not self._emit(row, token)])
+
+    def _emit(self, sequence: _Sequence, token: tuple[int, float]) -> bool:
+        """Hand a sampled token to its request; True when the sequence is finished."""
+        sequence.generated += 1
+        finish = None
+        if token[0] == self._tokenizer.eos_token_id:
+            finish = "stop"
+        elif sequence.generated >= sequence.max_tokens:
+            finish = "length"
+        sequence.deliver((token[0], token[1], finish))
+        return finish is not None
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[_Sequence]) -> list[tuple[int, float]]:
+        """One token per row, with that row's temperature, top-p and generator; its raw logprob."""
+        logprobs = torch.log_softmax(logits, dim=-1)  # [rows, vocab]
+        sampled = []
+        for row, (raw, logprob) in enumerate(zip(logits, logprobs, strict=True)):
+            sequence = rows[row]
+            if sequence.temperature == 0.0:
+                token = int(raw.argmax())
+            else:
+                probs = _top_p(torch.softmax(raw / sequence.temperature, dim=-1), sequence.top_p)
+                token = int(torch.multinomial(probs, 1, generator=sequence.generator))
+            sampled.append((token, float(logprob[token])))
+        return sampled
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches ``top_p``."""
+    if top_p >= 1.0:
+        return probs
+    ordered, order = probs.sort(descending=True)
+    outside = ordered.cumsum(-1) - ordered >= top_p  # the mass before a token already reached top_p
+    ordered[outside] = 0.0
+    return torch.zeros_like(probs).scatter(-1, order, ordered)
+
+
+def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad a [batch, heads, length, dim] cache tensor on the left of its length."""
+    return F.pad(tensor, (0, 0, length - tensor.shape[2], 0))
+
+
+def _cache_tensors(cache: Any) -> KV:
+    """The keys and values a DynamicCache holds (transformers ≥ 4.56 keeps them in ``layers``)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
