@@ -16,12 +16,15 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
 
 from gateway.auth import Keyring
 from gateway.engines import Engine
 from gateway.errors import install_error_handlers
 from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
+from gateway.limits import LimitBodySize
+from gateway.metrics import CONTENT_TYPE, CountRequests, Metrics
 from gateway.publisher import Publisher
 from gateway.schemas import ChatCompletionRequest
 from gateway.sessions import SessionLinker
@@ -79,9 +82,20 @@ def build_engine(settings: Settings) -> Engine:
     )
 
 
+class AdapterRequest(BaseModel):
+    version: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+    path: str = Field(min_length=1)  # a PEFT adapter directory on the gateway's machine
+    serve: bool = False  # also send the served model's requests to it
+
+
+class ServeRequest(BaseModel):
+    version: str = Field(min_length=1)
+
+
 def create_app(settings: Settings) -> FastAPI:
     keyring = Keyring.from_settings(settings)
     engine = build_engine(settings)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -94,7 +108,8 @@ def create_app(settings: Settings) -> FastAPI:
         publisher.start()
         recorder = Supervised("recorder", Recorder(event_log, store).run)
         await engine.start()
-        app.state.turns = TurnService(engine, SessionLinker(), publisher)
+        app.state.turns = TurnService(engine, SessionLinker(), publisher, metrics)
+        metrics.watch(lambda: publisher.queued, lambda: len(publisher.spool))
         app.state.store = store
         app.state.background = [publisher, recorder, engine]
         try:
@@ -108,11 +123,16 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="nextturn", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(LimitBodySize, max_bytes=settings.max_request_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)
 
     # Dependencies are async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop
     # per dependency per request that cost milliseconds under load (measured by bench/gateway_overhead.py).
     async def tenant(authorization: Annotated[str | None, Header()] = None) -> str:
         return keyring.tenant(authorization)
+
+    async def admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        keyring.admin(authorization)
 
     async def turns(request: Request) -> TurnService:
         service: TurnService = request.app.state.turns
@@ -128,6 +148,31 @@ def create_app(settings: Settings) -> FastAPI:
         if dead:
             return JSONResponse({"status": "degraded", "dead": ", ".join(dead)}, status_code=503)
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/admin/adapters", dependencies=[Depends(admin)])
+    async def list_adapters(service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:
+        return {"serving": service.router.stable, "adapters": engine.models()[1:]}
+
+    @app.post("/v1/admin/adapters", dependencies=[Depends(admin)], status_code=201)
+    async def add_adapter(body: AdapterRequest, service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:
+        await engine.add_adapter(body.version, body.path)
+        if body.serve:
+            service.router.serve(body.version)
+        return {"version": body.version, "serving": service.router.stable}
+
+    @app.put("/v1/admin/serving", dependencies=[Depends(admin)])
+    async def serve(body: ServeRequest, service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:
+        service.router.serve(body.version)
+        return {"serving": service.router.stable}
+
+    @app.delete("/v1/admin/adapters/{version:path}", dependencies=[Depends(admin)])
+    async def remove_adapter(version: str, service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:
+        await service.router.remove(version)  # returns once the requests still running on it finished
+        return {"version": version, "removed": True}
 
     @app.post("/v1/feedback")
     async def post_feedback(

@@ -2,7 +2,9 @@
 
     GatewayError                 status  type
     ├── AuthenticationFailed     401     invalid_request_error (code invalid_api_key)
+    ├── PermissionDenied         403     invalid_request_error (an admin route without the admin key)
     ├── NotFound                 404     invalid_request_error (code model_not_found, turn_not_found…)
+    ├── Conflict                 409     invalid_request_error
     ├── InvalidRequest           400     invalid_request_error
     ├── PayloadTooLarge          413     invalid_request_error
     ├── EngineUnavailable        502     api_error: the engine failed or is unreachable
@@ -41,8 +43,16 @@ class AuthenticationFailed(GatewayError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
 
 
+class PermissionDenied(GatewayError):
+    status, type = 403, "invalid_request_error"
+
+
 class NotFound(GatewayError):
     status, type = 404, "invalid_request_error"
+
+
+class Conflict(GatewayError):
+    status, type = 409, "invalid_request_error"
 
 
 class InvalidRequest(GatewayError):

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.engines import Delta, Engine, Generation
-from gateway.errors import GatewayError, NotFound, error_body
+from gateway.errors import GatewayError, error_body
+from gateway.metrics import Metrics
 from gateway.publisher import Publisher
+from gateway.routing import Router
 from gateway.schemas import ChatCompletionRequest
 from gateway.sessions import Link, SessionLinker
 from nextturn import events
@@ -32,11 +34,15 @@ class Turn:
     adapter: str  # the adapter version that serves it
     started_at: Any  # datetime
     started: float  # monotonic
+    recorded: bool = False
 
 
 class TurnService:
-    def __init__(self, engine: Engine, linker: SessionLinker, publisher: Publisher, *, recent: int = 100_000) -> None:
+    def __init__(self, engine: Engine, linker: SessionLinker, publisher: Publisher, metrics: Metrics, *,
+                 recent: int = 100_000) -> None:
         self.engine = engine
+        self.metrics = metrics
+        self.router = Router(engine)
         self.linker = linker
         self.publisher = publisher
         # turn id -> (tenant, session): feedback on a turn this replica just served needs no store lookup
@@ -48,18 +54,17 @@ class TurnService:
         return self._recent.get(turn_id)
 
     def begin(self, tenant: str, request: ChatCompletionRequest, session_id: str | None) -> Turn:
-        adapter = self.engine.adapter_for(request.model)
-        if adapter is None:
-            raise NotFound(f"the model {request.model!r} does not exist; see /v1/models", param="model",
-                           code="model_not_found")
+        # No await between routing and the engine taking the request: a version cannot be removed in between.
+        adapter = self.router.route(request.model)
         link = self.linker.link(tenant, request.messages, session_id)
+        self.metrics.in_flight.inc()  # until the turn is recorded: every path below records it once
         return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", adapter, events.utc_now(),
                     time.monotonic())
 
     async def complete(self, turn: Turn) -> dict[str, Any]:
         try:
             generation = await self.engine.complete(turn.request, turn.adapter)
-        except GatewayError as exc:
+        except BaseException as exc:
             self._record(turn, None, exc)
             raise
         self._record(turn, generation, None)
@@ -77,7 +82,7 @@ class TurnService:
         """Start generating; a request the engine refuses fails here, with its status, before any chunk."""
         try:
             items = await self.engine.stream(turn.request, turn.adapter)
-        except GatewayError as exc:
+        except BaseException as exc:
             self._record(turn, None, exc)
             raise
         return self._events(turn, items)
@@ -92,8 +97,8 @@ class TurnService:
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
             return f"data: {json.dumps(body)}\n\n"
 
-        yield chunk({"role": "assistant", "content": ""})
         try:
+            yield chunk({"role": "assistant", "content": ""})
             async with aclosing(items):  # a client that leaves stops the generation it was waiting for
                 async for item in items:
                     if isinstance(item, Delta):
@@ -106,10 +111,21 @@ class TurnService:
             self._record(turn, None, exc)
             yield f"data: {json.dumps(error_body(exc))}\n\n"
             return
+        finally:
+            if not turn.recorded:  # the client left, or a bug: the turn is still recorded, as failed
+                self._record(turn, None, ClientDisconnected("the client left before the stream ended"))
         yield "data: [DONE]\n\n"
 
-    def _record(self, turn: Turn, generation: Generation | None, error: GatewayError | None) -> None:
+    def _record(self, turn: Turn, generation: Generation | None, error: BaseException | None) -> None:
+        if turn.recorded:
+            return
+        turn.recorded = True
         finished_at = events.utc_now()
+        seconds = time.monotonic() - turn.started
+        self.metrics.in_flight.dec()
+        self.metrics.turn(turn.adapter, generation is not None, turn.request.stream, seconds,
+                          generation.prompt_tokens if generation else 0,
+                          generation.completion_tokens if generation else 0)
         self.publisher.publish(events.TurnRecorded(
             tenant=turn.tenant, session_id=turn.link.session_id, turn_id=turn.turn_id,
             parent_turn_id=turn.link.parent_turn_id, model=turn.request.model, adapter_version=turn.adapter,
@@ -119,8 +135,8 @@ class TurnService:
             response_token_ids=generation.response_token_ids if generation else [],
             response_logprobs=generation.response_logprobs if generation else None,
             finish_reason=generation.finish_reason if generation else "error",  # type: ignore[arg-type]
-            status="ok" if generation else "failed", error=str(error) if error else None,
-            latency_ms=(time.monotonic() - turn.started) * 1000, started_at=turn.started_at, finished_at=finished_at,
+            status="ok" if generation else "failed", error=_describe(error),
+            latency_ms=seconds * 1000, started_at=turn.started_at, finished_at=finished_at,
         ))
         self._recent[turn.turn_id] = (turn.tenant, turn.link.session_id)
         while len(self._recent) > self._recent_capacity:
@@ -128,6 +144,16 @@ class TurnService:
         if generation is not None:
             self.linker.remember(turn.tenant, turn.link.session_id, turn.turn_id, turn.request.messages,
                                  generation.message)
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def _describe(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    return str(error) if isinstance(error, GatewayError | ClientDisconnected) else f"{type(error).__name__}: {error}"
 
 
 def _message(message: events.ChatMessage) -> dict[str, Any]:

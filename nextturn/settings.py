@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # "key:tenant,key2:tenant2" for the embedded default; production keys live in the store.
     api_keys: str = ""
     admin_key: str | None = None
+    # The largest request body the gateway reads (413 above). A turn event must stay under the event
+    # log's 16 MiB per event, and it carries the request's messages plus the response.
+    max_request_bytes: int = Field(default=8 * 2**20, ge=1024, le=12 * 2**20)
 
     @classmethod
     def settings_customise_sources(

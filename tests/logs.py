@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+from nextturn import events
 from nextturn.bus import EventLog
 from nextturn.bus.kafka import KafkaEventLog
 from nextturn.bus.sqlite import SqliteEventLog
@@ -18,3 +20,22 @@ def open_log(backend: str, where: str) -> EventLog:
     if backend == "sqlite":
         return SqliteEventLog(Path(where), session_timeout_s=SESSION_TIMEOUT_S)
     return KafkaEventLog(where, session_timeout_ms=int(SESSION_TIMEOUT_S * 1000), request_timeout_ms=5000)
+
+
+def recorded(data_dir: Path, turn_id: str, timeout_s: float = 20, *, asked: str | None = None) -> events.TurnRecorded:
+    """The TurnRecorded for a turn (or for the turn whose last message was ``asked``), from the event log."""
+    log = SqliteEventLog(data_dir / "events.db")
+    reader = log.consumer(None, [events.TURNS], start="beginning")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for delivery in reader.poll(timeout_s=0.2):
+                turn = delivery.event
+                if not isinstance(turn, events.TurnRecorded):
+                    continue
+                if turn.turn_id == turn_id or (asked is not None and turn.messages[-1].content == asked):
+                    return turn
+        raise AssertionError(f"{turn_id or asked} was not recorded")
+    finally:
+        reader.close()
+        log.close()

@@ -5,31 +5,53 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 STAGES = ("gateway", "signals", "trainer")
 HEAVY = ("torch", "transformers", "peft", "trl")
+# The one gateway module whose job is to run a model in process: the app imports it only when the
+# embedded engine is configured (checked below by building an app for another engine).
+EMBEDDED = "gateway.engines.embedded"
 
 PROBE = """
 import importlib, json, pkgutil, sys
 package = importlib.import_module(sys.argv[1])
 for module in pkgutil.walk_packages(getattr(package, "__path__", []), package.__name__ + "."):
-    if not module.name.endswith(".__main__"):  # importing it would run the CLI
+    if not module.name.endswith(".__main__") and module.name != sys.argv[2]:  # __main__ would run the CLI
         importlib.import_module(module.name)
 print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
 """
 
+APP = """
+import json, sys
+from gateway.app import create_app
+from nextturn.settings import Settings
+create_app(Settings(engine="openai", upstream_url="http://127.0.0.1:9/v1", model="m", data_dir=sys.argv[1]))
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
 
-def loaded_by(package: str) -> set[str]:
-    """Top-level modules loaded by importing ``package`` and all its submodules in a fresh interpreter."""
-    result = subprocess.run([sys.executable, "-c", PROBE, package], capture_output=True, text=True, check=True)
+
+def loaded_by(package: str, skip: str = EMBEDDED) -> set[str]:
+    """Top-level modules loaded by importing ``package`` and its submodules in a fresh interpreter."""
+    result = subprocess.run([sys.executable, "-c", PROBE, package, skip], capture_output=True, text=True, check=True)
     return set(json.loads(result.stdout))
 
 
 @pytest.mark.parametrize("package", ["nextturn", "gateway", "signals"])
 def test_the_spine_gateway_and_signals_do_not_load_torch(package: str) -> None:
     assert loaded_by(package) & set(HEAVY) == set()
+
+
+def test_a_gateway_in_front_of_an_upstream_does_not_load_torch(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", APP, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert set(json.loads(result.stdout)) & set(HEAVY) == set()
+
+
+def test_the_embedded_engine_is_what_loads_torch() -> None:
+    """The skip above hides exactly one module, and it is the one that needs torch."""
+    assert {"torch", "transformers"} <= loaded_by("gateway", skip="")
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -13,10 +13,9 @@ import pytest
 from upstream import CALLS, MODEL, create_upstream
 
 from gateway.app import create_app
-from nextturn import events
-from nextturn.bus.sqlite import SqliteEventLog
 from nextturn.settings import Settings
 
+from logs import recorded
 from services import Uvicorn
 
 
@@ -47,25 +46,6 @@ def gateway(upstream: Uvicorn, data_dir: Path) -> Iterator[Uvicorn]:
 def client(gateway: Uvicorn) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-acme", max_retries=0) as client:
         yield client
-
-
-def recorded(data_dir: Path, turn_id: str, timeout_s: float = 20, *, asked: str | None = None) -> events.TurnRecorded:
-    """The TurnRecorded for a turn (or for the turn whose last message was ``asked``), from the event log."""
-    log = SqliteEventLog(data_dir / "events.db")
-    reader = log.consumer(None, [events.TURNS], start="beginning")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            for delivery in reader.poll(timeout_s=0.2):
-                turn = delivery.event
-                if not isinstance(turn, events.TurnRecorded):
-                    continue
-                if turn.turn_id == turn_id or (asked is not None and turn.messages[-1].content == asked):
-                    return turn
-        raise AssertionError(f"{turn_id or asked} was not recorded")
-    finally:
-        reader.close()
-        log.close()
 
 
 def test_a_completion_is_answered_and_recorded_under_its_id(client: openai.OpenAI, data_dir: Path) -> None:

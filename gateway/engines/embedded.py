@@ -354,9 +354,17 @@ class EmbeddedEngine:
     def _remove_idle(self, removals: list[_Command], batch: _Batch, waiting: deque[_Sequence]) -> None:
         busy = {sequence.adapter for sequence in [*batch.rows, *waiting]}
         for command in [command for command in removals if command.version not in busy]:
-            self._peft.delete_adapter(command.version)
             removals.remove(command)
-            command.done.set_result(None)
+            try:
+                others = [name for name in self._peft.peft_config if name != command.version]
+                if self._peft.active_adapter == command.version and others:
+                    self._peft.set_adapter(others[0])  # peft warns when the active adapter is deleted
+                self._peft.delete_adapter(command.version)
+            except Exception as exc:  # the engine keeps serving; the caller learns why the removal failed
+                log.exception("removing adapter %s failed", command.version)
+                command.done.set_exception(EngineUnavailable(f"removing the adapter failed: {exc!r}"))
+            else:
+                command.done.set_result(None)
 
     def _forward(self, adapters: list[str], **inputs: Any) -> torch.Tensor:
         """Logits of the last position, [rows, vocab]; each row on its adapter."""

@@ -1,0 +1,199 @@
+"""The gateway on the embedded engine, driven by the openai SDK over real uvicorn: adapters swap under load."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import create_app
+from nextturn.settings import Settings
+
+from logs import recorded
+from services import Uvicorn
+
+ADMIN = {"Authorization": "Bearer sk-admin"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embedded")
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_model: Path, data_dir: Path) -> Iterator[Uvicorn]:
+    settings = Settings(data_dir=data_dir, engine="embedded", model=str(tiny_model), api_keys="sk-acme:acme",
+                        admin_key="sk-admin", max_request_bytes=64 * 1024)
+    server = Uvicorn(create_app(settings))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(gateway: Uvicorn) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-acme", max_retries=0) as client:
+        yield client
+
+
+def test_streamed_and_whole_answers_are_recorded_with_their_tokens(client: openai.OpenAI, data_dir: Path) -> None:
+    whole = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, seed=3)
+    completion = whole.parse()
+    assert whole.headers["X-Nextturn-Adapter"] == "base"
+    turn = recorded(data_dir, completion.id)
+    assert turn.response_logprobs is not None and len(turn.response_token_ids) == len(turn.response_logprobs)
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (
+        len(turn.prompt_token_ids), len(turn.response_token_ids))
+    assert turn.response is not None and turn.response.content == completion.choices[0].message.content
+
+    pieces, turn_id = [], ""
+    for chunk in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                                max_tokens=12, seed=3, stream=True):
+        turn_id = chunk.id
+        pieces.append(chunk.choices[0].delta.content or "")
+    streamed = recorded(data_dir, turn_id)
+    assert streamed.response_token_ids == turn.response_token_ids  # same seed, same tokens, streamed or not
+    assert "".join(pieces) == (streamed.response.content or "")  # type: ignore[union-attr]
+
+
+def test_adapters_swap_under_load_without_a_failed_request(
+    client: openai.OpenAI, gateway: Uvicorn, tiny_adapters: dict[str, Path]
+) -> None:
+    served: Counter[str] = Counter()
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                raw = client.chat.completions.with_raw_response.create(
+                    model="tiny", messages=[{"role": "user", "content": f"worker {worker} asks {n}"}],
+                    max_tokens=6, stream=n % 2 == 0)
+                if n % 2 == 0:
+                    for _ in raw.parse():
+                        pass
+                else:
+                    raw.parse()
+                served[raw.headers["X-Nextturn-Adapter"]] += 1
+            except BaseException as exc:  # noqa: BLE001  # every failure is kept and asserted on
+                failures.append(exc)
+
+    def until_served(version: str, count: int = 5) -> None:
+        target = served[version] + count
+        deadline = time.monotonic() + 60
+        while served[version] < target and time.monotonic() < deadline and not failures:
+            time.sleep(0.01)
+
+    workers = [threading.Thread(target=load, args=(worker,)) for worker in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        until_served("base")
+        for version, adapter in (("v1", "a1"), ("v2", "a2")):
+            added = httpx.post(f"{gateway.url}/v1/admin/adapters", headers=ADMIN, timeout=30,
+                               json={"version": version, "path": str(tiny_adapters[adapter]), "serve": True})
+            assert added.status_code == 201, added.text
+            if version == "v2":
+                assert httpx.delete(f"{gateway.url}/v1/admin/adapters/v1", headers=ADMIN, timeout=60).status_code == 200
+            until_served(version)
+        assert httpx.put(f"{gateway.url}/v1/admin/serving", headers=ADMIN, json={"version": "base"}).status_code == 200
+        assert httpx.delete(f"{gateway.url}/v1/admin/adapters/v2", headers=ADMIN, timeout=60).status_code == 200
+        until_served("base")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert failures == []
+    assert set(served) == {"base", "v1", "v2"}
+    assert httpx.get(f"{gateway.url}/v1/admin/adapters", headers=ADMIN).json() == {"serving": "base", "adapters": []}
+
+
+def test_admin_routes_need_the_admin_key_and_say_what_is_wrong(gateway: Uvicorn, tiny_adapters: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    url = f"{gateway.url}/v1/admin/adapters"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer sk-acme"}).status_code == 403
+    assert httpx.get(url, headers={"Authorization": "Bearer sk-nope"}).status_code == 401
+    bad = httpx.post(url, headers=ADMIN, json={"version": "v7", "path": str(tmp_path)}, timeout=30)
+    assert bad.status_code == 400 and "cannot load the adapter" in bad.json()["error"]["message"]
+    assert httpx.put(f"{gateway.url}/v1/admin/serving", headers=ADMIN, json={"version": "v7"}).status_code == 404
+    assert httpx.post(url, headers=ADMIN, json={"version": "v8", "path": str(tiny_adapters["a1"]), "serve": True},
+                      timeout=30).status_code == 201
+    serving = httpx.delete(f"{url}/v8", headers=ADMIN)
+    assert serving.status_code == 409 and "serving" in serving.json()["error"]["message"]
+    assert httpx.put(f"{gateway.url}/v1/admin/serving", headers=ADMIN, json={"version": "base"}).status_code == 200
+    assert httpx.delete(f"{url}/v8", headers=ADMIN, timeout=60).status_code == 200
+    assert httpx.delete(f"{url}/v8", headers=ADMIN).status_code == 404
+
+
+def test_a_version_is_a_model_a_client_can_pin(client: openai.OpenAI, gateway: Uvicorn,
+                                               tiny_adapters: dict[str, Path]) -> None:
+    httpx.post(f"{gateway.url}/v1/admin/adapters", headers=ADMIN, timeout=30,
+               json={"version": "pinned", "path": str(tiny_adapters["a2"])}).raise_for_status()
+    try:
+        assert [model.id for model in client.models.list()] == ["tiny", "pinned"]
+        raw = client.chat.completions.with_raw_response.create(
+            model="pinned", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert raw.headers["X-Nextturn-Adapter"] == "pinned"
+    finally:
+        httpx.delete(f"{gateway.url}/v1/admin/adapters/pinned", headers=ADMIN, timeout=60).raise_for_status()
+
+
+def test_too_many_tokens_and_too_large_bodies_are_clear_errors(client: openai.OpenAI, gateway: Uvicorn) -> None:
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5000)
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="context"):  # a stream is refused before it starts
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5000,
+                                       stream=True)
+    big = "x" * (65 * 1024)  # the gateway above allows 64 KiB (NEXTTURN_MAX_REQUEST_BYTES)
+    with pytest.raises(openai.APIStatusError) as too_large:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": big}])
+    assert too_large.value.status_code == 413 and "NEXTTURN_MAX_REQUEST_BYTES" in too_large.value.message
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit is counted as the body arrives
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(70):
+            yield b"y" * 1024
+        yield b'"}]}'
+
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", content=chunked(),
+                          headers={"Authorization": "Bearer sk-acme", "Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_metrics_count_requests_turns_and_tokens_by_adapter(client: openai.OpenAI, gateway: Uvicorn) -> None:
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = httpx.get(f"{gateway.url}/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = samples()
+    for _ in range(3):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "count me"}], max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    after = samples()
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("nextturn_turns_total", adapter="base", status="ok") == 3
+    assert grew("nextturn_turn_seconds_count", adapter="base", stream="false") == 3
+    assert 3 <= grew("nextturn_tokens_total", adapter="base", kind="completion") <= 12
+    assert grew("nextturn_http_requests_total", route="/v1/chat/completions", method="POST", status="200") == 3
+    assert grew("nextturn_http_requests_total", route="/v1/chat/completions", method="POST", status="404") == 1
+    assert after[("nextturn_turns_in_flight", ())] == 0
+    assert ("nextturn_spool_depth", ()) in after and ("nextturn_publish_queue_depth", ()) in after
