@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -31,6 +32,7 @@ from gateway.sessions import SessionLinker
 from gateway.turns import TurnService
 from nextturn.bus import open_event_log
 from nextturn.errors import ConfigError
+from nextturn.keys import any_keys, find_key
 from nextturn.recorder import Recorder
 from nextturn.settings import Settings
 from nextturn.store import Store, upgrade
@@ -103,6 +105,7 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.store_url.startswith("sqlite"):
             upgrade(settings.store_url)  # the embedded default migrates itself; production runs db upgrade
         store.check_schema()
+        keyring.use_store(partial(find_key, store), any_keys(store))
         event_log = open_event_log(settings)
         publisher = Publisher(event_log, settings.spool_path)
         publisher.start()
@@ -129,10 +132,10 @@ def create_app(settings: Settings) -> FastAPI:
     # Dependencies are async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop
     # per dependency per request that cost milliseconds under load (measured by bench/gateway_overhead.py).
     async def tenant(authorization: Annotated[str | None, Header()] = None) -> str:
-        return keyring.tenant(authorization)
+        return await keyring.tenant(authorization)
 
     async def admin(authorization: Annotated[str | None, Header()] = None) -> None:
-        keyring.admin(authorization)
+        await keyring.admin(authorization)
 
     async def turns(request: Request) -> TurnService:
         service: TurnService = request.app.state.turns

@@ -1,26 +1,36 @@
 """Who is calling: ``Authorization: Bearer <key>``, and each key belongs to a tenant.
 
-Keys come from Settings (``NEXTTURN_API_KEYS``) for the embedded default. With no keys configured the
-gateway is open, as the tenant ``default``, and only on a loopback address (checked at start); its
-admin routes are open too. Otherwise admin routes need ``NEXTTURN_ADMIN_KEY``.
+Keys come from Settings (``NEXTTURN_API_KEYS``, the embedded default) and from the store (production,
+``nextturn keys create``). A key found in the store is remembered for a minute, so a request costs a
+dictionary lookup and a revoked key stops working within that minute. With no key anywhere at start,
+the gateway is open, as the tenant ``default``, and only on a loopback address (checked at start); its
+admin routes are open too. Otherwise admin routes need ``NEXTTURN_ADMIN_KEY`` or a store admin key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import time
+from collections.abc import Callable
 from ipaddress import ip_address
 
-from gateway.errors import AuthenticationFailed, PermissionDenied
-from nextturn.errors import ConfigError
+from gateway.errors import AuthenticationFailed, AuthenticationUnavailable, PermissionDenied
+from nextturn.errors import ConfigError, NextturnError
+from nextturn.keys import Holder
 from nextturn.settings import Settings
 
 OPEN_TENANT = "default"
+REMEMBER_S = 60.0
 
 
 class Keyring:
     def __init__(self, keys: dict[str, str], admin_key: str | None = None) -> None:
         self._keys = keys
         self._admin_key = admin_key
+        self._lookup: Callable[[str], Holder | None] | None = None
+        self._remembered: dict[str, tuple[Holder, float]] = {}
+        self.open = not keys
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keyring:
@@ -32,25 +42,45 @@ class Keyring:
             )
         return cls(keys, settings.admin_key)
 
-    def admin(self, authorization: str | None) -> None:
-        """Pass for the admin key (or an open loopback gateway); raise otherwise."""
-        if not self._keys and self._admin_key is None:
+    def use_store(self, lookup: Callable[[str], Holder | None], has_keys: bool) -> None:
+        """Look unknown keys up in the store; a store with keys closes a gateway that had none."""
+        self._lookup = lookup
+        self.open = self.open and not has_keys
+
+    async def tenant(self, authorization: str | None) -> str:
+        if self.open:
+            return OPEN_TENANT
+        return (await self._holder(authorization)).tenant
+
+    async def admin(self, authorization: str | None) -> None:
+        """Pass for an admin key (or an open loopback gateway without one); raise otherwise."""
+        if self.open and self._admin_key is None:
             return
         key = _bearer(authorization)
         if self._admin_key is not None and hmac.compare_digest(self._admin_key.encode(), key.encode()):
             return
-        if self._admin_key is None:
-            raise PermissionDenied("admin routes are disabled: set NEXTTURN_ADMIN_KEY")
-        self.tenant(authorization)  # an unknown key is a 401; a tenant's key is not enough:
-        raise PermissionDenied("this route needs the admin key")
+        if (await self._holder(authorization)).is_admin:
+            return
+        raise PermissionDenied("this route needs an admin key")
 
-    def tenant(self, authorization: str | None) -> str:
-        if not self._keys:
-            return OPEN_TENANT
+    async def _holder(self, authorization: str | None) -> Holder:
         key = _bearer(authorization)
         for known, tenant in self._keys.items():
             if hmac.compare_digest(known.encode(), key.encode()):
-                return tenant
+                return Holder(tenant, is_admin=False)
+        remembered = self._remembered.get(key)
+        if remembered is not None and time.monotonic() - remembered[1] < REMEMBER_S:
+            return remembered[0]
+        if self._lookup is not None:
+            try:
+                holder = await asyncio.to_thread(self._lookup, key)
+            except NextturnError as exc:
+                raise AuthenticationUnavailable(f"cannot check the API key now: {exc}") from exc
+            if holder is not None:
+                if len(self._remembered) > 100_000:
+                    self._remembered.clear()
+                self._remembered[key] = (holder, time.monotonic())
+                return holder
         raise AuthenticationFailed("invalid API key")
 
 

@@ -8,6 +8,7 @@
     ├── InvalidRequest           400     invalid_request_error
     ├── PayloadTooLarge          413     invalid_request_error
     ├── EngineUnavailable        502     api_error: the engine failed or is unreachable
+    ├── AuthenticationUnavailable 503    api_error: the store that holds the keys is unreachable
     └── EngineTimeout            504     api_error
 
 Domain errors never subclass HTTPException; the handlers below are the only translation.
@@ -65,6 +66,10 @@ class PayloadTooLarge(GatewayError):
 
 class EngineUnavailable(GatewayError):
     status, type = 502, "api_error"
+
+
+class AuthenticationUnavailable(GatewayError):
+    status, type = 503, "api_error"
 
 
 class EngineTimeout(GatewayError):

@@ -27,9 +27,11 @@ app = typer.Typer(
 db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
 events_app = typer.Typer(help="The event log.", no_args_is_help=True)
 model_app = typer.Typer(help="Local models (built here, never downloaded).", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys kept in the store.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
 app.add_typer(model_app, name="model")
+app.add_typer(keys_app, name="keys")
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -114,6 +116,27 @@ def model_init(
 
     init_model(directory, size=size, seed=seed)
     typer.echo(f"model ({size}, seed {seed}) written to {directory}")
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context,
+    tenant: Annotated[str, typer.Option(help="The tenant the key belongs to (created if new).")],
+    admin: Annotated[bool, typer.Option(help="An admin key: it may also use the admin routes.")] = False,
+) -> None:
+    """Create an API key and print it (only its digest is stored: this is the one time it is shown)."""
+    from nextturn.keys import create_key
+    from nextturn.store import Store, upgrade
+
+    settings = _settings(ctx)
+    store = Store.from_settings(settings)
+    try:
+        if settings.store_url.startswith("sqlite"):
+            upgrade(settings.store_url)  # the embedded default migrates itself, as the gateway does
+        store.check_schema()
+        typer.echo(create_key(store, tenant, admin=admin))
+    finally:
+        store.close()
 
 
 @app.command()

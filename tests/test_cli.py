@@ -6,10 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from sqlmodel import select
 
 from nextturn.bus.sqlite import SqliteEventLog
 from nextturn.store import Store
+from nextturn.tables import ApiKey
 
 from factories import turn
 
@@ -75,3 +79,50 @@ def test_demo_runs_the_foundation_and_says_what_is_missing(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     assert "recorded 5 new events" in result.stdout
     assert "Not built yet" in result.stdout
+
+
+def test_keys_create_prints_a_key_the_gateway_accepts_for_its_tenant(tmp_path: Path) -> None:
+    import httpx
+    from upstream import MODEL, create_upstream
+
+    from gateway.app import create_app
+    from nextturn.settings import Settings
+
+    from services import Uvicorn
+
+    created = [nextturn("keys", "create", "--tenant", "acme", *extra, data_dir=tmp_path) for extra in ([], ["--admin"])]
+    assert all(result.returncode == 0 for result in created), [result.stderr for result in created]
+    key, admin_key = (result.stdout.strip() for result in created)
+    assert key.startswith("nt-") and key != admin_key
+    store = Store(f"sqlite:///{tmp_path / 'nextturn.db'}")
+    assert key not in json.dumps([row.model_dump(mode="json") for row in store.session().exec(select(ApiKey))])
+    store.close()
+
+    upstream = Uvicorn(create_upstream())
+    upstream.start()
+    server = Uvicorn(create_app(Settings(data_dir=tmp_path, engine="openai", upstream_url=f"{upstream.url}/v1",
+                                         model=MODEL)))
+    server.start()
+    try:
+        def call(path: str, key: str | None, **kwargs: object) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            return httpx.request("POST" if "json" in kwargs else "GET", f"{server.url}{path}", headers=headers,
+                                 timeout=10, **kwargs)  # type: ignore[arg-type]
+
+        chat = {"json": {"model": MODEL, "messages": [{"role": "user", "content": "whose?"}]}}
+        answered = call("/v1/chat/completions", key, **chat)
+        assert answered.status_code == 200
+        assert call("/v1/chat/completions", None, **chat).status_code == 401  # keys exist: no longer open
+        assert call("/v1/chat/completions", "nt-guessed", **chat).status_code == 401
+        assert call("/v1/admin/adapters", key).status_code == 403
+        assert call("/v1/admin/adapters", admin_key).status_code == 200
+        turn_id = answered.json()["id"]
+        for _ in range(200):
+            stored = call(f"/v1/turns/{turn_id}", key)
+            if stored.status_code == 200:
+                break
+            time.sleep(0.05)
+        assert stored.status_code == 200  # a turn is found only with a key of the tenant that made it
+    finally:
+        server.stop()
+        upstream.stop()
