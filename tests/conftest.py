@@ -7,13 +7,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from nextturn.bus import EventLog
 from nextturn.store import Store, upgrade
 
 from logs import open_log
-from services import PostgresCluster, Tansu
+from services import PostgresCluster, Tansu, Uvicorn
 
 
 @pytest.fixture(autouse=True)
@@ -92,3 +93,19 @@ def tiny_adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     root = tmp_path_factory.mktemp("adapters")
     return {name: random_adapter(tiny_model, root / name, seed=seed) for seed, name in enumerate(("a1", "a2"), 1)}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Uvicorn]:
+    """The scripted OpenAI-compatible upstream (tests/upstream.py) on loopback."""
+    from upstream import create_upstream
+
+    with Uvicorn(create_upstream()) as server:
+        yield server
+
+
+@pytest.fixture
+def client(gateway: Uvicorn) -> Iterator[openai.OpenAI]:
+    """The stock openai SDK against the test module's ``gateway`` fixture, as tenant acme (key sk-acme)."""
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-acme", max_retries=0) as client:
+        yield client

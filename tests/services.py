@@ -150,3 +150,10 @@ class Uvicorn:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=30)
+
+    def __enter__(self) -> Uvicorn:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

@@ -10,21 +10,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from upstream import CALLS, MODEL, create_upstream
+from upstream import CALLS, MODEL
 
 from gateway.app import create_app
 from nextturn.settings import Settings
 
 from logs import recorded
 from services import Uvicorn
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Uvicorn]:
-    server = Uvicorn(create_upstream())
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +28,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gateway(upstream: Uvicorn, data_dir: Path) -> Iterator[Uvicorn]:
     settings = Settings(data_dir=data_dir, engine="openai", upstream_url=f"{upstream.url}/v1", model=MODEL,
                         api_keys="sk-acme:acme,sk-globex:globex")
-    server = Uvicorn(create_app(settings))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def client(gateway: Uvicorn) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-acme", max_retries=0) as client:
-        yield client
+    with Uvicorn(create_app(settings)) as server:
+        yield server
 
 
 def test_a_completion_is_answered_and_recorded_under_its_id(client: openai.OpenAI, data_dir: Path) -> None:

@@ -31,16 +31,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gateway(tiny_model: Path, data_dir: Path) -> Iterator[Uvicorn]:
     settings = Settings(data_dir=data_dir, engine="embedded", model=str(tiny_model), api_keys="sk-acme:acme",
                         admin_key="sk-admin", max_request_bytes=64 * 1024)
-    server = Uvicorn(create_app(settings))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def client(gateway: Uvicorn) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-acme", max_retries=0) as client:
-        yield client
+    with Uvicorn(create_app(settings)) as server:
+        yield server
 
 
 def test_streamed_and_whole_answers_are_recorded_with_their_tokens(client: openai.OpenAI, data_dir: Path) -> None:

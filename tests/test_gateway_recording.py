@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 import pytest
-from upstream import MODEL, create_upstream
+from upstream import MODEL
 
 from gateway.app import create_app
 from nextturn import events
@@ -17,14 +16,6 @@ from nextturn.settings import Settings
 
 from logs import open_log
 from services import Tansu, Uvicorn
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Uvicorn]:
-    server = Uvicorn(create_upstream())
-    server.start()
-    yield server
-    server.stop()
 
 
 def turns_in(backend: str, where: str, count: int, timeout_s: float = 60) -> list[events.TurnRecorded]:
