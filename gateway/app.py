@@ -158,7 +158,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/admin/adapters", dependencies=[Depends(admin)])
     async def list_adapters(service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:
-        return {"serving": service.router.stable, "adapters": engine.models()[1:]}
+        return {"serving": service.router.stable, "adapters": service.router.versions()}
 
     @app.post("/v1/admin/adapters", dependencies=[Depends(admin)], status_code=201)
     async def add_adapter(body: AdapterRequest, service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:

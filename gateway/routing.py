@@ -24,9 +24,13 @@ class Router:
                            code="model_not_found")
         return self.stable if adapter == events.BASE_VERSION else adapter
 
+    def versions(self) -> list[str]:
+        """The adapter versions loaded (the model ids other than the served model)."""
+        return [model for model in self._engine.models() if self._engine.adapter_for(model) != events.BASE_VERSION]
+
     def serve(self, version: str) -> None:
         """Send the served model's requests to ``version`` from now on (in-flight ones keep theirs)."""
-        if version != events.BASE_VERSION and version not in self._engine.models():
+        if version != events.BASE_VERSION and version not in self.versions():
             raise NotFound(f"no adapter {version!r} is loaded", param="version", code="adapter_not_found")
         self.stable = version
 
