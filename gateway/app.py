@@ -1,67 +1,42 @@
 """The gateway's FastAPI app: ``create_app(settings)``.
 
 The lifespan owns the long-lived parts: the event log, the publisher and its thread, the store and a
-recorder thread that copies the log into it (each replica is a member of the recorder's group), the
-session linker, the engine and its HTTP client. Requests reach them through ``request.app.state``.
-A background thread that dies turns /healthz into a 503 that names it.
+recorder process that copies the log into it (each replica is a member of the recorder's group), the
+session linker, the engine and its connections. Requests reach them through ``request.app.state``.
+A background part that dies (thread or process) turns /healthz into a 503 that names it.
 
 No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations at runtime, and
 their dependencies are local to create_app.
 """
 
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from gateway.auth import Keyring
+from gateway.completions import ChatCompletionsRoute
 from gateway.engines import Engine
 from gateway.errors import install_error_handlers
 from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
 from gateway.limits import LimitBodySize
 from gateway.metrics import CONTENT_TYPE, CountRequests, Metrics
 from gateway.publisher import Publisher
-from gateway.schemas import ChatCompletionRequest
 from gateway.sessions import SessionLinker
 from gateway.turns import TurnService
 from nextturn.bus import open_event_log
 from nextturn.errors import ConfigError
 from nextturn.keys import any_keys, find_key
-from nextturn.recorder import Recorder
+from nextturn.recorder import RecorderProcess
 from nextturn.settings import Settings
 from nextturn.store import Store, upgrade
 
 log = logging.getLogger(__name__)
-
-ADAPTER_HEADER = "X-Nextturn-Adapter"
-
-
-class Supervised:
-    """A background loop in a thread; it stops on request, and a crash is kept, not hidden."""
-
-    def __init__(self, name: str, loop: Callable[[threading.Event], None]) -> None:
-        self.name = name
-        self.failure: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(loop,), name=f"nextturn-{name}", daemon=True)
-        self._thread.start()
-
-    def _run(self, loop: Callable[[threading.Event], None]) -> None:
-        try:
-            loop(self._stop)
-        except BaseException as exc:
-            self.failure = exc
-            log.exception("the %s thread died", self.name)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -69,7 +44,9 @@ def build_engine(settings: Settings) -> Engine:
         from gateway.engines.upstream import UpstreamEngine
 
         assert settings.upstream_url and settings.model  # Settings refuses the openai engine without them
-        return UpstreamEngine(settings.upstream_url, settings.model, settings.upstream_api_key)
+        return UpstreamEngine(settings.upstream_url, settings.model, settings.upstream_api_key,
+                              connect_timeout_s=settings.engine_connect_timeout_s,
+                              read_timeout_s=settings.engine_read_timeout_s)
     if settings.engine == "embedded":
         try:
             from gateway.engines.embedded import EmbeddedEngine
@@ -109,7 +86,8 @@ def create_app(settings: Settings) -> FastAPI:
         event_log = open_event_log(settings)
         publisher = Publisher(event_log, settings.spool_path)
         publisher.start()
-        recorder = Supervised("recorder", Recorder(event_log, store).run)
+        recorder = RecorderProcess(settings)
+        recorder.start()
         await engine.start()
         app.state.turns = TurnService(engine, SessionLinker(), publisher, metrics)
         metrics.watch(lambda: publisher.queued, lambda: len(publisher.spool))
@@ -126,6 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="nextturn", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(ChatCompletionsRoute, keyring=keyring)  # the hot path: see gateway/completions.py
     app.add_middleware(LimitBodySize, max_bytes=settings.max_request_bytes)
     app.add_middleware(CountRequests, metrics=metrics)
 
@@ -200,19 +179,5 @@ def create_app(settings: Settings) -> FastAPI:
     async def models(_: Annotated[str, Depends(tenant)]) -> dict[str, Any]:
         return {"object": "list",
                 "data": [{"id": name, "object": "model", "owned_by": "nextturn"} for name in engine.models()]}
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(
-        body: ChatCompletionRequest,
-        who: Annotated[str, Depends(tenant)],
-        service: Annotated[TurnService, Depends(turns)],
-        x_session_id: Annotated[str | None, Header()] = None,
-    ) -> JSONResponse | StreamingResponse:
-        turn = service.begin(who, body, x_session_id)
-        headers = {ADAPTER_HEADER: turn.adapter}
-        if body.stream:
-            return StreamingResponse(await service.open_stream(turn), media_type="text/event-stream",
-                                     headers=headers)
-        return JSONResponse(await service.complete(turn), headers=headers)
 
     return app

@@ -17,6 +17,8 @@ Domain errors never subclass HTTPException; the handlers below are the only tran
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,6 +82,15 @@ def error_body(error: GatewayError) -> dict[str, object]:
     return {"error": {"message": str(error), "type": error.type, "param": error.param, "code": error.code}}
 
 
+def invalid_body(errors: Sequence[Any]) -> InvalidRequest:
+    """The 400 for a request body that pydantic refused: its first error, located."""
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"] if part != "body")
+    if first["type"] == "json_invalid":
+        return InvalidRequest("the request body is not valid JSON")
+    return InvalidRequest(f"{where or 'body'}: {first['msg']}", param=where or None)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
@@ -88,13 +99,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"] if part != "body")
-        if first["type"] == "json_invalid":
-            error = InvalidRequest("the request body is not valid JSON")
-        else:
-            error = InvalidRequest(f"{where or 'body'}: {first['msg']}", param=where or None)
-        return JSONResponse(error_body(error), status_code=400)
+        return JSONResponse(error_body(invalid_body(exc.errors())), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:  # unknown routes, wrong methods

@@ -89,13 +89,13 @@ class TurnService:
 
     async def _events(self, turn: Turn, items: AsyncIterator[Delta | Generation]) -> AsyncIterator[str]:
         """Server-sent events: a role chunk, the deltas as they come, a finish chunk, ``[DONE]``."""
-        created = int(time.time())
+        # Every chunk shares its head: rendered once, so that a chunk costs one small json.dumps.
+        head = (f'data: {{"id": {json.dumps(turn.turn_id)}, "object": "chat.completion.chunk", '
+                f'"created": {int(time.time())}, "model": {json.dumps(turn.request.model)}, '
+                f'"choices": [{{"index": 0, "delta": ')
 
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
-            body = {"id": turn.turn_id, "object": "chat.completion.chunk", "created": created,
-                    "model": turn.request.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-            return f"data: {json.dumps(body)}\n\n"
+            return f'{head}{json.dumps(delta)}, "finish_reason": {json.dumps(finish_reason)}}}]}}\n\n'
 
         try:
             yield chunk({"role": "assistant", "content": ""})

@@ -102,7 +102,8 @@ def serve(ctx: typer.Context) -> None:
     from gateway.app import create_app
 
     settings = _settings(ctx)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                access_log=settings.access_log)
 
 
 @model_app.command("init")

@@ -36,7 +36,13 @@ class Settings(BaseSettings):
     model: str | None = None  # a local model directory (embedded, vllm) or the upstream's model name
     upstream_url: str | None = None  # engine=openai: the upstream's base URL, e.g. https://host/v1
     upstream_api_key: str | None = None
+    # How long the gateway waits on a model server: for a connection, and for each piece of its answer.
+    engine_connect_timeout_s: float = Field(default=10.0, gt=0)
+    engine_read_timeout_s: float = Field(default=120.0, gt=0)
     host: str = "127.0.0.1"
+    # uvicorn's access log, one line per request; off by default: it cost about 8% of the gateway's
+    # CPU time per streamed request (bench/gateway_overhead.py), and /metrics counts requests anyway.
+    access_log: bool = False
     port: int = Field(default=8000, ge=1, le=65535)
     # "key:tenant,key2:tenant2" for the embedded default; production keys live in the store.
     api_keys: str = ""

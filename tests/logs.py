@@ -22,7 +22,9 @@ def open_log(backend: str, where: str) -> EventLog:
     return KafkaEventLog(where, session_timeout_ms=int(SESSION_TIMEOUT_S * 1000), request_timeout_ms=5000)
 
 
-def recorded(data_dir: Path, turn_id: str, timeout_s: float = 20, *, asked: str | None = None) -> events.TurnRecorded:
+def recorded(
+    data_dir: Path, turn_id: str | None, timeout_s: float = 20, *, asked: str | None = None
+) -> events.TurnRecorded:
     """The TurnRecorded for a turn (or for the turn whose last message was ``asked``), from the event log."""
     log = SqliteEventLog(data_dir / "events.db")
     reader = log.consumer(None, [events.TURNS], start="beginning")

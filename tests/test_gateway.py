@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,6 +141,9 @@ def test_bad_requests_get_clear_openai_errors(client: openai.OpenAI, gateway: Uv
                            headers={"Authorization": "Bearer sk-acme", "Content-Type": "application/json"})
     assert malformed.status_code == 400
     assert malformed.json()["error"]["message"] == "the request body is not valid JSON"
+    wrong_method = httpx.get(f"{gateway.url}/v1/chat/completions", headers={"Authorization": "Bearer sk-acme"})
+    assert (wrong_method.status_code, wrong_method.headers["allow"]) == (405, "POST")
+    assert wrong_method.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_an_upstream_failure_is_a_clean_error_and_a_failed_turn(client: openai.OpenAI, data_dir: Path) -> None:
@@ -239,3 +244,24 @@ def test_an_upstream_reply_that_is_not_a_completion_is_a_clean_error_and_a_faile
         assert "not a completion" in response.json()["error"]["message"]
     turn = recorded(data_dir, "", asked=asked)
     assert turn.status == "failed" and "not a completion" in (turn.error or "")
+
+
+def test_a_slow_upstream_is_a_504_and_a_failed_turn_and_a_dead_recorder_shows_on_healthz(
+    upstream: Uvicorn, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path, engine="openai", upstream_url=f"{upstream.url}/v1", model=MODEL,
+                        engine_read_timeout_s=0.3)
+    app = create_app(settings)
+    with Uvicorn(app) as gateway, openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="-", max_retries=0) as client:
+        with pytest.raises(openai.APIStatusError) as slow:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "take your time"}])
+        assert slow.value.status_code == 504
+        turn = recorded(tmp_path, None, asked="take your time")
+        assert turn.status == "failed" and "did not answer in time" in (turn.error or "")
+
+        recorder = next(part for part in app.state.background if part.name == "recorder")
+        os.kill(recorder.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while (health := httpx.get(f"{gateway.url}/healthz")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (health.status_code, health.json()) == (503, {"status": "degraded", "dead": "recorder"})

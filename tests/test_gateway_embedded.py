@@ -189,3 +189,18 @@ def test_metrics_count_requests_turns_and_tokens_by_adapter(client: openai.OpenA
     assert grew("nextturn_http_requests_total", route="/v1/chat/completions", method="POST", status="404") == 1
     assert after[("nextturn_turns_in_flight", ())] == 0
     assert ("nextturn_spool_depth", ()) in after and ("nextturn_publish_queue_depth", ()) in after
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation_and_the_turn_is_recorded_failed(
+    gateway: Uvicorn, data_dir: Path
+) -> None:
+    asked = "a long answer I will not wait for"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": asked}], "max_tokens": 400,
+            "temperature": 0, "stream": True}  # greedy: this model runs to max_tokens without an end token
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
+                      headers={"Authorization": "Bearer sk-acme"}) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())  # the first chunk, then the connection closes
+    turn = recorded(data_dir, None, asked=asked)
+    assert turn.status == "failed" and turn.error == "the client left before the stream ended"
+    assert httpx.get(f"{gateway.url}/healthz").status_code == 200

@@ -44,6 +44,28 @@ def test_events_reach_the_log_in_order(tmp_path: Path) -> None:
     log.close()
 
 
+class _CountingLog(SqliteEventLog):
+    """A real SQLite log that counts its writes."""
+
+    appends = 0
+
+    def append(self, batch: Sequence[events.Event]) -> None:
+        self.appends += 1
+        super().append(batch)
+
+
+def test_events_published_together_are_written_together(tmp_path: Path) -> None:
+    log = _CountingLog(tmp_path / "events.db")
+    publisher = Publisher(log, tmp_path / "spool.jsonl", linger_s=2.0)  # far longer than 50 publishes take
+    publisher.start()
+    for n in range(50):
+        publisher.publish(turn("one-session", n))
+    publisher.stop()  # stopping cuts the linger short and delivers what is queued
+    assert arrived(log, 50) == list(range(50))
+    assert log.appends == 1
+    log.close()
+
+
 @pytest.mark.kafka
 def test_while_the_log_is_down_events_spool_and_then_arrive_once_in_order(tansu: Tansu, tmp_path: Path) -> None:
     log = KafkaEventLog(tansu.bootstrap_servers, request_timeout_ms=1000, session_timeout_ms=2000)

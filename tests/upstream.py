@@ -3,11 +3,12 @@ HTTP interface (served by real uvicorn) with answers the tests can predict.
 
 The last message decides: "run the tools" asks for two parallel tool calls, "please fail" is a 500,
 "break it" breaks the stream after a first piece, "garble it" answers something that is not a
-completion, tool results are summarised; anything else is echoed.
+completion, "take your time" answers after 5 s, tool results are summarised; anything else is echoed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +41,8 @@ def create_upstream() -> FastAPI:
     async def completions(request: Request) -> JSONResponse | StreamingResponse:
         body = await request.json()
         text = str(body["messages"][-1].get("content"))
+        if "take your time" in text:
+            await asyncio.sleep(5)
         if "please fail" in text:
             return JSONResponse({"error": {"message": "upstream exploded", "type": "api_error"}}, status_code=500)
         if "garble it" in text:

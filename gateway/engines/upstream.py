@@ -1,7 +1,8 @@
-"""The ``openai`` engine: any OpenAI-compatible upstream, over one pooled httpx client.
+"""The ``openai`` engine: any OpenAI-compatible upstream, over one pool of keep-alive connections.
 
 Turns it serves are recorded, but an upstream that returns no token ids or logprobs makes them
-untrainable: the trainer needs the exact sampled tokens (DESIGN, Gateway).
+untrainable: the trainer needs the exact sampled tokens (DESIGN, Gateway). The connection pool is
+:mod:`gateway.engines.origin` (its docstring says why it is not httpx).
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-
 from gateway.engines import Delta, Generation
-from gateway.errors import EngineTimeout, EngineUnavailable, InvalidRequest
+from gateway.engines.origin import Origin, OriginError, OriginTimeout, StreamedResponse
+from gateway.errors import EngineTimeout, EngineUnavailable, GatewayError, InvalidRequest
 from gateway.schemas import ChatCompletionRequest
 from nextturn import events
 
@@ -26,20 +26,20 @@ class UpstreamEngine:
     name = "engine"
     failure: BaseException | None = None  # no thread of its own: it cannot die apart from the requests
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout_s: float = 120.0) -> None:
-        self._base_url = base_url.rstrip("/")
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, connect_timeout_s: float = 10.0,
+                 read_timeout_s: float = 120.0) -> None:
+        self._base_url = base_url
         self._model = model
-        self._api_key = api_key
-        self._timeout = httpx.Timeout(timeout_s, connect=10.0)
-        self._client: httpx.AsyncClient | None = None
+        self._headers = [("Authorization", f"Bearer {api_key}")] if api_key else []
+        self._timeouts = {"connect_timeout_s": connect_timeout_s, "read_timeout_s": read_timeout_s}
+        self._origin: Origin | None = None
 
     async def start(self) -> None:
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        self._client = httpx.AsyncClient(base_url=self._base_url, headers=headers, timeout=self._timeout)
+        self._origin = Origin(self._base_url, self._headers, **self._timeouts)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        if self._origin is not None:
+            await self._origin.close()
 
     def models(self) -> list[str]:
         return [self._model]
@@ -53,21 +53,24 @@ class UpstreamEngine:
     async def remove_adapter(self, version: str) -> None:
         raise InvalidRequest("the openai engine serves what its upstream serves; it has no adapters")
 
-    def _body(self, request: ChatCompletionRequest, stream: bool) -> dict[str, Any]:
+    def _body(self, request: ChatCompletionRequest, stream: bool) -> bytes:
         body = request.model_dump(mode="json", exclude_none=True, exclude={"n"})
-        return body | {"model": self._model, "stream": stream}
+        return json.dumps(body | {"model": self._model, "stream": stream}).encode()
+
+    async def _send(self, request: ChatCompletionRequest, stream: bool) -> StreamedResponse:
+        assert self._origin is not None, "start() the engine first"
+        try:
+            response = await self._origin.stream("POST", "/chat/completions", self._body(request, stream))
+            if response.status >= 400:
+                _raise_for_upstream(response.status, (await response.read()).decode(errors="replace"))
+        except OriginError as exc:
+            raise _translate(exc, "the upstream model is unreachable") from exc
+        return response
 
     async def complete(self, request: ChatCompletionRequest, adapter: str) -> Generation:
-        assert self._client is not None, "start() the engine first"
+        response = await self._send(request, stream=False)
         try:
-            response = await self._client.post("/chat/completions", json=self._body(request, stream=False))
-        except httpx.TimeoutException as exc:
-            raise EngineTimeout(f"the upstream model did not answer in time: {exc}") from exc
-        except httpx.HTTPError as exc:
-            raise EngineUnavailable(f"the upstream model is unreachable: {exc}") from exc
-        _raise_for_upstream(response.status_code, response.text)
-        try:
-            payload = response.json()
+            payload = json.loads(await response.read())
             choice = payload["choices"][0]
             usage = payload.get("usage") or {}
             return Generation(
@@ -76,33 +79,23 @@ class UpstreamEngine:
                 prompt_tokens=usage.get("prompt_tokens", 0),
                 completion_tokens=usage.get("completion_tokens", 0),
             )
+        except OriginError as exc:
+            raise _translate(exc, "the upstream model failed mid-answer") from exc
         except _MALFORMED as exc:
             raise EngineUnavailable(f"the upstream model answered something that is not a completion: {exc!r}") from exc
 
     async def stream(self, request: ChatCompletionRequest, adapter: str) -> AsyncIterator[Delta | Generation]:
-        assert self._client is not None, "start() the engine first"
-        outgoing = self._client.build_request("POST", "/chat/completions", json=self._body(request, True))
-        try:
-            response = await self._client.send(outgoing, stream=True)
-        except httpx.TimeoutException as exc:
-            raise EngineTimeout(f"the upstream model did not answer in time: {exc}") from exc
-        except httpx.HTTPError as exc:
-            raise EngineUnavailable(f"the upstream model is unreachable: {exc}") from exc
-        if response.status_code >= 400:
-            text = (await response.aread()).decode(errors="replace")
-            await response.aclose()
-            _raise_for_upstream(response.status_code, text)
-        return self._chunks(response)
+        return self._chunks(await self._send(request, stream=True))
 
-    async def _chunks(self, response: httpx.Response) -> AsyncIterator[Delta | Generation]:
+    async def _chunks(self, response: StreamedResponse) -> AsyncIterator[Delta | Generation]:
         content: list[str] = []
         calls: dict[int, dict[str, Any]] = {}
         finish_reason = "stop"
         try:
-            async for line in response.aiter_lines():
-                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+            async for line in _lines(response):
+                if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
                     continue
-                chunk = json.loads(line.removeprefix("data:"))
+                chunk = json.loads(line[5:])
                 if not chunk.get("choices"):
                     continue
                 choice = chunk["choices"][0]
@@ -117,15 +110,31 @@ class UpstreamEngine:
             tool_calls = [calls[index] for index in sorted(calls)] or None
             message = {"role": "assistant", "content": "".join(content) or None, "tool_calls": tool_calls}
             generation = Generation(message=events.ChatMessage.model_validate(message), finish_reason=finish_reason)
-        except httpx.TimeoutException as exc:
-            raise EngineTimeout(f"the upstream model stopped answering: {exc}") from exc
-        except httpx.HTTPError as exc:
-            raise EngineUnavailable(f"the upstream model failed mid-stream: {exc}") from exc
+        except OriginError as exc:
+            raise _translate(exc, "the upstream model failed mid-stream") from exc
         except _MALFORMED as exc:
             raise EngineUnavailable(f"the upstream model streamed something that is not a completion: {exc!r}") from exc
         finally:
             await response.aclose()
         yield generation
+
+
+async def _lines(response: StreamedResponse) -> AsyncIterator[bytes]:
+    """The body's lines as they arrive (server-sent events are lines)."""
+    pending = b""
+    async for piece in response:
+        pending += piece
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if pending:
+        yield pending
+
+
+def _translate(error: OriginError, what: str) -> GatewayError:
+    if isinstance(error, OriginTimeout):
+        return EngineTimeout(f"the upstream model did not answer in time: {error}")
+    return EngineUnavailable(f"{what}: {error}")
 
 
 def _assistant(message: dict[str, Any]) -> dict[str, Any]:
