@@ -89,7 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
         recorder = RecorderProcess(settings)
         recorder.start()
         await engine.start()
-        app.state.turns = TurnService(engine, SessionLinker(), publisher, metrics)
+        app.state.turns = TurnService(engine, SessionLinker(lookup=store.find_link), publisher, metrics)
         metrics.watch(lambda: publisher.queued, lambda: len(publisher.spool))
         app.state.store = store
         app.state.background = [publisher, recorder, engine]

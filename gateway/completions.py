@@ -64,7 +64,7 @@ class ChatCompletionsRoute:
         request = _parse(await _body(receive))
         service: TurnService = scope["app"].state.turns
         session = headers.get(b"x-session-id")
-        turn = service.begin(tenant, request, session.decode("latin-1") if session is not None else None)
+        turn = await service.begin(tenant, request, session.decode("latin-1") if session is not None else None)
         adapter = (ADAPTER_HEADER.lower().encode(), turn.adapter.encode())
         if not request.stream:
             body = json.dumps(await service.complete(turn)).encode()

@@ -7,12 +7,17 @@ user's reply, or every tool result of a parallel tool call. A request that conti
 new session.
 
 The index is bounded: at most ``capacity`` turns, each forgotten after ``idle_timeout_s`` without use, so
-millions of sessions cannot exhaust memory. It is one replica's memory; a later step looks up misses in
-the store, so that replicas and restarts link too.
+millions of sessions cannot exhaust memory. It is one replica's memory: a request it cannot link is
+looked up in the store (``lookup``, by the same hashes, which the recorder stores with each turn), so
+that a request served by another replica, or before a restart, links too. Only prefixes that end with
+an assistant message can be a turn's key, so a request that continues nothing (its first turn) costs no
+lookup. The store is a fallback: when it cannot answer, the request starts a new session rather than fail.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections import OrderedDict
@@ -20,7 +25,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nextturn.conversation import prefix_hashes, turn_key
+from nextturn.errors import NextturnError
 from nextturn.events import ChatMessage
+
+log = logging.getLogger(__name__)
+
+# (tenant, candidate turn keys, session id or None) -> (turn id, session id, the key that matched) or None
+Lookup = Callable[[str, list[str], str | None], tuple[str, str, str] | None]
 
 
 @dataclass(frozen=True)
@@ -39,17 +50,42 @@ class _Known:
 
 class SessionLinker:
     def __init__(
-        self, *, capacity: int = 100_000, idle_timeout_s: float = 3600.0, clock: Callable[[], float] = time.monotonic
+        self, *, capacity: int = 100_000, idle_timeout_s: float = 3600.0, clock: Callable[[], float] = time.monotonic,
+        lookup: Lookup | None = None,
     ) -> None:
+        self._lookup = lookup
         self._capacity = capacity
         self._idle_timeout_s = idle_timeout_s
         self._clock = clock
         self._turns: OrderedDict[str, _Known] = OrderedDict()  # turn key -> turn, least recently used first
 
     def link(self, tenant: str, messages: Sequence[ChatMessage], session_id: str | None = None) -> Link:
-        """The session and parent of a new request. With a session id, only that session's turns link."""
-        self._forget_idle()
+        """The session and parent of a new request, from this replica's memory. With a session id, only
+        that session's turns link."""
+        return self._link(tenant, messages, prefix_hashes(tenant, messages), session_id)
+
+    async def resolve(self, tenant: str, messages: Sequence[ChatMessage], session_id: str | None = None) -> Link:
+        """:meth:`link`, and for a request it cannot link, the store."""
         hashes = prefix_hashes(tenant, messages)
+        link = self._link(tenant, messages, hashes, session_id)
+        if link.parent_turn_id is not None or self._lookup is None:
+            return link
+        ends = {hashes[end - 1]: end for end in range(len(messages) - 1, 0, -1)
+                if messages[end - 1].role == "assistant"}
+        if not ends:
+            return link
+        try:
+            found = await asyncio.to_thread(self._lookup, tenant, list(ends), session_id)
+        except NextturnError as exc:
+            log.warning("cannot look the conversation up in the store; starting a new session: %s", exc)
+            return link
+        if found is None:
+            return link
+        turn_id, found_session, key = found
+        return Link(found_session, turn_id, list(messages[ends[key]:]))
+
+    def _link(self, tenant: str, messages: Sequence[ChatMessage], hashes: list[str], session_id: str | None) -> Link:
+        self._forget_idle()
         # The longest prefix that leaves at least one new message: the most recent turn continued.
         for end in range(len(messages) - 1, 0, -1):
             known = self._turns.get(hashes[end - 1])

@@ -53,10 +53,11 @@ class TurnService:
         """(tenant, session id) of a turn this replica served recently."""
         return self._recent.get(turn_id)
 
-    def begin(self, tenant: str, request: ChatCompletionRequest, session_id: str | None) -> Turn:
-        # No await between routing and the engine taking the request: a version cannot be removed in between.
+    async def begin(self, tenant: str, request: ChatCompletionRequest, session_id: str | None) -> Turn:
+        link = await self.linker.resolve(tenant, request.messages, session_id)
+        # No await from routing until the engine has taken the request (complete/open_stream): a version
+        # cannot be removed in between.
         adapter = self.router.route(request.model)
-        link = self.linker.link(tenant, request.messages, session_id)
         self.metrics.in_flight.inc()  # until the turn is recorded: every path below records it once
         return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", adapter, events.utc_now(),
                     time.monotonic())

@@ -16,12 +16,14 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, Insert, case, create_engine, event, literal
+from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
 from sqlmodel import SQLModel, func, select
 
 from nextturn import events, tables
+from nextturn.conversation import turn_key
 from nextturn.errors import SchemaOutOfDate, StoreUnavailable
 from nextturn.settings import Settings
 
@@ -111,6 +113,24 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"cannot write to the store at {_safe(self.url)}: {exc}") from exc
 
+    def find_link(self, tenant: str, keys: Sequence[str], session_id: str | None) -> tuple[str, str, str] | None:
+        """(turn id, session id, key) of the tenant's turn that continues the longest of ``keys`` (longest
+        first; the latest turn when several share a key), optionally within one session."""
+        table = tables.Turn.__table__
+        query = (sa_select(table.c.id, table.c.session_id, table.c.link_hash)
+                 .where(table.c.tenant == tenant, table.c.link_hash.in_(list(keys)))
+                 .order_by(table.c.started_at.desc()))
+        if session_id is not None:
+            query = query.where(table.c.session_id == session_id)
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"cannot read the store at {_safe(self.url)}: {exc}") from exc
+        rank = {key: n for n, key in enumerate(keys)}
+        best = min(rows, key=lambda row: rank[row.link_hash], default=None)  # min keeps the first (latest) of ties
+        return (best.id, best.session_id, best.link_hash) if best is not None else None
+
     def get(self, table: type[_Row], key: Any) -> _Row | None:
         with self.session() as db:
             return db.get(table, key)
@@ -135,6 +155,7 @@ class Store:
         new = self._insert_new(conn, tables.Turn, {
             "id": turn.turn_id, "event_id": turn.event_id, "tenant": turn.tenant, "scope": turn.scope,
             "session_id": turn.session_id, "parent_turn_id": turn.parent_turn_id, "model": turn.model,
+            "link_hash": turn_key(turn.tenant, turn.messages, turn.response) if turn.response else None,
             "adapter_version": turn.adapter_version, "messages": dumped["messages"], "tools": turn.tools,
             "params": dumped["params"], "response": dumped["response"],
             "prompt_token_ids": turn.prompt_token_ids, "response_token_ids": turn.response_token_ids,

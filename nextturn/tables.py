@@ -77,6 +77,9 @@ class Turn(SQLModel, table=True):
     scope: str = Field(index=True)
     session_id: str = Field(index=True)
     parent_turn_id: str | None = Field(default=None, index=True)
+    # nextturn.conversation.turn_key of messages + response: a later request that starts with them links
+    # to this turn on any gateway replica. None for a turn without a response.
+    link_hash: str | None = Field(default=None, index=True)
     model: str
     adapter_version: str = Field(index=True)
     messages: list[dict[str, Any]] = _json()

@@ -265,3 +265,26 @@ def test_a_slow_upstream_is_a_504_and_a_failed_turn_and_a_dead_recorder_shows_on
         while (health := httpx.get(f"{gateway.url}/healthz")).status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert (health.status_code, health.json()) == (503, {"status": "degraded", "dead": "recorder"})
+
+
+def test_a_conversation_continues_on_another_replica_and_after_a_restart(upstream: Uvicorn, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, engine="openai", upstream_url=f"{upstream.url}/v1", model=MODEL)
+
+    def ask(gateway: Uvicorn, messages: list[dict]) -> tuple[str, dict]:
+        with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="-", max_retries=0) as client:
+            completion = client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+        stored_turn(gateway, completion.id)  # in the shared store: what another replica can look up
+        return completion.id, {"role": "assistant", "content": completion.choices[0].message.content}
+
+    history: list[dict] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first"}]
+    with Uvicorn(create_app(settings)) as one, Uvicorn(create_app(settings)) as two:
+        first, answer = ask(one, history)
+        history += [answer, {"role": "user", "content": "second"}]
+        second, answer = ask(two, history)  # a replica that never served `first`
+    history += [answer, {"role": "user", "content": "third"}]
+    with Uvicorn(create_app(settings)) as restarted:
+        third, _ = ask(restarted, history)
+
+    turns = [recorded(tmp_path, turn_id) for turn_id in (first, second, third)]
+    assert [turn.parent_turn_id for turn in turns] == [None, first, second]
+    assert len({turn.session_id for turn in turns}) == 1

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.sessions import SessionLinker
+from gateway.sessions import Link, SessionLinker
 from nextturn.conversation import canonical, prefix_hashes
-from nextturn.events import ChatMessage, ToolCall, ToolCallFunction
+from nextturn.errors import StoreUnavailable
+from nextturn.events import ChatMessage, SamplingParams, ToolCall, ToolCallFunction, TurnRecorded, utc_now
+from nextturn.store import Store, upgrade
 
 
 def user(text: str) -> ChatMessage:
@@ -117,3 +123,49 @@ def test_a_prefix_has_the_hashes_of_the_start_of_the_conversation(conversation: 
 def test_messages_hash_alike_only_when_their_canonical_forms_match(first: str, second: str) -> None:
     a, b = user(first), user(second)
     assert (prefix_hashes("t", [a]) == prefix_hashes("t", [b])) == (canonical(a) == canonical(b))
+
+
+def _stored(store: Store, tenant: str, session: str, turn_id: str, messages: list[ChatMessage],
+            response: ChatMessage | None, *, seconds_ago: float = 0.0) -> None:
+    started = utc_now() - timedelta(seconds=seconds_ago)
+    store.apply([TurnRecorded(
+        tenant=tenant, session_id=session, turn_id=turn_id, model="m", messages=messages, response=response,
+        params=SamplingParams(), status="ok" if response else "failed", finish_reason="stop" if response else "error",
+        error=None if response else "the engine failed", latency_ms=1.0, started_at=started, finished_at=started,
+    )])
+
+
+def test_a_request_this_replica_never_saw_links_through_the_store(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(url)
+    store = Store(url)
+    history = [ChatMessage(role="system", content="Be brief."), user("What is 2+2?")]
+    _stored(store, "acme", "sess-old", "turn-old", history, assistant("4"), seconds_ago=60)
+    _stored(store, "acme", "sess-new", "turn-new", history, assistant("4"))  # the same exchange, later
+    _stored(store, "acme", "sess-1", "turn-1", [user("hi")], assistant("hello"))
+    _stored(store, "acme", "sess-1", "turn-2", [user("hi"), assistant("hello"), user("bye")], assistant("ciao"))
+    _stored(store, "acme", "sess-f", "turn-failed", [user("boom")], None)
+    linker = SessionLinker(lookup=store.find_link)  # a fresh replica: nothing in memory
+
+    def resolve(messages: list[ChatMessage], tenant: str = "acme", session: str | None = None) -> Link:
+        return asyncio.run(linker.resolve(tenant, messages, session))
+
+    latest = resolve([*history, assistant("4"), user("And 3+3?")])
+    assert (latest.session_id, latest.parent_turn_id, latest.next_state) == ("sess-new", "turn-new",
+                                                                              [user("And 3+3?")])
+    pinned = resolve([*history, assistant("4"), user("And 3+3?")], session="sess-old")
+    assert (pinned.session_id, pinned.parent_turn_id) == ("sess-old", "turn-old")
+    longest = resolve([user("hi"), assistant("hello"), user("bye"), assistant("ciao"), user("again")])
+    assert (longest.session_id, longest.parent_turn_id) == ("sess-1", "turn-2")
+    assert resolve([*history, assistant("4"), user("x")], tenant="globex").parent_turn_id is None
+    assert resolve([user("boom"), assistant(""), user("again")]).parent_turn_id is None
+    store.close()
+
+
+def test_linking_does_not_fail_a_request_when_the_store_cannot_answer() -> None:
+    def unavailable(tenant: str, keys: list[str], session: str | None) -> tuple[str, str, str] | None:
+        raise StoreUnavailable("the database is down")
+
+    linker = SessionLinker(lookup=unavailable)
+    link = asyncio.run(linker.resolve("acme", [user("hi"), assistant("hello"), user("more")]))
+    assert link.parent_turn_id is None and link.session_id.startswith("sess-")
