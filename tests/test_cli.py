@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
+import pytest
 from sqlmodel import select
 
 from nextturn.bus.sqlite import SqliteEventLog
@@ -16,6 +19,7 @@ from nextturn.store import Store
 from nextturn.tables import ApiKey
 
 from factories import turn
+from services import Uvicorn, free_port, wait_for_port
 
 
 def nextturn(*args: str, data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -126,3 +130,25 @@ def test_keys_create_prints_a_key_the_gateway_accepts_for_its_tenant(tmp_path: P
     finally:
         server.stop()
         upstream.stop()
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+def test_serve_runs_the_gateway_and_logs_requests_only_when_asked(
+    upstream: Uvicorn, tmp_path: Path, access_log: bool
+) -> None:
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NEXTTURN_")}
+    env = {**clean, "NEXTTURN_DATA_DIR": str(tmp_path), "NEXTTURN_ENGINE": "openai", "NEXTTURN_MODEL": "m",
+           "NEXTTURN_UPSTREAM_URL": f"{upstream.url}/v1", "NEXTTURN_PORT": str(port),
+           "NEXTTURN_ACCESS_LOG": str(access_log).lower()}
+    server = subprocess.Popen([sys.executable, "-m", "nextturn", "serve"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, timeout_s=60)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"status": "ok"}
+    finally:
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=60)
+    assert server.returncode == 0, output
+    assert "Application startup complete" in output
+    assert ('"GET /healthz HTTP/1.1" 200' in output) is access_log

@@ -277,3 +277,20 @@ def test_against_uvicorn_json_and_a_large_streamed_body() -> None:
 
     with Uvicorn(app) as server:
         asyncio.run(main(f"{server.url}/v1"))
+
+
+def test_waiting_for_a_free_connection_is_bounded_by_the_connect_timeout() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        await asyncio.sleep(30)
+
+    async def main() -> None:
+        async with Server(silent) as url:
+            origin = Origin(url, max_connections=1, connect_timeout_s=0.2, read_timeout_s=30)
+            holding = asyncio.ensure_future(origin.post("/x", b"{}"))
+            await asyncio.sleep(0.05)
+            with pytest.raises(OriginTimeout, match="no free connection"):
+                await origin.post("/x", b"{}")
+            holding.cancel()
+
+    asyncio.run(main())
