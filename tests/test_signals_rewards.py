@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from nextturn.events import ChatMessage, FeedbackReceived, ToolOutcome, Verdict
 from signals.composition import DECISIVE, compose
 from signals.hints import from_correction, from_tools, is_directive, teacher_context
+from signals.judge import prompt, tally
 from signals.rewards import follow_up, rating, tool_outcome
 
 
@@ -192,3 +193,43 @@ def test_tool_outcome_is_bounded_and_order_independent(outputs: list[str]) -> No
     assert verdict == tool_outcome([], list(reversed(messages)))
     if verdict is not None:
         assert verdict.score is not None and -1 <= verdict.score <= 1 and 0 <= verdict.confidence <= 1
+
+
+# -- the judge's pure parts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answers, score, hint", [
+    (["VERDICT: GOOD", "VERDICT: GOOD\nHINT: NONE", "VERDICT: BAD\nHINT: Use metres."], 1.0, None),
+    (["VERDICT: BAD\nHINT: Use metres, not feet.", "**VERDICT:** BAD\nHINT: Answer in metres, and say so.",
+      "VERDICT: GOOD"], -1.0, "Answer in metres, and say so."),
+    (["VERDICT: BAD", "VERDICT: GOOD", "no idea"], None, None),  # a tie among the readable votes
+    (["VERDICT: BAD", "garbage", "more garbage"], None, None),  # one of three is no majority
+    (["VERDICT: GOOD\nVERDICT: BAD", "VERDICT: BAD\nHINT: bad", "VERDICT: BAD\nHINT: This was bad."], -1.0, None),
+])
+def test_the_judge_majority_and_its_hint(answers: list[str], score: float | None, hint: str | None) -> None:
+    verdict, best = tally(answers)
+    assert (verdict.score, best) == (score, hint)
+    assert verdict.source == "judge" and len(verdict.votes) == len(answers)
+
+
+@given(st.lists(st.sampled_from(["VERDICT: GOOD", "VERDICT: BAD", "VERDICT: NEUTRAL", "??"]), min_size=1, max_size=7),
+       st.randoms(use_true_random=False))
+def test_the_judge_tally_is_bounded_and_independent_of_vote_order(answers: list[str], shuffler: random.Random) -> None:
+    verdict, _ = tally(answers)
+    shuffled = list(answers)
+    shuffler.shuffle(shuffled)
+    again, _ = tally(shuffled)
+    assert (again.score, again.confidence) == (verdict.score, verdict.confidence)
+    assert 0 <= verdict.confidence <= 1
+    if verdict.score is not None:
+        assert verdict.confidence > 0.5  # a strict majority of all votes
+
+
+def test_the_judge_prompt_shows_the_reply_and_what_came_next() -> None:
+    asked = [ChatMessage(role="user", content="Run the tests.")]
+    reply = ChatMessage(role="assistant", content=None, tool_calls=[
+        {"id": "c1", "type": "function", "function": {"name": "pytest", "arguments": "{}"}}])  # type: ignore[list-item]
+    chat = prompt(asked, reply, [tool("c1", "1 failed")])
+    assert chat[0]["role"] == "system" and "VERDICT" in chat[0]["content"]
+    assert "USER: Run the tests." in chat[1]["content"] and "[calls pytest({})]" in chat[1]["content"]
+    assert chat[1]["content"].endswith("WHAT HAPPENED NEXT:\nTOOL: 1 failed")
