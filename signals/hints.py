@@ -89,8 +89,8 @@ def from_tools(feedback: Sequence[FeedbackReceived], next_state: Sequence[ChatMe
             reported.add(tool.call_id or "")
     for message in next_state:
         if message.role == "tool" and message.tool_call_id not in reported and succeeded(text_of(message)) is False:
-            failures.append(f"the tool call {message.tool_call_id or ''} failed: {gist(text_of(message))}"
-                            .replace("call  failed", "call failed"))
+            name = f"the tool call {message.tool_call_id}" if message.tool_call_id else "a tool call"
+            failures.append(f"{name} failed: {gist(text_of(message))}")
     if not failures:
         return None
     hint = "; ".join(failures[:2]).rstrip(".") + ". Find the cause and fix it before answering."
