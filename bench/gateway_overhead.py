@@ -24,9 +24,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from upstream import MODEL  # noqa: E402
-
 from services import free_port, wait_for_port  # noqa: E402  (the same helpers the tests use)
+from upstream import MODEL  # noqa: E402
 
 
 def serve(command: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

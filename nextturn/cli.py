@@ -6,8 +6,9 @@ Errors that nextturn raises on purpose print one line (``nextturn: error: …``)
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,6 +17,9 @@ from nextturn.bus import Record, open_event_log
 from nextturn.bus.log import check_topics
 from nextturn.errors import EventError, NextturnError
 from nextturn.settings import Settings
+
+if TYPE_CHECKING:
+    from nextturn.store import Store
 
 app = typer.Typer(
     name="nextturn",
@@ -28,10 +32,12 @@ db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
 events_app = typer.Typer(help="The event log.", no_args_is_help=True)
 model_app = typer.Typer(help="Local models (built here, never downloaded).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys kept in the store.", no_args_is_help=True)
+signals_app = typer.Typer(help="The signals worker: rewards and hints from what happened next.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
+app.add_typer(signals_app, name="signals")
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -138,6 +144,92 @@ def keys_create(
         typer.echo(create_key(store, tenant, admin=admin))
     finally:
         store.close()
+
+
+def _open_store(settings: Settings) -> Store:
+    from nextturn.store import Store, upgrade
+
+    store = Store.from_settings(settings)
+    if settings.store_url.startswith("sqlite"):
+        upgrade(settings.store_url)  # the embedded default migrates itself, as the gateway does
+    store.check_schema()
+    return store
+
+
+@signals_app.command("run")
+def signals_run(ctx: typer.Context) -> None:
+    """Consume turns and feedback; write and publish signals until Ctrl-C."""
+    import signal as os_signal
+    import threading
+
+    from signals.worker import from_settings
+
+    settings = _settings(ctx)
+    store = _open_store(settings)
+    event_log = open_event_log(settings)
+    worker = from_settings(settings, event_log, store)
+    stop = threading.Event()
+    for number in (os_signal.SIGINT, os_signal.SIGTERM):
+        os_signal.signal(number, lambda *_: stop.set())
+    typer.echo(f"signals worker running (event log: {settings.bus}); Ctrl-C stops it", err=True)
+    try:
+        worker.run(stop)
+    finally:
+        worker.close()
+        event_log.close()
+        store.close()
+        typer.echo("signals worker stopped: " + ", ".join(f"{k} {v}" for k, v in sorted(worker.counts.items())),
+                   err=True)
+
+
+@signals_app.command("relabel")
+def signals_relabel(
+    ctx: typer.Context,
+    since: Annotated[datetime, typer.Option(help="Re-score turns that started at or after this time (UTC).",
+                                            formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"])],
+) -> None:
+    """Score stored turns again with this extractor version (idempotent: a second run writes nothing)."""
+    from signals.relabel import relabel
+
+    settings = _settings(ctx)
+    store = _open_store(settings)
+    event_log = open_event_log(settings)
+    try:
+        done = relabel(store, event_log, since.replace(tzinfo=since.tzinfo or UTC),
+                       idle_timeout_s=settings.signals_idle_timeout_s)
+    finally:
+        event_log.close()
+        store.close()
+    typer.echo(f"relabelled {done.turns} turn(s): {done.written} new signal revision(s), "
+               f"{done.open} still open (left to the worker)")
+
+
+@signals_app.command("status")
+def signals_status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Resolved turns, rewards by source, hints, abstentions, judge share and agreement, lag."""
+    import json
+
+    from signals.summary import summarize
+
+    store = _open_store(_settings(ctx))
+    try:
+        figures = summarize(store)
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("figure", "value", title=f"signals ({figures['extractor_version']})")
+    for name, value in figures.items():
+        if name != "extractor_version":
+            table.add_row(name.replace("_", " "), json.dumps(value))
+    Console().print(table)
 
 
 @app.command()

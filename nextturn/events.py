@@ -214,6 +214,7 @@ class SignalExtracted(_Event):
     confidence: Unit
     verdicts: list[Verdict] = []
     extractor_version: str
+    evidence: list[str] = []  # event ids this revision was computed from; "idle": the session went quiet
 
     @property
     def partition_key(self) -> str:

@@ -51,6 +51,19 @@ class Settings(BaseSettings):
     # log's 16 MiB per event, and it carries the request's messages plus the response.
     max_request_bytes: int = Field(default=8 * 2**20, ge=1024, le=12 * 2**20)
 
+    # The signals worker: a turn whose session stays quiet this long is resolved with no next state; at most
+    # this many turns wait open (the oldest are resolved early beyond it); a worker's record of a turn is
+    # kept this long after its last change (late feedback still gets a revision after that, from the store).
+    signals_idle_timeout_s: float = Field(default=300.0, gt=0)
+    signals_max_open_cases: int = Field(default=1_000_000, ge=1)
+    signals_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    # The model judge: any OpenAI-compatible endpoint (its /v1 URL) and the model to ask there. Unset: no
+    # judge. Point it at a different, stronger model than the one being trained.
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key: str | None = None
+    judge_votes: int = Field(default=3, ge=1, le=15)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -101,6 +114,8 @@ class Settings(BaseSettings):
                 "NEXTTURN_ENGINE=openai needs NEXTTURN_UPSTREAM_URL (the upstream's /v1 URL) and NEXTTURN_MODEL "
                 "(the model name to ask it for)"
             )
+        if self.judge_url and not self.judge_model:
+            raise ValueError("NEXTTURN_JUDGE_URL needs NEXTTURN_JUDGE_MODEL (the model to ask at that endpoint)")
         _ = self.tenant_keys  # parses NEXTTURN_API_KEYS, so that a malformed value fails at start
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'nextturn.db'}"

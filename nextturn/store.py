@@ -52,12 +52,26 @@ def downgrade(url: str, revision: str = "base") -> None:
         raise StoreUnavailable(f"cannot migrate the store at {_safe(url)}: {exc}") from exc
 
 
-def create_db_engine(url: str, **options: Any) -> Engine:
+def create_db_engine(url: str, *, immediate: bool = False, **options: Any) -> Engine:
+    """An engine for the store. ``immediate``: on SQLite, every transaction takes the write lock when it
+    begins (``BEGIN IMMEDIATE``), so that a read-then-write transaction cannot interleave with another
+    writer's (pysqlite would begin only at the first write, after the reads)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30}, **options)
         event.listen(engine, "connect", _sqlite_pragmas)
+        if immediate:
+            event.listen(engine, "connect", _sqlite_manual_transactions)
+            event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
     return create_engine(url, pool_pre_ping=True, **options)
+
+
+def _sqlite_manual_transactions(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # pysqlite must not begin on its own; the begin hook does
+
+
+def _sqlite_begin_immediate(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -194,7 +208,8 @@ class Store:
             "turn_id": signal.turn_id, "adapter_version": signal.adapter_version, "reward": signal.reward,
             "hint": signal.hint, "confidence": signal.confidence,
             "verdicts": [verdict.model_dump() for verdict in signal.verdicts],
-            "extractor_version": signal.extractor_version, "created_at": signal.occurred_at,
+            "extractor_version": signal.extractor_version, "evidence": signal.evidence,
+            "created_at": signal.occurred_at,
         }))
 
     def _adapter(self, conn: Connection, adapter: events.AdapterPublished) -> int:

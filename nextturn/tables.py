@@ -132,7 +132,28 @@ class Signal(SQLModel, table=True):
     confidence: float
     verdicts: list[dict[str, Any]] = _json()
     extractor_version: str
+    # Event ids of what this revision was computed from (the turn, the next request, feedback, "idle").
+    evidence: list[str] = _json(default_factory=list)
+    # The outbox: the signals worker writes a row before it publishes it, and marks it once published; a
+    # worker that died in between leaves it unpublished, and the next one publishes it.
+    published: bool = Field(default=True, index=True)
     created_at: datetime = _when(index=True)
+
+
+class SignalCase(SQLModel, table=True):
+    """The signals worker's file on one turn: what it knows so far (the turn, its next state, feedback) and
+    which revision it last wrote. Written in the same transaction as that revision, under the lock of the
+    session's partition, so a replayed event finds its effect already there."""
+
+    __tablename__ = "signal_cases"
+
+    turn_id: str = Field(primary_key=True)
+    partition: int  # the event log partition of the session
+    session_id: str  # writers lock the session (Postgres: an advisory lock per bucket of sessions)
+    state: str = Field(index=True)  # waiting (feedback seen, turn not yet) | open | closed
+    opened_at: float = Field(index=True)  # wall clock, seconds: when the worker first saw the turn
+    touched_at: float = Field(index=True)  # the latest change: retention counts from here
+    body: str = _text()  # signals.cases.Case as JSON
 
 
 class Adapter(SQLModel, table=True):

@@ -34,3 +34,29 @@ def sequence_of(event: events.Event) -> int:
     """The ``n`` a factory turn was made with."""
     assert isinstance(event, events.TurnRecorded)
     return event.prompt_token_ids[-1]
+
+
+def follow(parent: events.TurnRecorded, *after: events.ChatMessage, answer: str = "next answer",
+           tool_calls: list[events.ToolCall] | None = None) -> events.TurnRecorded:
+    """The session's next request after ``parent``: its messages, its response, then ``after``."""
+    assert parent.response is not None
+    started = events.utc_now()
+    return parent.model_copy(update={
+        "event_id": events.new_id(),
+        "turn_id": f"chatcmpl-{parent.session_id}-{events.new_id()[:8]}",
+        "parent_turn_id": parent.turn_id,
+        "messages": [*parent.messages, parent.response, *after],
+        "response": events.ChatMessage(role="assistant", content=None if tool_calls else answer,
+                                       tool_calls=tool_calls),
+        "started_at": started,
+        "finished_at": started + timedelta(milliseconds=12.5),
+    })
+
+
+def says(text: str) -> events.ChatMessage:
+    return events.ChatMessage(role="user", content=text)
+
+
+def feedback(turn: events.TurnRecorded, kind: str = "rating", **fields: object) -> events.FeedbackReceived:
+    return events.FeedbackReceived(tenant=turn.tenant, session_id=turn.session_id, turn_id=turn.turn_id,
+                                   kind=kind, **fields)  # type: ignore[arg-type]

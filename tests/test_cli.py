@@ -87,12 +87,12 @@ def test_demo_runs_the_foundation_and_says_what_is_missing(tmp_path: Path) -> No
 
 def test_keys_create_prints_a_key_the_gateway_accepts_for_its_tenant(tmp_path: Path) -> None:
     import httpx
-    from upstream import MODEL, create_upstream
 
     from gateway.app import create_app
     from nextturn.settings import Settings
 
     from services import Uvicorn
+    from upstream import MODEL, create_upstream
 
     created = [nextturn("keys", "create", "--tenant", "acme", *extra, data_dir=tmp_path) for extra in ([], ["--admin"])]
     assert all(result.returncode == 0 for result in created), [result.stderr for result in created]

@@ -12,13 +12,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from upstream import CALLS, MODEL
 
 from gateway.app import create_app
 from nextturn.settings import Settings
 
 from logs import recorded
 from services import Uvicorn
+from upstream import CALLS, MODEL
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import openai
 import pytest
-from upstream import MODEL
 
 from gateway.app import create_app
 from nextturn import events
@@ -16,6 +15,7 @@ from nextturn.settings import Settings
 
 from logs import open_log
 from services import Tansu, Uvicorn
+from upstream import MODEL
 
 
 def turns_in(backend: str, where: str, count: int, timeout_s: float = 60) -> list[events.TurnRecorded]:

@@ -10,7 +10,7 @@ from nextturn import tables
 from nextturn.store import Store, create_db_engine, downgrade, upgrade
 
 TABLES = {"tenants", "api_keys", "sessions", "turns", "feedback", "signals", "adapters", "deployments",
-          "deployment_changes", "dead_letters"}
+          "deployment_changes", "dead_letters", "signal_cases"}
 
 
 def table_names(url: str) -> set[str]:

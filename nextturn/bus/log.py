@@ -108,16 +108,20 @@ class DeadLetter:
         self._log = log
 
     def __call__(self, record: Record, error: EventError) -> None:
-        letter = events.DeadLettered(
-            event_id=f"dead-{record.topic}-{record.partition}-{record.offset}",
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key,
-            payload_b64=base64.b64encode(record.value).decode(),
-            reason=str(error),
-        )
-        self._log.append([letter])
+        self._log.append([dead_letter(record, str(error))])
+
+
+def dead_letter(record: Record, reason: str) -> events.DeadLettered:
+    """The dead letter for a record; its id is the record's position, whoever sets it aside."""
+    return events.DeadLettered(
+        event_id=f"dead-{record.topic}-{record.partition}-{record.offset}",
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        payload_b64=base64.b64encode(record.value).decode(),
+        reason=reason,
+    )
 
 
 class Crash:
