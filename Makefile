@@ -37,6 +37,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/event_log.py
+	$(BIN)/python bench/signals_throughput.py
 
 clean:
 	rm -rf $(VENV) .nextturn .pytest_cache .hypothesis

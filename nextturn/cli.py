@@ -159,6 +159,7 @@ def _open_store(settings: Settings) -> Store:
 @signals_app.command("run")
 def signals_run(ctx: typer.Context) -> None:
     """Consume turns and feedback; write and publish signals until Ctrl-C."""
+    import gc
     import signal as os_signal
     import threading
 
@@ -172,6 +173,10 @@ def signals_run(ctx: typer.Context) -> None:
     for number in (os_signal.SIGINT, os_signal.SIGTERM):
         os_signal.signal(number, lambda *_: stop.set())
     typer.echo(f"signals worker running (event log: {settings.bus}); Ctrl-C stops it", err=True)
+    # Everything alive now lives until exit: keep it out of the collector's way. Collections that scanned
+    # it cost the worker about a fifth of its throughput (bench/signals_throughput.py).
+    gc.collect()
+    gc.freeze()
     try:
         worker.run(stop)
     finally:
@@ -201,7 +206,7 @@ def signals_relabel(
         event_log.close()
         store.close()
     typer.echo(f"relabelled {done.turns} turn(s): {done.written} new signal revision(s), "
-               f"{done.open} still open (left to the worker)")
+               f"{done.open} still open (the signals worker closes them when their session goes quiet)")
 
 
 @signals_app.command("status")

@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from nextturn.events import ChatMessage, FeedbackReceived, SignalExtracted, TurnRecorded, Verdict
 from signals import hints, rewards
@@ -54,13 +54,13 @@ class Case(BaseModel):
     # What happened next.
     next_event_id: str | None = None
     next_state: list[ChatMessage] | None = None
-    feedback: list[FeedbackReceived] = []
+    feedback: list[FeedbackReceived] = Field(default_factory=list)  # a factory: no deep copy per case
     judge: Verdict | None = None
     judge_hint: str | None = None
     # What was written.
     extractor_version: str = EXTRACTOR_VERSION
     revision: int = -1
-    evidence: list[str] = []
+    evidence: list[str] = Field(default_factory=list)
 
 
 def signal_id(turn_id: str, extractor_version: str = EXTRACTOR_VERSION) -> str:

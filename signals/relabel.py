@@ -4,8 +4,9 @@ A new extractor version (better rules, a new judge prompt) gives new signal ids,
 the old ones; the trainer reads the version it is told to. For each stored turn with a response since a
 time, relabel builds the case from the store (the turn, its first next request, its feedback) and writes a
 revision when the case says more than the latest revision of this version's signal. A second run finds
-nothing new: it is idempotent. Turns still open (no next request, not yet idle) are left to the worker.
-The writes go through the worker's casebook and outbox, under the same session locks.
+nothing new: it is idempotent. A turn with no next request that is not yet idle stays open (scored now only
+if it has feedback); the worker closes it when its session goes quiet. The writes go through the worker's
+casebook and outbox, under the same session locks.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _TURNS = tables.Turn.__table__
 class Relabeled:
     turns: int  # stored turns looked at
     written: int  # new signal revisions
-    open: int  # left to the worker: still waiting for what happens next
+    open: int  # still waiting for what happens next: the worker closes them when their session goes quiet
 
 
 def relabel(store: Store, event_log: EventLog, since: datetime, *, idle_timeout_s: float,
@@ -64,9 +65,7 @@ def relabel(store: Store, event_log: EventLog, since: datetime, *, idle_timeout_
                     case = found.get(turn_id) or stored[turn_id].case
                     if case.state == "open" and started[turn_id] < idle_before:
                         c.close_idle(case)
-                    if case.state == "open":
-                        still_open += 1
-                        continue
+                    still_open += case.state == "open"
                     changed.append(case)
                 signals = _revise(changed)
                 casebook.save(conn, changed, time.time())

@@ -37,7 +37,7 @@ from typing import Literal
 from sqlalchemy import Connection
 
 from nextturn import events
-from nextturn.bus import EventLog, Record
+from nextturn.bus import BadRecordPolicy, EventLog, Record
 from nextturn.bus.log import Delivery, dead_letter
 from nextturn.errors import CommitFailed, EventError, EventLogUnavailable, StoreUnavailable
 from nextturn.events import FeedbackReceived, SignalExtracted, TurnRecorded, Verdict
@@ -76,8 +76,11 @@ class SignalsWorker:
         judge: JudgeClient | None = None,
         batch_size: int = 500,
         group: str = GROUP,
+        on_bad_record: BadRecordPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``on_bad_record``: what to do with a record that is not a readable event; by default it goes to the
+        dead-letter table and is counted (``Crash`` stops the worker instead, for a tool that must not skip)."""
         self._log = event_log
         self._store = store
         self._casebook = Casebook(store)
@@ -88,7 +91,7 @@ class SignalsWorker:
         self._batch_size = batch_size
         self._clock = clock
         self.counts: Counter[str] = Counter()
-        self._consumer = event_log.consumer(group, TOPICS, on_bad_record=self._set_aside)
+        self._consumer = event_log.consumer(group, TOPICS, on_bad_record=on_bad_record or self._set_aside)
         self._outbox_dirty = True  # a previous worker may have died between writing and publishing
         self._next_sweep = 0.0
 

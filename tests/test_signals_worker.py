@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import select
 
 from nextturn import events, tables
-from nextturn.bus import EventLog
+from nextturn.bus import Crash, EventLog
+from nextturn.errors import UndecodableRecord
 from nextturn.events import SignalExtracted
 from nextturn.settings import Settings
 from nextturn.store import Store, upgrade
@@ -283,6 +284,14 @@ def test_records_that_are_not_events_go_to_the_dead_letter_table(sqlite_log: Eve
         reasons = sorted(row.reason for row in db.exec(select(tables.DeadLetter)).scalars())
     assert "not a JSON object" in reasons[0] and "schema_version 9" in reasons[1]
     assert latest(store)[good.turn_id].reward == 0.5  # and it went on
+
+
+def test_the_bad_record_policy_can_be_to_stop(sqlite_log: EventLog, store_url: str) -> None:
+    sqlite_log.append_raw(events.TURNS, "s1", b"not json at all")
+    worker = SignalsWorker(sqlite_log, Store(store_url), on_bad_record=Crash())
+    with pytest.raises(UndecodableRecord, match="not a readable event"):
+        worker.run_once(0.3)
+    worker.close()
 
 
 def test_workers_in_one_group_share_the_sessions(sqlite_log: EventLog, store_url: str) -> None:

@@ -1,0 +1,77 @@
+"""`nextturn signals run | relabel | status`, run as a user runs them: separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_cli import nextturn
+
+from nextturn.bus.sqlite import SqliteEventLog
+from nextturn.store import Store, upgrade
+
+from factories import feedback, follow, says, turn
+
+
+def test_signals_run_resolves_turns_until_interrupted(tmp_path: Path) -> None:
+    first = turn("s1", 1, content="What is 2 + 2?")
+    second = follow(first, says("Thanks, that's exactly right!"))
+    log = SqliteEventLog(tmp_path / "events.db")
+    log.append([first, second, feedback(second, value=-1.0)])
+    log.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTTURN_")}
+    worker = subprocess.Popen([sys.executable, "-m", "nextturn", "signals", "run"],
+                              env={**env, "NEXTTURN_DATA_DIR": str(tmp_path)}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        status: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            result = nextturn("signals", "status", "--json", data_dir=tmp_path)
+            assert result.returncode == 0, result.stderr
+            status = json.loads(result.stdout)
+            if status["resolved_turns"] == 2:
+                break
+            time.sleep(0.3)
+    finally:
+        worker.send_signal(signal.SIGINT)
+        _, stderr = worker.communicate(timeout=30)
+    assert worker.returncode == 0, stderr
+    assert "resolved 2" in stderr and "published 2" in stderr
+    assert status["resolved_turns"] == 2
+    assert status["rewards_by_source"] == {"explicit": 1, "rules": 1}
+    assert status["open_cases"] == 1  # the second turn waits for its session to go on or go quiet
+    assert status["unpublished"] == 0
+
+
+def test_relabel_scores_stored_turns_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'nextturn.db'}"
+    upgrade(url)
+    store = Store(url)
+    first = turn("s1", 1, content="Convert 10 km to miles.")
+    second = follow(first, says("No, I meant nautical miles."))
+    store.apply([first, second, feedback(second, value=1.0)])  # stored by the recorder; no worker ran
+    store.close()
+
+    once = nextturn("signals", "relabel", "--since", "2020-01-01", data_dir=tmp_path)
+    assert once.returncode == 0, once.stderr
+    assert "relabelled 2 turn(s): 2 new signal revision(s), 1 still open" in once.stdout
+    twice = nextturn("signals", "relabel", "--since", "2020-01-01", data_dir=tmp_path)
+    assert "2 turn(s): 0 new signal revision(s)" in twice.stdout
+    status = json.loads(nextturn("signals", "status", "--json", data_dir=tmp_path).stdout)
+    assert status["rewards_by_source"] == {"explicit": 1, "rules": 1}
+    assert status["hints"] == 1  # "I meant nautical miles."
+    events_published = SqliteEventLog(tmp_path / "events.db")
+    reader = events_published.consumer(None, ["signals"], start="beginning")
+    assert len(reader.poll(timeout_s=1.0)) == 2
+    reader.close()
+    events_published.close()
+
+
+def test_relabel_refuses_a_date_it_cannot_read(tmp_path: Path) -> None:
+    result = nextturn("signals", "relabel", "--since", "last tuesday", data_dir=tmp_path)
+    assert result.returncode == 2 and "--since" in result.stderr
