@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from adapters import reference_logprobs
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
@@ -186,6 +186,7 @@ calls = st.lists(st.tuples(names, st.dictionaries(names, st.integers() | texts, 
 
 @settings(max_examples=60, deadline=None)
 @given(content=texts, tool_calls=calls)
+@example(content="\ufffd", tool_calls=[])  # a reply that ends in U+FFFD: held back while streaming, then released
 def test_the_decoder_parses_back_what_the_template_renders(tiny_model: Path, content: str,
                                                           tool_calls: list[tuple[str, dict[str, Any]]]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

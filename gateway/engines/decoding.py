@@ -59,17 +59,19 @@ class TextDecoder:
         return self._split(final=False)
 
     def finish(self) -> list[Delta]:
-        """The end of generation: release everything held back."""
+        """The end of generation: release everything held back, including a trailing replacement character
+        (no token will complete it now: it is what the bytes decode to, or what the model produced)."""
+        self._text += self._detokenize(final=True)
         return self._split(final=True)
 
     def message(self) -> events.ChatMessage:
         return events.ChatMessage(role="assistant", content="".join(self._content) or None,
                                   tool_calls=self._calls or None)
 
-    def _detokenize(self) -> str:
+    def _detokenize(self, *, final: bool = False) -> str:
         before = self._tokenizer.decode(self._ids[self._prefix:self._read], skip_special_tokens=False)
         after = self._tokenizer.decode(self._ids[self._prefix:], skip_special_tokens=False)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""  # an incomplete character: wait for the token that completes it
         self._prefix, self._read = self._read, len(self._ids)
         return after[len(before):]
