@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
@@ -45,3 +47,17 @@ def test_the_migrations_match_the_tables(database_url: str) -> None:
     finally:
         engine.dispose()
     assert differences == []
+
+
+def test_processes_that_start_together_migrate_one_at_a_time(database_url: str) -> None:
+    """The gateway, the workers and a status command each migrate the store when they start; when they
+    start at once, one migrates and the others find the schema at head (before the lock, one of them
+    failed with "table already exists")."""
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=upgrade, args=(database_url,)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    assert [process.exitcode for process in processes] == [0, 0, 0, 0]
+    assert table_names(database_url) == TABLES
