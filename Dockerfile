@@ -7,5 +7,7 @@ COPY gateway gateway
 COPY signals signals
 COPY trainer trainer
 COPY migrations migrations
-RUN pip install --no-cache-dir .
+# EXTRAS="[ml]" for the trainer (torch, transformers, peft, trl); GPU hosts pass their own torch build.
+ARG EXTRAS=""
+RUN pip install --no-cache-dir ".${EXTRAS}"
 ENTRYPOINT ["nextturn"]

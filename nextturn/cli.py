@@ -38,6 +38,8 @@ app.add_typer(events_app, name="events")
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
 app.add_typer(signals_app, name="signals")
+trainer_app = typer.Typer(help="The trainer: LoRA adapters from signals, published as versions.", no_args_is_help=True)
+app.add_typer(trainer_app, name="trainer")
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -115,7 +117,7 @@ def serve(ctx: typer.Context) -> None:
 @model_app.command("init")
 def model_init(
     directory: Annotated[Path, typer.Argument(help="A new or empty directory.")],
-    size: Annotated[str, typer.Option(help="tiny (tests) or small (demo, benchmarks).")] = "tiny",
+    size: Annotated[str, typer.Option(help="tiny (tests), small (demo, benchmarks), 100m (trainer bench).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 0,
 ) -> None:
     """Build a small Llama-architecture model and its tokenizer, in Hugging Face format."""
@@ -234,6 +236,72 @@ def signals_status(
     for name, value in figures.items():
         if name != "extractor_version":
             table.add_row(name.replace("_", " "), json.dumps(value))
+    Console().print(table)
+
+
+ScopeOption = Annotated[str, typer.Option("--scope", help="The adapter lineage: the deployment, or one tenant.")]
+
+
+@trainer_app.command("run")
+def trainer_run(ctx: typer.Context, scope: ScopeOption = events.DEFAULT_SCOPE) -> None:
+    """Train the scope's adapter from its signals; publish each update as a version, until Ctrl-C."""
+    import signal as os_signal
+    import threading
+
+    from trainer.worker import TrainerWorker
+
+    settings = _settings(ctx)
+    store = _open_store(settings)
+    event_log = open_event_log(settings)
+    worker = TrainerWorker.from_settings(settings, event_log, store, scope)
+    stop = threading.Event()
+    for number in (os_signal.SIGINT, os_signal.SIGTERM):
+        os_signal.signal(number, lambda *_: stop.set())
+    typer.echo(f"trainer of scope {scope!r} running on {worker.policy.device} (method {settings.train_method}, "
+               f"head version {worker.ledger.head}); Ctrl-C stops it", err=True)
+    try:
+        worker.run(stop)
+    finally:
+        worker.close()
+        event_log.close()
+        store.close()
+        typer.echo("trainer stopped: " + ", ".join(f"{k} {v}" for k, v in sorted(worker.ledger.counts.items())),
+                   err=True)
+
+
+@trainer_app.command("status")
+def trainer_status(
+    ctx: typer.Context,
+    scope: ScopeOption = events.DEFAULT_SCOPE,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """The scope's head version, waiting signals, counts, and each version's collapse guards."""
+    import json
+
+    from trainer.adapters import AdapterShelf
+    from trainer.checkpoint import Checkpoints
+
+    settings = _settings(ctx)
+    state = Checkpoints(settings.trainer_path / scope).state() or {}
+    shelf = AdapterShelf(settings.adapters_path, scope)
+    versions = {}
+    for version in shelf.versions():
+        meta = shelf.meta(version)
+        guards = {k: v for k, v in meta.get("guards", {}).items() if k != "base"}
+        versions[events.adapter_name(scope, version)] = {"step": meta.get("step"), "guards": guards,
+                                                          "base": meta.get("guards", {}).get("base")}
+    figures = {"scope": scope, "head": state.get("head", 0), "step": state.get("step", 0),
+               "waiting": len(state.get("waiting", {})), "counts": state.get("counts", {}), "versions": versions}
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("figure", "value", title=f"trainer of scope {scope!r}")
+    for name, value in figures.items():
+        if name != "scope":
+            table.add_row(name, json.dumps(value))
     Console().print(table)
 
 

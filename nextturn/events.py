@@ -37,6 +37,31 @@ Reward = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
 Logprob = Annotated[float, Field(allow_inf_nan=False)]
 
 
+def adapter_name(scope: str, version: int) -> str:
+    """The name a published version is served under (a model id). It names the version, so a new version is
+    loaded under a new name and never in place of a running one.
+
+    >>> adapter_name("default", 7)
+    'default-v7'
+    """
+    return f"{scope}-v{version}"
+
+
+def served_version(name: str) -> tuple[str | None, int] | None:
+    """The (scope, version) an ``adapter_version`` names: ``(None, 0)`` for the base model, None for a name
+    that :func:`adapter_name` did not make (an adapter an operator loaded by hand).
+
+    >>> served_version("default-v7"), served_version("base"), served_version("my-lora")
+    (('default', 7), (None, 0), None)
+    """
+    if name == BASE_VERSION:
+        return None, 0
+    scope, sep, number = name.rpartition("-v")
+    if not sep or not scope or not number.isdigit():
+        return None
+    return scope, int(number)
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 

@@ -74,6 +74,8 @@ SIZES = {
     "tiny": Size(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, context=1024),
     # The demo and benchmarks: a few million parameters, still fast on two CPU cores.
     "small": Size(vocab=2048, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=688, context=2048),
+    # Benchmarks of the trainer at a realistic width: about 100 M parameters.
+    "100m": Size(vocab=2048, hidden=768, layers=14, heads=12, kv_heads=4, intermediate=2304, context=2048),
 }
 
 _WORDS = (

@@ -64,6 +64,26 @@ class Settings(BaseSettings):
     judge_api_key: str | None = None
     judge_votes: int = Field(default=3, ge=1, le=15)
 
+    # The trainer (DESIGN, Trainer). rl: rewards only; opd: hints only; combined: both; none: no training.
+    train_method: Literal["combined", "rl", "opd", "none"] = "combined"
+    # How a hint teaches: "sampled" reweights the tokens the model sampled (the per-token advantage of the
+    # DESIGN formula); "distribution" distils the hinted teacher's whole next-token distribution.
+    trainer_opd_form: Literal["distribution", "sampled"] = "distribution"
+    trainer_teacher: Literal["base", "policy"] = "base"  # the hinted teacher: the frozen base, or the policy
+    trainer_batch_size: int = Field(default=16, ge=1)  # samples (with a reward or a hint) per update
+    trainer_steps_per_batch: int = Field(default=4, ge=1)  # optimizer steps on each batch
+    trainer_learning_rate: float = Field(default=3e-3, gt=0, le=1.0)
+    trainer_lora_rank: int = Field(default=8, ge=1, le=256)
+    trainer_kl_to_base: float = Field(default=0.0, ge=0)  # weight of the KL-to-base anchor; 0: none
+    # Samples from a version more than this many versions behind the newest one are refused (counted).
+    trainer_max_version_lag: int = Field(default=4, ge=0)
+    # A tenant's latest accepted hints teach its later samples that carry no hint of their own; 0: off.
+    trainer_standing_hints: int = Field(default=3, ge=0)
+    # One turn in this many (by a hash of its id) is held out of training for the collapse guards; 0: none.
+    trainer_holdout_every: int = Field(default=16, ge=0)
+    trainer_keep_versions: int = Field(default=10, ge=1)  # versions kept on disk, besides those deployed
+    trainer_device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA (bf16) when available
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -146,6 +166,16 @@ class Settings(BaseSettings):
     def event_log_path(self) -> Path:
         """The SQLite event log file (bus=sqlite)."""
         return self.data_dir / "events.db"
+
+    @property
+    def adapters_path(self) -> Path:
+        """Published adapter versions: ``<data dir>/adapters/<scope>/<version>``."""
+        return self.data_dir / "adapters"
+
+    @property
+    def trainer_path(self) -> Path:
+        """The trainer's checkpoints: ``<data dir>/trainer/<scope>``."""
+        return self.data_dir / "trainer"
 
     @property
     def store_url(self) -> str:

@@ -3,15 +3,14 @@
 A hint comes from an explicit correction (feedback, or the user's next message when it corrects), from
 failed tool calls (what failed and why), or from the model judge (see :mod:`signals.judge`). It is
 kept only when :func:`is_directive` says it tells the model what to do; "this is wrong" is a reward,
-not a hint. :func:`teacher_context` is the one place that turns a hint into the teacher's prompt, for
-the trainer.
+not a hint. The hint becomes the teacher's prompt in :func:`nextturn.conversation.teacher_context` (the
+spine, so that the trainer reaches it without importing this package).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
 
 from nextturn.events import ChatMessage, FeedbackReceived
 from signals.tool_results import gist, outcome_succeeded, succeeded, text_of
@@ -19,7 +18,6 @@ from signals.tool_results import gist, outcome_succeeded, succeeded, text_of
 MIN_CHARS = 12
 MAX_CHARS = 600
 MAX_SENTENCES = 3
-HINT_PREFIX = "\n\n[Hint about what a good answer does: "
 
 # What makes a sentence tell someone what to do: a modal or contrast anywhere ("you should…", "…instead"),
 # or an imperative verb opening the sentence ("Use…", "Answer…"; as nouns those words say nothing).
@@ -96,26 +94,3 @@ def from_tools(feedback: Sequence[FeedbackReceived], next_state: Sequence[ChatMe
     hint = "; ".join(failures[:2]).rstrip(".") + ". Find the cause and fix it before answering."
     hint = hint[0].upper() + hint[1:]
     return hint if is_directive(hint) else None
-
-
-def teacher_context(messages: Sequence[ChatMessage], hint: str) -> list[ChatMessage]:
-    """The teacher's prompt: the original messages with the hint appended to the last user message
-    (a new user message at the end if there is none). The originals are not modified.
-
-    >>> context = teacher_context([ChatMessage(role="user", content="Name a flower.")], "Answer with one word.")
-    >>> context[-1].content
-    'Name a flower.\\n\\n[Hint about what a good answer does: Answer with one word.]'
-    """
-    context = list(messages)
-    note = f"{HINT_PREFIX}{hint.strip()}]"
-    for index in range(len(context) - 1, -1, -1):
-        message = context[index]
-        if message.role != "user":
-            continue
-        if isinstance(message.content, list):
-            content: str | list[dict[str, Any]] = [*message.content, {"type": "text", "text": note}]
-        else:
-            content = (message.content or "") + note
-        context[index] = message.model_copy(update={"content": content})  # messages are frozen: a new one
-        return context
-    return [*context, ChatMessage(role="user", content=note.strip())]

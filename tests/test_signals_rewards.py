@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nextturn.conversation import teacher_context
 from nextturn.events import ChatMessage, FeedbackReceived, ToolOutcome, Verdict
 from signals.composition import DECISIVE, compose
-from signals.hints import from_correction, from_tools, is_directive, teacher_context
+from signals.hints import from_correction, from_tools, is_directive
 from signals.judge import prompt, tally
 from signals.rewards import follow_up, rating, tool_outcome
 

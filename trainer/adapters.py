@@ -33,17 +33,13 @@ from sqlmodel import col, select
 
 from nextturn import tables
 from nextturn.bus import EventLog
-from nextturn.errors import NextturnError
 from nextturn.events import DEFAULT_SCOPE, AdapterPublished, utc_now
 from nextturn.store import Store
+from trainer.errors import AdapterError
 
 META = "meta.json"
 _TMP = ".tmp-"
 _ANNOUNCED = ".announced"  # the highest version whose AdapterPublished is on the event log
-
-
-class AdapterError(NextturnError):
-    pass
 
 
 class AdapterShelf:

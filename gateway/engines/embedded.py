@@ -43,6 +43,7 @@ from gateway.engines.decoding import TextDecoder
 from gateway.errors import EngineUnavailable, InvalidRequest, NotFound
 from gateway.schemas import ChatCompletionRequest
 from nextturn import events
+from nextturn.conversation import prompt_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -268,15 +269,11 @@ class EmbeddedEngine:
         return sequence, inbox
 
     def _render(self, request: ChatCompletionRequest) -> list[int]:
-        messages = [message.model_dump(mode="json", exclude_none=True) for message in request.messages]
         try:
-            text = self._tokenizer.apply_chat_template(
-                messages, tools=request.tool_definitions(), add_generation_prompt=True, tokenize=False)
+            return prompt_token_ids(self._tokenizer, request.messages, request.tool_definitions())
         except Exception as exc:  # jinja2 errors: the template cannot render these messages
             raise InvalidRequest(f"the model's chat template cannot render these messages: {exc}",
                                  param="messages") from exc
-        ids: list[int] = self._tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids
 
     async def _command(self, command: _Command) -> None:
         if self.failure is not None:

@@ -1,0 +1,291 @@
+"""The trainer worker: signals in, numbered versions out, each signal used once, through crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.engines.embedded import EmbeddedEngine
+from gateway.schemas import ChatCompletionRequest
+from nextturn import events, tables
+from nextturn.bus import EventLog
+from nextturn.errors import ConfigError
+from nextturn.settings import Settings
+from nextturn.store import Store
+from trainer.errors import TrainerBusy
+from trainer.policy import Policy, pick_device
+from trainer.worker import TrainerConfig, TrainerWorker
+
+from logs import open_log
+from trained import STAGES, published, record, run_until_crash, served, signal, trainer
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model: Path) -> Policy:
+    """The tiny base model, to compute the behaviour logprobs of served turns."""
+    return Policy.load(tiny_model, rank=4, device="cpu")
+
+
+@pytest.fixture
+def sqlite_log(tmp_path: Path) -> EventLog:
+    return open_log("sqlite", str(tmp_path / "events.db"))
+
+
+def _adapters_announced(log: EventLog) -> list[events.AdapterPublished]:
+    reader = log.consumer(None, [events.ADAPTERS], start="beginning")
+    found = [d.event for d in reader.poll(100, 0.5) if isinstance(d.event, events.AdapterPublished)]
+    reader.close()
+    return found
+
+
+def test_a_batch_of_signals_becomes_a_version_that_the_embedded_engine_serves_differently(
+        base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path) -> None:
+    turns = [served(base, n) for n in range(4)]
+    signals = [signal(turns[0], reward=1.0), signal(turns[1], reward=-1.0),
+               signal(turns[2], reward=None, hint="Answer with one word."),
+               signal(turns[3], reward=1.0, hint="Always end with a full stop.")]
+    record(store, sqlite_log, *turns, *signals)
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path)
+    worker.drain(0.3)
+    worker.close()
+
+    versions = published(tmp_path)
+    assert list(versions) == [1]
+    meta = versions[1]
+    assert meta["step"] == 1 and meta["parent_version"] is None and meta["scope"] == "default"
+    assert sorted(meta["data"]["signals"]) == sorted(s.event_id for s in signals)
+    assert (meta["data"]["rewards"], meta["data"]["hints"], meta["data"]["served_by"]) == (3, 2, {"base": 4})
+    assert meta["metrics"]["optimizer_steps"] == 2
+    for guard in ("entropy", "distinct_1", "distinct_2", "length", "kl_to_base"):
+        assert isinstance(meta["guards"][guard], float)
+    assert meta["guards"]["kl_to_base"] > 0 and set(meta["guards"]["base"]) >= {"entropy", "distinct_2", "length"}
+    [announced] = _adapters_announced(sqlite_log)
+    assert (announced.version, announced.scope, announced.path) == (1, "default", str(tmp_path.resolve() / "adapters"
+                                                                                         / "default" / "000001"))
+    assert worker.ledger.counts["samples_trained"] == 4 and worker.ledger.head == 1
+
+    async def answers() -> tuple[list[float] | None, list[float] | None]:
+        engine = EmbeddedEngine(tiny_model, device="cpu")
+        await engine.start()
+        try:
+            await engine.add_adapter(events.adapter_name("default", 1), announced.path)
+            ask = {"messages": [{"role": "user", "content": "Name a flower."}], "temperature": 0, "max_tokens": 6}
+            before = await engine.complete(ChatCompletionRequest(model="tiny", **ask), events.BASE_VERSION)
+            after = await engine.complete(ChatCompletionRequest(model="tiny", **ask), "default-v1")
+            return before.response_logprobs, after.response_logprobs
+        finally:
+            await engine.close()
+
+    before, after = asyncio.run(answers())
+    assert before is not None and after is not None
+    assert max(abs(a - b) for a, b in zip(before, after, strict=False)) > 1e-3
+
+
+def test_stale_samples_are_refused_and_counted(base: Policy, tiny_model: Path, store: Store,
+                                               sqlite_log: EventLog, tmp_path: Path) -> None:
+    first = [served(base, n) for n in range(4)]
+    record(store, sqlite_log, *first, *(signal(t) for t in first))
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, max_version_lag=0)
+    worker.drain(0.3)
+    assert worker.ledger.head == 1
+    # Now the head is version 1: turns the base served are one version behind, the limit is 0.
+    old = [served(base, n) for n in range(4, 8)]
+    new = [served(base, n, adapter_version="default-v1") for n in range(8, 12)]
+    record(store, sqlite_log, *old, *new, *(signal(t) for t in old + new))
+    worker.drain(0.3)
+    worker.close()
+    assert worker.ledger.counts["refused_stale"] == 4
+    versions = published(tmp_path)
+    assert list(versions) == [1, 2] and versions[2]["data"]["served_by"] == {"default-v1": 4}
+    assert versions[2]["parent_version"] == 1
+
+
+def test_what_cannot_teach_is_turned_away_and_counted(base: Policy, tiny_model: Path, store: Store,
+                                                      sqlite_log: EventLog, tmp_path: Path) -> None:
+    failed = served(base, 0, status="failed")
+    blind = served(base, 1, logprobs=False)
+    by_hand = served(base, 2, adapter_version="my-lora")
+    elsewhere = served(base, 3, adapter_version="acme-v2")
+    silent = served(base, 4)
+    good = [served(base, n) for n in range(5, 8)]
+    record(store, sqlite_log, failed, blind, by_hand, elsewhere, silent, *good,
+           *(signal(t) for t in (failed, blind, by_hand, elsewhere, *good)), signal(silent, reward=None))
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, standing_hints=0)
+    worker.drain(0.3)
+    worker.close()
+    counts = worker.ledger.counts
+    assert [counts[f"refused_{why}"] for why in ("failed", "no_logprobs", "unknown_adapter", "foreign_adapter",
+                                                 "no_signal")] == [1, 1, 1, 1, 1]
+    assert published(tmp_path) == {} and len(worker.ledger.waiting) == 3  # three good ones wait for a fourth
+
+
+def test_a_signal_is_trained_once_and_again_only_when_a_later_revision_changes_it(
+        base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path) -> None:
+    turns = [served(base, n) for n in range(8)]
+    first = [signal(t) for t in turns[:4]]
+    record(store, sqlite_log, *turns[:4], *first)
+    sqlite_log.append(first)  # the outbox published them twice
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path)
+    worker.drain(0.3)
+    assert list(published(tmp_path)) == [1]
+    same = signal(turns[0], revision=1)  # a new revision that says the same: nothing new to learn
+    changed = signal(turns[1], reward=-1.0, revision=1)  # late feedback turned the label around
+    record(store, sqlite_log, same, changed, *turns[4:7], *(signal(t) for t in turns[4:7]))
+    worker.drain(0.3)
+    worker.close()
+    versions = published(tmp_path)
+    assert list(versions) == [1, 2]
+    assert changed.event_id in versions[2]["data"]["signals"] and same.event_id not in versions[2]["data"]["signals"]
+    counts = worker.ledger.counts
+    assert (counts["duplicates"], counts["unchanged_revisions"], counts["revised"]) == (4, 1, 1)
+
+
+def test_standing_hints_teach_a_tenants_later_samples(base: Policy, tiny_model: Path, store: Store,
+                                                      sqlite_log: EventLog, tmp_path: Path) -> None:
+    hinted = served(base, 0)
+    thanked = [served(base, n) for n in range(1, 4)]
+    other = served(base, 4, tenant="globex")
+    record(store, sqlite_log, hinted, signal(hinted, reward=None, hint="Answer with one word."))
+    record(store, sqlite_log, *thanked, other, *(signal(t) for t in [*thanked, other]))
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, batch_size=5)
+    worker.drain(0.3)
+    worker.close()
+    data = published(tmp_path)[1]["data"]
+    assert (data["hints"], data["standing_hints"]) == (1, 3)  # acme's thanked answers; not globex's
+    assert worker.ledger.standing == {"acme": ["Answer with one word."]}
+
+
+def test_without_standing_hints_a_reward_less_sample_teaches_nothing(
+        base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path) -> None:
+    hinted, later = served(base, 0), served(base, 1)
+    record(store, sqlite_log, hinted, later, signal(hinted, reward=None, hint="Answer with one word."),
+           signal(later, reward=None))
+    for keep, refused in ((0, 1), (3, 0)):
+        worker = trainer(sqlite_log, store, tiny_model, tmp_path / str(keep), standing_hints=keep, method="opd")
+        worker.drain(0.3)
+        worker.close()
+        assert worker.ledger.counts.get("refused_no_signal", 0) == refused
+
+
+def test_held_out_turns_are_kept_for_the_collapse_guards(base: Policy, tiny_model: Path, store: Store,
+                                                        sqlite_log: EventLog, tmp_path: Path) -> None:
+    turns = [served(base, n) for n in range(24)]
+    record(store, sqlite_log, *turns, *(signal(t, reward=1.0 if n % 2 else -1.0) for n, t in enumerate(turns)))
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, holdout_every=3)
+    worker.drain(0.3)
+    worker.close()
+    held = worker.ledger.counts["held_out"]
+    assert 0 < held < 24 and len(worker.ledger.replay) == held
+    versions = published(tmp_path)
+    assert len(versions) == (24 - held) // 4
+    last = versions[max(versions)]["guards"]
+    assert last["held_out"] is True and last["prompts"] == held and isinstance(last["reward"], float)
+    trained = {s for meta in versions.values() for s in meta["data"]["signals"]}
+    assert not trained & {f"{turn_id}:extractor-v1.0" for turn_id in worker.ledger.replay}
+
+
+def test_old_versions_are_pruned_unless_a_deployment_serves_them(base: Policy, tiny_model: Path, store: Store,
+                                                                 sqlite_log: EventLog, tmp_path: Path) -> None:
+    store.apply([events.DeploymentChanged(stable_version=1, reason="test", actor="test")])
+    assert store.get(tables.Deployment, "default") is not None
+    turns = [served(base, n) for n in range(12)]
+    record(store, sqlite_log, *turns, *(signal(t) for t in turns))
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, keep_versions=1, max_version_lag=10)
+    worker.drain(0.3)
+    worker.close()
+    assert sorted(published(tmp_path)) == [1, 3]  # 1 is deployed, 3 is the newest; 2 is gone
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_trainer_killed_mid_update_resumes_without_losing_or_reusing_signals(
+        base: Policy, tiny_model: Path, tmp_path: Path, stage: str) -> None:
+    from nextturn.store import upgrade
+
+    database_url = f"sqlite:///{tmp_path / 'nextturn.db'}"
+    upgrade(database_url)
+    store = Store(database_url)
+    where = str(tmp_path / "events.db")
+    log = open_log("sqlite", where)
+    turns = [served(base, n) for n in range(12)]
+    signals = [signal(t) for t in turns]
+    record(store, log, *turns, *signals)
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=run_until_crash, args=("sqlite", where, database_url, str(tiny_model), str(tmp_path), stage))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 70, "the trainer should have died at the injected point"
+    assert len(published(tmp_path)) == (1 if stage in ("after-publish", "before-commit") else 0)
+
+    worker = trainer(log, store, tiny_model, tmp_path)
+    deadline = time.monotonic() + 60
+    while len(published(tmp_path)) < 3 and time.monotonic() < deadline:
+        worker.run_once(0.5)  # waits out the dead member's session first
+    worker.drain(0.5)
+    worker.close()
+    announced = [a.version for a in _adapters_announced(log)]
+    log.close()
+    store.close()
+
+    versions = published(tmp_path)
+    assert sorted(versions) == [1, 2, 3]
+    used = [s for meta in versions.values() for s in meta["data"]["signals"]]
+    assert sorted(used) == sorted(s.event_id for s in signals)  # each exactly once
+    assert [versions[v]["parent_version"] for v in (1, 2, 3)] == [None, 1, 2]
+    assert sorted(set(announced)) == [1, 2, 3]  # announced at least once each (ids make repeats harmless)
+
+
+def test_one_trainer_per_scope(base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog,
+                               tmp_path: Path) -> None:
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path)
+    with pytest.raises(TrainerBusy, match="one trainer per scope"):
+        trainer(sqlite_log, store, tiny_model, tmp_path)
+    worker.close()
+    trainer(sqlite_log, store, tiny_model, tmp_path).close()  # the lock went with the first one
+
+
+def test_settings_reach_the_trainer(base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog,
+                                    tmp_path: Path) -> None:
+    """Each trainer setting, flipped from its default, changes what a version is made of."""
+    settings = Settings(data_dir=tmp_path, model=str(tiny_model), train_method="rl", trainer_opd_form="sampled",
+                        trainer_teacher="policy", trainer_batch_size=2, trainer_steps_per_batch=3,
+                        trainer_learning_rate=1e-4, trainer_lora_rank=2, trainer_kl_to_base=0.5,
+                        trainer_max_version_lag=1, trainer_standing_hints=1, trainer_holdout_every=0,
+                        trainer_keep_versions=2, trainer_device="cpu")
+    config = TrainerConfig.from_settings(settings)
+    assert (config.method, config.opd_form, config.teacher, config.batch_size, config.steps_per_batch,
+            config.learning_rate, config.lora_rank, config.kl_to_base, config.max_version_lag, config.standing_hints,
+            config.holdout_every, config.keep_versions, config.device) == (
+        "rl", "sampled", "policy", 2, 3, 1e-4, 2, 0.5, 1, 1, 0, 2, "cpu")
+    turns = [served(base, n) for n in range(2)]
+    record(store, sqlite_log, *turns, signal(turns[0]), signal(turns[1], reward=None, hint="Answer in one word."))
+    worker = TrainerWorker.from_settings(settings, sqlite_log, store)
+    worker.drain(0.3)
+    turns = [served(base, n) for n in range(2, 4)]
+    record(store, sqlite_log, *turns, *(signal(t) for t in turns))
+    worker.drain(0.3)
+    worker.close()
+    import json
+
+    version = tmp_path / "adapters" / "default" / "000001"
+    meta = json.loads((version / "meta.json").read_text())
+    assert json.loads((version / "adapter_config.json").read_text())["r"] == 2
+    assert meta["metrics"]["optimizer_steps"] == 3 and "kl_to_base" in meta["metrics"]
+    assert "advantage_abs" in meta["metrics"]  # the sampled-token objective
+    assert worker.ledger.counts["refused_no_signal"] == 1  # rl: a hint alone teaches nothing
+    assert worker._optimizer.param_groups[0]["lr"] == 1e-4
+
+
+def test_a_trainer_without_a_method_or_a_gpu_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nothing to train"):
+        TrainerConfig.from_settings(Settings(data_dir=tmp_path, train_method="none"))
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            pick_device("cuda")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

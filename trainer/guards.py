@@ -1,0 +1,122 @@
+"""Collapse guards: how a new version behaves on a replay set of recent prompts, beside the base model.
+
+Self-improvement loops fail in known ways: the policy stops exploring (entropy falls), says the same thing
+to everything (distinct-n falls), rambles or goes mute (length), drifts from the base (KL), or learns to
+please the evaluator rather than the user. For each new version the trainer samples answers to the replay
+prompts, from the version and from the base model with the same seed, and stores in ``meta.json``:
+
+- ``entropy``: mean next-token entropy (nats) over the version's own sampled answers;
+- ``distinct_1``, ``distinct_2``: distinct token n-grams over all answers / all n-grams;
+- ``length``: mean answer length in tokens;
+- ``kl_to_base``: mean KL(version ‖ base) over the positions of the version's answers;
+- ``reward``: where replay turns have outcomes, the version's expected reward estimated from the recorded
+  answers by self-normalised importance sampling (weights π_version / π_behav per answer); None without.
+
+The replay prompts are held out of training (one turn in ``trainer_holdout_every``), so the reward
+estimate is on data the version never trained on. The rollout controller compares them with ``base``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from trainer.packing import pack, response_logits, response_values
+from trainer.policy import Policy
+
+
+@dataclass(frozen=True)
+class Outcome:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    behaviour_logprobs: list[float]
+    reward: float
+
+
+@dataclass(frozen=True)
+class Replay:
+    prompts: list[list[int]]
+    outcomes: list[Outcome]
+    held_out: bool  # False: too few held-out turns yet, so these are recent trained prompts
+
+
+def measure(policy: Policy, replay: Replay, *, max_new_tokens: int = 32, seed: int = 0) -> dict[str, Any]:
+    """The guards for the policy as it is now, with the base model's under ``base``."""
+    if not replay.prompts:
+        return {"prompts": 0}
+    policy.model.eval()
+    answers = _sample(policy, replay.prompts, max_new_tokens, seed)
+    with policy.base():
+        base_answers = _sample(policy, replay.prompts, max_new_tokens, seed)
+    guards: dict[str, Any] = {"prompts": len(replay.prompts), "held_out": replay.held_out,
+                              **_behaviour(policy, replay.prompts, answers, kl=True)}
+    guards["reward"] = _reward(policy, replay.outcomes)
+    with policy.base():
+        guards["base"] = {**_behaviour(policy, replay.prompts, base_answers, kl=False),
+                          "reward": _reward(policy, replay.outcomes)}
+    return guards
+
+
+def distinct(answers: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct n-grams over all answers / all n-grams (1.0 with none).
+
+    >>> distinct([[1, 2, 1, 2], [1, 2]], 2)
+    0.5
+    """
+    grams = [tuple(answer[i: i + n]) for answer in answers for i in range(len(answer) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def _sample(policy: Policy, prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:
+    """Sampled answers (temperature 1), each cut after its end-of-turn token."""
+    eos = policy.tokenizer.eos_token_id
+    packed = pack(prompts, [[]] * len(prompts), policy.tokenizer.pad_token_id, policy.device)
+    devices = [policy.device] if policy.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        output = policy.model.generate(
+            input_ids=packed.input_ids, attention_mask=packed.attention_mask, do_sample=True, temperature=1.0,
+            top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos,
+            pad_token_id=policy.tokenizer.pad_token_id)
+    answers = []
+    for row in output[:, packed.width:].tolist():
+        answers.append(row[: row.index(eos) + 1] if eos in row else row)
+    return answers
+
+
+def _behaviour(policy: Policy, prompts: list[list[int]], answers: list[list[int]], *, kl: bool) -> dict[str, float]:
+    answered = [(p, a) for p, a in zip(prompts, answers, strict=True) if a]
+    result = {"distinct_1": distinct(answers, 1), "distinct_2": distinct(answers, 2),
+              "length": sum(map(len, answers)) / len(answers), "entropy": 0.0}
+    if not answered:
+        return {**result, **({"kl_to_base": 0.0} if kl else {})}
+    packed = pack([p for p, _ in answered], [a for _, a in answered], policy.tokenizer.pad_token_id, policy.device)
+    with torch.no_grad():
+        logits = response_logits(policy.model, packed)  # [N, R, V]
+        tokens = packed.mask.sum()
+        result["entropy"] = float((entropy_from_logits(logits) * packed.mask).sum() / tokens)
+        if kl:
+            with policy.base():
+                base = response_logits(policy.model, packed).log_softmax(-1)
+            mine = logits.log_softmax(-1)
+            result["kl_to_base"] = float(((mine.exp() * (mine - base)).sum(-1) * packed.mask).sum() / tokens)
+    return result
+
+
+def _reward(policy: Policy, outcomes: list[Outcome]) -> float | None:
+    """Self-normalised importance-sampling estimate of the expected reward of the policy as it is now."""
+    if not outcomes:
+        return None
+    packed = pack([o.prompt_ids for o in outcomes], [o.response_ids for o in outcomes],
+                  policy.tokenizer.pad_token_id, policy.device)
+    behaviour = response_values([o.behaviour_logprobs for o in outcomes], packed.mask)
+    with torch.no_grad():
+        logprobs = selective_log_softmax(response_logits(policy.model, packed), packed.response_ids)
+    log_weights = ((logprobs - behaviour) * packed.mask).sum(-1)  # [N]: log π_now(answer) − log π_behav(answer)
+    weights = torch.softmax(log_weights, dim=0)
+    rewards = torch.tensor([o.reward for o in outcomes], device=weights.device)
+    return float((weights * rewards).sum())

@@ -1,0 +1,90 @@
+"""Samples: a signal joined with its turn's token data, and the rules for admitting one into training.
+
+A sample is the response the serving policy sampled (its token ids and the logprob of each, as
+recorded), the prompt it answered (token ids, as served), the signal's reward and hint, and the teacher's
+prompt: the conversation with a hint appended (:func:`nextturn.conversation.teacher_context`), rendered
+with the model's chat template. A sample without a hint of its own may be taught with its tenant's
+*standing hints*, the latest hints its tenant gave (a user's preferences persist).
+
+Admission (:func:`refusal`): a turn that failed, or that has no recorded logprobs, cannot be trained on;
+a turn served by a version more than ``max_lag`` versions behind the trainer's newest version is stale
+(its importance weights would be mostly cap). Both are counted by the trainer, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from nextturn import tables
+from nextturn.conversation import prompt_token_ids, teacher_context
+from nextturn.events import ChatMessage, served_version
+
+
+@dataclass(frozen=True)
+class Sample:
+    signal_event_id: str
+    signal_id: str
+    revision: int
+    turn_id: str
+    tenant: str
+    adapter_version: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    behaviour_logprobs: list[float]  # log π_behav of each response token, recorded when it was served
+    reward: float | None  # None: no evaluative signal
+    hint: str | None  # the signal's own hint
+    teacher_hint: str | None  # what the teacher was told: the own hint, else the standing hints, else None
+    teacher_prompt_ids: list[int] | None  # the prompt with teacher_hint; None without one
+
+
+def refusal(turn: tables.Turn, *, scope: str, head: int, max_lag: int) -> str | None:
+    """Why a turn cannot be trained on now, or None.
+
+    >>> from datetime import UTC, datetime
+    >>> now = datetime.now(UTC)
+    >>> turn = tables.Turn(id="t", event_id="e", tenant="a", scope="default", session_id="s", model="m",
+    ...     adapter_version="default-v3", messages=[], params={}, prompt_token_ids=[1], response_token_ids=[2],
+    ...     response_logprobs=[-0.5], status="ok", latency_ms=1.0, started_at=now, finished_at=now)
+    >>> refusal(turn, scope="default", head=5, max_lag=2), refusal(turn, scope="default", head=6, max_lag=2)
+    (None, 'stale')
+    """
+    if turn.status != "ok" or not turn.response_token_ids:
+        return "failed"
+    if not turn.response_logprobs or len(turn.response_logprobs) != len(turn.response_token_ids):
+        return "no_logprobs"
+    served = served_version(turn.adapter_version)
+    if served is None:
+        return "unknown_adapter"  # loaded by hand under a name the trainer did not give: no lineage to place
+    served_scope, version = served
+    if served_scope not in (None, scope):
+        return "foreign_adapter"
+    if head - version > max_lag:
+        return "stale"
+    return None
+
+
+def held_out(turn_id: str, every: int) -> bool:
+    """One turn in ``every``, by a hash of its id, is kept out of training for the collapse guards.
+
+    >>> sum(held_out(f"turn-{n}", 16) for n in range(1600)) in range(70, 131), held_out("turn-1", 0)
+    (True, False)
+    """
+    return every > 0 and zlib.crc32(turn_id.encode()) % every == 0
+
+
+def build(signal: tables.Signal, turn: tables.Turn, tokenizer: Any, standing: list[str]) -> Sample:
+    """The sample for a signal and its turn; ``standing``: the tenant's standing hints (newest last)."""
+    teacher_hint = signal.hint or (" ".join(standing) if standing else None)
+    teacher_prompt = None
+    if teacher_hint is not None:
+        messages = [ChatMessage.model_validate(message) for message in turn.messages]
+        teacher_prompt = prompt_token_ids(tokenizer, teacher_context(messages, teacher_hint), turn.tools)
+    assert turn.response_logprobs is not None  # refusal() turned away turns without them
+    return Sample(
+        signal_event_id=signal.id, signal_id=signal.signal_id, revision=signal.revision, turn_id=turn.id,
+        tenant=turn.tenant, adapter_version=turn.adapter_version, prompt_ids=list(turn.prompt_token_ids),
+        response_ids=list(turn.response_token_ids), behaviour_logprobs=list(turn.response_logprobs),
+        reward=signal.reward, hint=signal.hint, teacher_hint=teacher_hint, teacher_prompt_ids=teacher_prompt,
+    )

@@ -1,0 +1,357 @@
+"""The trainer worker (``nextturn trainer run``): trains a scope's adapter from its signals and publishes
+each update as a new version.
+
+It consumes ``signals`` in the consumer group ``trainer-<scope>``. Order of operations, each round:
+
+1. poll a batch of signals; keep this scope's, and offer each to the ledger (:mod:`trainer.ledger`), which
+   turns away revisions it has already seen (replays after a crash, an outbox publishing twice);
+2. resolve the waiting signals against the store: the signal row and its turn's token data (a turn the
+   recorder has not stored yet keeps waiting). Refused samples (stale, failed, no logprobs) and held-out
+   turns (the collapse guards' replay set) are done, and counted;
+3. when ``batch_size`` samples are ready: one update with the configured algorithm. If it took optimizer
+   steps: measure the collapse guards, write a checkpoint (adapter, optimizer, ledger, with the step marked
+   "publish pending"), publish the adapter as the next version (``meta.json`` names the step), then clear
+   the mark. An update without signal (every advantage zero) takes no step and publishes nothing;
+4. save the ledger, then commit the offsets.
+
+A crash before the checkpoint of 3 (a kill mid-step) loses only work: the trainer resumes from the last
+checkpoint, and the log redelivers what was polled after the last commit; the ledger knows which of those
+were trained or are waiting, so every signal is used once. A crash between the checkpoint and the publish
+is finished at start: the pending step is published from the checkpoint, unless a version with that step
+exists already (the crash came after the rename). One trainer per scope: a lock file makes a second fail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import col, select
+
+from nextturn import events, tables
+from nextturn.bus import BadRecordPolicy, EventLog
+from nextturn.errors import CommitFailed, ConfigError, EventLogUnavailable, StoreUnavailable
+from nextturn.events import SignalExtracted
+from nextturn.settings import Settings
+from nextturn.store import Store
+from trainer import combined, distillation, guards
+from trainer.adapters import AdapterShelf, referenced_versions
+from trainer.checkpoint import ADAPTER, OPTIMIZER, Checkpoints
+from trainer.ledger import REPLAY_LIMIT, Ledger, event_id_of
+from trainer.packing import Update
+from trainer.policy import Policy
+from trainer.samples import Sample, build, held_out, refusal
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = {"rl": (1.0, 0.0), "opd": (0.0, 1.0), "combined": (1.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    method: str = "combined"  # rl | opd | combined
+    opd_form: str = "distribution"  # distribution | sampled
+    teacher: str = "base"
+    batch_size: int = 16
+    steps_per_batch: int = 4
+    learning_rate: float = 3e-3
+    lora_rank: int = 8
+    kl_to_base: float = 0.0
+    max_version_lag: int = 4
+    standing_hints: int = 3
+    holdout_every: int = 16
+    keep_versions: int = 10
+    device: str = "auto"
+    guard_tokens: int = 32  # tokens sampled per replay prompt for the collapse guards
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TrainerConfig:
+        if settings.train_method == "none":
+            raise ConfigError("NEXTTURN_TRAIN_METHOD=none: there is nothing to train; do not start the trainer")
+        return cls(
+            method=settings.train_method, opd_form=settings.trainer_opd_form, teacher=settings.trainer_teacher,
+            batch_size=settings.trainer_batch_size, steps_per_batch=settings.trainer_steps_per_batch,
+            learning_rate=settings.trainer_learning_rate, lora_rank=settings.trainer_lora_rank,
+            kl_to_base=settings.trainer_kl_to_base, max_version_lag=settings.trainer_max_version_lag,
+            standing_hints=settings.trainer_standing_hints, holdout_every=settings.trainer_holdout_every,
+            keep_versions=settings.trainer_keep_versions, device=settings.trainer_device,
+        )
+
+    def algorithm(self) -> Callable[[Policy, torch.optim.Optimizer, Sequence[Sample]], Update]:
+        w_rl, w_opd = WEIGHTS[self.method]
+        shared = {"w_rl": w_rl, "w_opd": w_opd, "kl_to_base": self.kl_to_base, "steps": self.steps_per_batch,
+                  "teacher": self.teacher}
+        if self.opd_form == "sampled":
+            objective = combined.Objective(**shared)  # type: ignore[arg-type]
+            return lambda policy, optimizer, batch: combined.update(policy, optimizer, batch, objective)
+        distilled = distillation.Objective(**shared)  # type: ignore[arg-type]
+        return lambda policy, optimizer, batch: distillation.update(policy, optimizer, batch, distilled)
+
+
+class TrainerWorker:
+    def __init__(self, event_log: EventLog, store: Store, *, model_dir: Path, adapters_root: Path,
+                 trainer_root: Path, scope: str = events.DEFAULT_SCOPE, config: TrainerConfig = TrainerConfig(),
+                 on_bad_record: BadRecordPolicy | None = None) -> None:
+        self.scope = scope
+        self.config = config
+        self._log = event_log
+        self._store = store
+        self._model_dir = model_dir
+        self.shelf = AdapterShelf(adapters_root, scope)
+        self._checkpoints = Checkpoints(trainer_root / scope)
+        self._checkpoints.lock()
+        self._train = config.algorithm()
+        self._ready: dict[str, Sample] = {}  # signal id -> sample built from the store, waiting for a batch
+        self.ledger, self.policy, self._optimizer = self._resume()
+        self._saved = json.dumps(self.ledger.to_json(), sort_keys=True) if self._checkpoints.current() else ""
+        self._consumer = event_log.consumer(f"trainer-{scope}", [events.SIGNALS], on_bad_record=on_bad_record)
+        self._finish_publish()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, event_log: EventLog, store: Store,
+                      scope: str = events.DEFAULT_SCOPE) -> TrainerWorker:
+        return cls(event_log, store, model_dir=settings.model_path, adapters_root=settings.adapters_path,
+                   trainer_root=settings.trainer_path, scope=scope, config=TrainerConfig.from_settings(settings))
+
+    def close(self) -> None:
+        self._consumer.close()
+        self._checkpoints.release()
+
+    # -- start ----------------------------------------------------------------------------------------
+
+    def _resume(self) -> tuple[Ledger, Policy, torch.optim.Optimizer]:
+        """The last checkpoint; else the newest published version (a lost checkpoint); else a new adapter."""
+        saved = self._checkpoints.state()
+        if saved is not None:
+            path = self._checkpoints.current()
+            assert path is not None
+            policy = self._load_policy(path / ADAPTER)
+            optimizer = self._new_optimizer(policy)
+            optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location=policy.device))
+            return Ledger.from_json(saved), policy, optimizer
+        latest = self.shelf.latest()
+        policy = self._load_policy(self.shelf.path(latest) if latest is not None else None)
+        return Ledger(head=latest or 0), policy, self._new_optimizer(policy)
+
+    def _load_policy(self, adapter: Path | None) -> Policy:
+        return Policy.load(self._model_dir, rank=self.config.lora_rank, adapter=adapter, device=self.config.device)
+
+    def _new_optimizer(self, policy: Policy) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(policy.parameters(), lr=self.config.learning_rate, weight_decay=0.0)
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.run_once(timeout_s=0.5)
+
+    def run_once(self, timeout_s: float = 1.0) -> int:
+        """One round (see the module docstring); return how many signals were read."""
+        if self.ledger.publish_pending is not None and not self._finish_publish():
+            return 0  # the log is down: nothing new may be committed before the pending version is out
+        deliveries = self._consumer.poll(500, timeout_s)
+        for item in deliveries:
+            if isinstance(item.event, SignalExtracted):
+                self._offer(item.event)
+        try:
+            self._resolve()
+        except StoreUnavailable as exc:
+            log.warning("cannot read samples from the store (%s); trying again next round", exc)
+            self.ledger.count("store_retries")
+        while len(self._ready) >= self.config.batch_size:
+            self._update([self._ready[key] for key in list(self._ready)[: self.config.batch_size]])
+        self._save_ledger()
+        try:
+            self._consumer.commit()
+        except CommitFailed:
+            pass  # the group moved on: the records come again, and the ledger knows them
+        return len(deliveries)
+
+    def drain(self, idle_s: float = 0.5) -> int:
+        """Rounds until a poll waits ``idle_s`` for nothing (tests, benchmarks)."""
+        total = 0
+        while read := self.run_once(idle_s):
+            total += read
+        return total
+
+    def _offer(self, signal: SignalExtracted) -> None:
+        if signal.scope != self.scope:
+            return  # another scope's trainer takes it
+        self.ledger.count("received")
+        if self.ledger.offer(signal):
+            self._ready.pop(signal.signal_id, None)  # a newer revision replaces a ready older one
+
+    # -- samples --------------------------------------------------------------------------------------
+
+    def _resolve(self) -> None:
+        """Build the samples of waiting signals whose turn is in the store; turn away what cannot train."""
+        pending = {event_id_of(entry): key for key, entry in self.ledger.waiting.items() if key not in self._ready}
+        if not pending:
+            return
+        signals, turns = self._rows(list(pending))
+        found = [(signals[e], turns[signals[e].turn_id], key) for e, key in pending.items()
+                 if e in signals and signals[e].turn_id in turns]  # the others wait for the recorder
+        # In the order the turns were served: a tenant's hint becomes standing for the turns after it.
+        for signal, turn, key in sorted(found, key=lambda item: (_aware(item[1].started_at), item[1].id)):
+            if held_out(turn.id, self.config.holdout_every):
+                self.ledger.hold_out(key, signal.revision, turn.id)
+                self.ledger.count("held_out")
+                continue
+            why = refusal(turn, scope=self.scope, head=self.ledger.head, max_lag=self.config.max_version_lag)
+            w_rl, w_opd = WEIGHTS[self.config.method]
+            teaches = (signal.reward is not None and w_rl) or ((signal.hint or self._standing(turn.tenant)) and w_opd)
+            if why is None and not teaches:
+                why = "no_signal"  # nothing this method learns from (rl: no reward; opd: no hint)
+            if why is not None:
+                self.ledger.finish(key, signal.revision, signal.reward, signal.hint)
+                self.ledger.count(f"refused_{why}")
+                continue
+            if signal.hint:
+                self.ledger.remember_hint(turn.tenant, signal.hint, self.config.standing_hints)
+            standing = [] if signal.hint else self._standing(turn.tenant)
+            self._ready[key] = build(signal, turn, self.policy.tokenizer, standing)
+
+    def _standing(self, tenant: str) -> list[str]:
+        return self.ledger.standing.get(tenant, []) if self.config.standing_hints else []
+
+    def _rows(self, event_ids: list[str]) -> tuple[dict[str, tables.Signal], dict[str, tables.Turn]]:
+        try:
+            with self._store.session() as db:
+                signals = {row.id: row for row in db.exec(select(tables.Signal)
+                                                          .where(col(tables.Signal.id).in_(event_ids)))}
+                turn_ids = list({row.turn_id for row in signals.values()})
+                turns = {row.id: row for row in db.exec(select(tables.Turn).where(col(tables.Turn.id).in_(turn_ids)))}
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"cannot read signals and turns from the store: {exc}") from exc
+        return signals, turns
+
+    # -- an update ------------------------------------------------------------------------------------
+
+    def _update(self, batch: list[Sample]) -> None:
+        # A sample whose version fell too far behind while it waited is stale now.
+        fresh = []
+        for sample in batch:
+            served = events.served_version(sample.adapter_version)
+            if served is not None and self.ledger.head - served[1] > self.config.max_version_lag:
+                self._ready.pop(sample.signal_id)
+                self.ledger.finish(sample.signal_id, sample.revision, sample.reward, sample.hint)
+                self.ledger.count("refused_stale")
+            else:
+                fresh.append(sample)
+        if len(fresh) < len(batch):
+            return  # the batch shrank: wait for more samples
+        result = self._train(self.policy, self._optimizer, batch)
+        for sample in batch:
+            self._ready.pop(sample.signal_id)
+            self.ledger.finish(sample.signal_id, sample.revision, sample.reward, sample.hint)
+        self.ledger.count("samples_trained" if result.steps else "samples_without_signal", len(batch))
+        if not result.steps:
+            self.ledger.count("updates_skipped")
+            log.info("batch of %d took no step: %s", len(batch), result.skipped)
+            return
+        self.ledger.step += 1
+        self.ledger.count("updates")
+        self.ledger.publish_pending = self.ledger.step
+        meta = self._describe(batch, result)
+        self._checkpoints.save(self._write_weights, {**self.ledger.to_json(), "meta": meta})
+        self._saved = ""
+        self._finish_publish()
+
+    def _write_weights(self, directory: Path) -> None:
+        self.policy.save(directory / ADAPTER)
+        torch.save(self._optimizer.state_dict(), directory / OPTIMIZER)
+
+    def _describe(self, batch: list[Sample], result: Update) -> dict[str, Any]:
+        served: dict[str, int] = {}
+        for sample in batch:
+            served[sample.adapter_version] = served.get(sample.adapter_version, 0) + 1
+        return {
+            "step": self.ledger.step,
+            "config": asdict(self.config),
+            "data": {"signals": [s.signal_event_id for s in batch], "served_by": served,
+                     "rewards": sum(s.reward is not None for s in batch),
+                     "hints": sum(s.hint is not None for s in batch),
+                     "standing_hints": sum(s.hint is None and s.teacher_hint is not None for s in batch)},
+            "metrics": {"optimizer_steps": result.steps, "tokens": result.tokens, "losses": result.losses,
+                        **result.stats},
+            "guards": guards.measure(self.policy, self._replay(batch), max_new_tokens=self.config.guard_tokens),
+        }
+
+    def _replay(self, batch: list[Sample]) -> guards.Replay:
+        """The held-out turns, with their latest signals' rewards as outcomes; the batch's prompts until
+        enough turns are held out."""
+        if len(self.ledger.replay) < 4:
+            return guards.Replay([s.prompt_ids for s in batch[:REPLAY_LIMIT]], [], held_out=False)
+        with self._store.session() as db:
+            turns = list(db.exec(select(tables.Turn).where(col(tables.Turn.id).in_(self.ledger.replay))))
+            rows = db.exec(select(tables.Signal).where(col(tables.Signal.turn_id).in_(self.ledger.replay)))
+            reward: dict[str, tuple[int, float | None]] = {}
+            for row in rows:
+                if row.turn_id not in reward or row.revision > reward[row.turn_id][0]:
+                    reward[row.turn_id] = (row.revision, row.reward)
+        outcomes = [guards.Outcome(t.prompt_token_ids, t.response_token_ids, t.response_logprobs or [],
+                                   reward[t.id][1] or 0.0)
+                    for t in turns if t.response_logprobs and t.id in reward and reward[t.id][1] is not None]
+        return guards.Replay([t.prompt_token_ids for t in turns], outcomes, held_out=True)
+
+    # -- publishing -----------------------------------------------------------------------------------
+
+    def _finish_publish(self) -> bool:
+        """Publish the checkpointed step as the next version (once); False when the log is unavailable."""
+        step = self.ledger.publish_pending
+        if step is None:
+            return True
+        checkpoint = self._checkpoints.current()
+        assert checkpoint is not None
+        saved = self._checkpoints.state() or {}
+        existing = [v for v in self.shelf.versions() if self.shelf.meta(v).get("step") == step]
+        try:
+            if existing:
+                version = existing[0]  # the crash came after the rename: announce it, do not train it again
+                self._log.append([self.shelf.event(version)])
+            else:
+                version = self.shelf.publish(
+                    lambda target: _copy_adapter(checkpoint / ADAPTER, target),
+                    base_model=self.policy.base_model, parent_version=self.ledger.head or None,
+                    meta=saved.get("meta", {"step": step}), event_log=self._log).version
+        except EventLogUnavailable as exc:
+            log.warning("published step %d, but cannot announce it (%s); trying again", step, exc)
+            return False
+        self.ledger.head = version
+        self.ledger.publish_pending = None
+        self._save_ledger()
+        self.ledger.count("versions_published")
+        self.shelf.prune(self.config.keep_versions, referenced_versions(self._store, self.scope))
+        log.info("published %s", events.adapter_name(self.scope, version))
+        return True
+
+    def _save_ledger(self) -> None:
+        """Write the ledger when it changed (the offsets are committed only after this)."""
+        now = json.dumps(self.ledger.to_json(), sort_keys=True)
+        if now == self._saved:
+            return
+        if self._checkpoints.current() is None:
+            self._checkpoints.save(self._write_weights, self.ledger.to_json())
+        else:
+            saved = self._checkpoints.state() or {}
+            self._checkpoints.save_state({**self.ledger.to_json(), "meta": saved.get("meta")})
+        self._saved = now
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without their zone; they were written in UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _copy_adapter(source: Path, target: Path) -> None:
+    for entry in source.iterdir():
+        shutil.copy2(entry, target / entry.name)
