@@ -38,6 +38,7 @@ demo: install
 bench: install
 	$(BIN)/python bench/event_log.py
 	$(BIN)/python bench/signals_throughput.py
+	$(BIN)/python bench/trainer_step.py
 
 clean:
 	rm -rf $(VENV) .nextturn .pytest_cache .hypothesis

@@ -289,3 +289,4 @@ def test_a_trainer_without_a_method_or_a_gpu_says_so(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="no CUDA device"):
             pick_device("cuda")
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
