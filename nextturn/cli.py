@@ -217,7 +217,6 @@ def signals_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Resolved turns, rewards by source, hints, abstentions, judge share and agreement, lag."""
-    import json
 
     from signals.summary import summarize
 
@@ -226,17 +225,7 @@ def signals_status(
         figures = summarize(store)
     finally:
         store.close()
-    if as_json:
-        typer.echo(json.dumps(figures, indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("figure", "value", title=f"signals ({figures['extractor_version']})")
-    for name, value in figures.items():
-        if name != "extractor_version":
-            table.add_row(name.replace("_", " "), json.dumps(value))
-    Console().print(table)
+    _show(figures, as_json, title=f"signals ({figures['extractor_version']})", leave_out="extractor_version")
 
 
 ScopeOption = Annotated[str, typer.Option("--scope", help="The adapter lineage: the deployment, or one tenant.")]
@@ -276,7 +265,6 @@ def trainer_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """The scope's head version, waiting signals, counts, and each version's collapse guards."""
-    import json
 
     from trainer.adapters import AdapterShelf
     from trainer.checkpoint import Checkpoints
@@ -292,16 +280,23 @@ def trainer_status(
                                                           "base": meta.get("guards", {}).get("base")}
     figures = {"scope": scope, "head": state.get("head", 0), "step": state.get("step", 0),
                "waiting": len(state.get("waiting", {})), "counts": state.get("counts", {}), "versions": versions}
+    _show(figures, as_json, title=f"trainer of scope {scope!r}", leave_out="scope")
+
+
+def _show(figures: dict[str, object], as_json: bool, *, title: str, leave_out: str) -> None:
+    """A status command's figures: JSON, or a table of name and value (``leave_out`` is in the title)."""
+    import json
+
     if as_json:
         typer.echo(json.dumps(figures, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("figure", "value", title=f"trainer of scope {scope!r}")
+    table = Table("figure", "value", title=title)
     for name, value in figures.items():
-        if name != "scope":
-            table.add_row(name, json.dumps(value))
+        if name != leave_out:
+            table.add_row(name.replace("_", " "), json.dumps(value))
     Console().print(table)
 
 
