@@ -6,6 +6,7 @@ Errors that nextturn raises on purpose print one line (``nextturn: error: …``)
 from __future__ import annotations
 
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -148,6 +149,16 @@ def keys_create(
         store.close()
 
 
+def _stop_on_interrupt() -> threading.Event:
+    """An event that Ctrl-C (SIGINT) or SIGTERM sets: a worker's loop ends at its next round."""
+    import signal as os_signal
+
+    stop = threading.Event()
+    for number in (os_signal.SIGINT, os_signal.SIGTERM):
+        os_signal.signal(number, lambda *_: stop.set())
+    return stop
+
+
 def _open_store(settings: Settings) -> Store:
     from nextturn.store import Store, upgrade
 
@@ -162,8 +173,6 @@ def _open_store(settings: Settings) -> Store:
 def signals_run(ctx: typer.Context) -> None:
     """Consume turns and feedback; write and publish signals until Ctrl-C."""
     import gc
-    import signal as os_signal
-    import threading
 
     from signals.worker import from_settings
 
@@ -171,9 +180,7 @@ def signals_run(ctx: typer.Context) -> None:
     store = _open_store(settings)
     event_log = open_event_log(settings)
     worker = from_settings(settings, event_log, store)
-    stop = threading.Event()
-    for number in (os_signal.SIGINT, os_signal.SIGTERM):
-        os_signal.signal(number, lambda *_: stop.set())
+    stop = _stop_on_interrupt()
     typer.echo(f"signals worker running (event log: {settings.bus}); Ctrl-C stops it", err=True)
     # Everything alive now lives until exit: keep it out of the collector's way. Collections that scanned
     # it cost the worker about a fifth of its throughput (bench/signals_throughput.py).
@@ -234,18 +241,13 @@ ScopeOption = Annotated[str, typer.Option("--scope", help="The adapter lineage: 
 @trainer_app.command("run")
 def trainer_run(ctx: typer.Context, scope: ScopeOption = events.DEFAULT_SCOPE) -> None:
     """Train the scope's adapter from its signals; publish each update as a version, until Ctrl-C."""
-    import signal as os_signal
-    import threading
-
     from trainer.worker import TrainerWorker
 
     settings = _settings(ctx)
     store = _open_store(settings)
     event_log = open_event_log(settings)
     worker = TrainerWorker.from_settings(settings, event_log, store, scope)
-    stop = threading.Event()
-    for number in (os_signal.SIGINT, os_signal.SIGTERM):
-        os_signal.signal(number, lambda *_: stop.set())
+    stop = _stop_on_interrupt()
     typer.echo(f"trainer of scope {scope!r} running on {worker.policy.device} (method {settings.train_method}, "
                f"head version {worker.ledger.head}); Ctrl-C stops it", err=True)
     try:
