@@ -9,11 +9,12 @@ No ``from __future__ import annotations`` here: FastAPI reads the routes' annota
 their dependencies are local to create_app.
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
@@ -21,16 +22,18 @@ from pydantic import BaseModel, Field
 
 from gateway.auth import Keyring
 from gateway.completions import ChatCompletionsRoute
+from gateway.deployments import DeploymentWatcher
 from gateway.engines import Engine
-from gateway.errors import install_error_handlers
+from gateway.errors import Conflict, install_error_handlers
 from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
 from gateway.limits import LimitBodySize
 from gateway.metrics import CONTENT_TYPE, CountRequests, Metrics
 from gateway.publisher import Publisher
 from gateway.sessions import SessionLinker
 from gateway.turns import TurnService
+from nextturn import deployments, events
 from nextturn.bus import open_event_log
-from nextturn.errors import ConfigError
+from nextturn.errors import ConfigError, DeploymentError
 from nextturn.keys import any_keys, find_key
 from nextturn.recorder import RecorderProcess
 from nextturn.settings import Settings
@@ -64,11 +67,14 @@ def build_engine(settings: Settings) -> Engine:
 class AdapterRequest(BaseModel):
     version: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
     path: str = Field(min_length=1)  # a PEFT adapter directory on the gateway's machine
-    serve: bool = False  # also send the served model's requests to it
 
 
-class ServeRequest(BaseModel):
-    version: str = Field(min_length=1)
+class RolloutAction(BaseModel):
+    actor: str = Field(min_length=1, max_length=200)  # who acts: recorded with the change
+    reason: str = Field(min_length=1, max_length=2000)  # why: recorded with the change
+    # promote: the version to make stable (default: the canary); rollback without a canary: the version to
+    # go back to (default: the one before)
+    version: int | None = Field(default=None, ge=1)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -89,13 +95,19 @@ def create_app(settings: Settings) -> FastAPI:
         recorder = RecorderProcess(settings)
         recorder.start()
         await engine.start()
-        app.state.turns = TurnService(engine, SessionLinker(lookup=store.find_link), publisher, metrics)
+        service = TurnService(engine, SessionLinker(lookup=store.find_link), publisher, metrics)
+        watcher = DeploymentWatcher(service.router, engine, store, event_log, metrics,
+                                    interval_s=settings.rollout_check_interval_s, drain_s=settings.rollout_drain_s)
+        await watcher.start()  # the deployed versions are loaded before the first request
+        app.state.turns = service
+        app.state.watcher = watcher
         metrics.watch(lambda: publisher.queued, lambda: len(publisher.spool))
         app.state.store = store
-        app.state.background = [publisher, recorder, engine]
+        app.state.background = [publisher, recorder, engine, watcher]
         try:
             yield
         finally:
+            await watcher.close()
             await engine.close()
             recorder.stop()
             publisher.stop()
@@ -141,15 +153,31 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v1/admin/adapters", dependencies=[Depends(admin)], status_code=201)
     async def add_adapter(body: AdapterRequest, service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:
+        """Load an adapter on this replica by hand; clients pin it by name (deployed versions come by rollout)."""
         await engine.add_adapter(body.version, body.path)
-        if body.serve:
-            service.router.serve(body.version)
         return {"version": body.version, "serving": service.router.stable}
 
-    @app.put("/v1/admin/serving", dependencies=[Depends(admin)])
-    async def serve(body: ServeRequest, service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:
-        service.router.serve(body.version)
-        return {"serving": service.router.stable}
+    @app.get("/v1/admin/rollout", dependencies=[Depends(admin)])
+    async def rollout_status(request: Request, db: Annotated[Store, Depends(store)],
+                             scope: str = events.DEFAULT_SCOPE) -> dict[str, Any]:
+        found = await asyncio.to_thread(deployments.status, db, scope)
+        watcher: DeploymentWatcher = request.app.state.watcher
+        return {**found, "replica": watcher.status()}
+
+    @app.post("/v1/admin/rollout/{action}", dependencies=[Depends(admin)])
+    async def rollout_act(action: Literal["promote", "rollback", "pause", "resume"], body: RolloutAction,
+                          request: Request, db: Annotated[Store, Depends(store)],
+                          service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:
+        scope = service.router.deployment.scope
+        try:
+            change = await asyncio.to_thread(deployments.operate, db, scope, action, body.actor, body.reason,
+                                             service.publisher.publish, body.version)
+        except DeploymentError as exc:
+            raise Conflict(str(exc), code="rollout_conflict") from exc
+        watcher: DeploymentWatcher = request.app.state.watcher
+        await watcher.refresh()  # this replica routes by it before answering
+        return {"action": change.action, "version": change.subject_version,
+                **await asyncio.to_thread(deployments.status, db, scope), "replica": watcher.status()}
 
     @app.delete("/v1/admin/adapters/{version:path}", dependencies=[Depends(admin)])
     async def remove_adapter(version: str, service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:

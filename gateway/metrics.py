@@ -5,6 +5,12 @@
     nextturn_turn_seconds{adapter, stream}                 histogram: request received to turn recorded
     nextturn_tokens_total{adapter, kind}                   kind prompt | completion
     nextturn_turns_in_flight                               turns being generated now
+    nextturn_turn_flaws_total{adapter, flaw}               turns with a visible flaw (nextturn.flaws)
+    nextturn_version_weight{adapter, role}                 share of new sessions routed to a version
+                                                           (role stable | canary | draining)
+    nextturn_version_resolved_turns{adapter}               turns with a reward since the deployment changed
+    nextturn_version_reward{adapter}                       their mean reward (read from the store)
+    nextturn_adapter_load_failures_total{adapter}          deployed versions the engine could not load
     nextturn_publish_queue_depth, nextturn_spool_depth     events waiting for the event log
 
 Each app has its own registry, so that two apps in one process (tests) do not share counters. The
@@ -34,6 +40,16 @@ class Metrics:
                                       ["adapter", "stream"], buckets=TURN_BUCKETS, registry=self.registry)
         self.tokens = Counter("nextturn_tokens", "Tokens", ["adapter", "kind"], registry=self.registry)
         self.in_flight = Gauge("nextturn_turns_in_flight", "Turns being generated", registry=self.registry)
+        self.flaws = Counter("nextturn_turn_flaws", "Turns with a visible flaw", ["adapter", "flaw"],
+                             registry=self.registry)
+        self.weight = Gauge("nextturn_version_weight", "Share of new sessions routed to a version",
+                            ["adapter", "role"], registry=self.registry)
+        self.resolved = Gauge("nextturn_version_resolved_turns", "Turns with a reward since the deployment changed",
+                              ["adapter"], registry=self.registry)
+        self.reward = Gauge("nextturn_version_reward", "Mean reward of the resolved turns since the deployment "
+                            "changed", ["adapter"], registry=self.registry)
+        self.load_failures = Counter("nextturn_adapter_load_failures", "Deployed versions the engine could not load",
+                                     ["adapter"], registry=self.registry)
         self._queue = Gauge("nextturn_publish_queue_depth", "Events queued for the event log",
                             registry=self.registry)
         self._spool = Gauge("nextturn_spool_depth", "Events spooled to disk while the event log is unavailable",

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 from nextturn.conversation import prefix_hashes, turn_key
 from nextturn.errors import NextturnError
-from nextturn.events import ChatMessage
+from nextturn.events import BASE_VERSION, ChatMessage
 
 log = logging.getLogger(__name__)
 
-# (tenant, candidate turn keys, session id or None) -> (turn id, session id, the key that matched) or None
-Lookup = Callable[[str, list[str], str | None], tuple[str, str, str] | None]
+# (tenant, candidate turn keys, session id or None)
+#   -> (turn id, session id, the key that matched, the adapter version that served the turn) or None
+Lookup = Callable[[str, list[str], str | None], tuple[str, str, str, str] | None]
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,14 @@ class Link:
     session_id: str
     parent_turn_id: str | None
     next_state: list[ChatMessage]  # of the parent turn; empty when there is no parent
+    parent_adapter: str | None = None  # the adapter version that served the parent turn (a session keeps it)
 
 
 @dataclass
 class _Known:
     turn_id: str
     session_id: str
+    adapter: str
     last_used: float
 
 
@@ -81,8 +84,8 @@ class SessionLinker:
             return link
         if found is None:
             return link
-        turn_id, found_session, key = found
-        return Link(found_session, turn_id, list(messages[ends[key]:]))
+        turn_id, found_session, key, adapter = found
+        return Link(found_session, turn_id, list(messages[ends[key]:]), adapter)
 
     def _link(self, tenant: str, messages: Sequence[ChatMessage], hashes: list[str], session_id: str | None) -> Link:
         self._forget_idle()
@@ -93,15 +96,16 @@ class SessionLinker:
                 continue
             known.last_used = self._clock()
             self._turns.move_to_end(hashes[end - 1])
-            return Link(known.session_id, known.turn_id, list(messages[end:]))
+            return Link(known.session_id, known.turn_id, list(messages[end:]), known.adapter)
         return Link(session_id or f"sess-{uuid.uuid4().hex}", None, [])
 
     def remember(
-        self, tenant: str, session_id: str, turn_id: str, messages: Sequence[ChatMessage], response: ChatMessage
+        self, tenant: str, session_id: str, turn_id: str, messages: Sequence[ChatMessage], response: ChatMessage,
+        adapter: str = BASE_VERSION,
     ) -> None:
         """Make a served turn linkable by the requests that continue it."""
         key = turn_key(tenant, messages, response)
-        self._turns[key] = _Known(turn_id, session_id, self._clock())
+        self._turns[key] = _Known(turn_id, session_id, adapter, self._clock())
         self._turns.move_to_end(key)
         while len(self._turns) > self._capacity:
             self._turns.popitem(last=False)

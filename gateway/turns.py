@@ -23,6 +23,7 @@ from gateway.routing import Router
 from gateway.schemas import ChatCompletionRequest
 from gateway.sessions import Link, SessionLinker
 from nextturn import events
+from nextturn.flaws import flaw
 
 
 @dataclass
@@ -57,7 +58,7 @@ class TurnService:
         link = await self.linker.resolve(tenant, request.messages, session_id)
         # No await from routing until the engine has taken the request (complete/open_stream): a version
         # cannot be removed in between.
-        adapter = self.router.route(request.model)
+        adapter = self.router.route(request.model, tenant, link.session_id, link.parent_adapter)
         self.metrics.in_flight.inc()  # until the turn is recorded: every path below records it once
         return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", adapter, events.utc_now(),
                     time.monotonic())
@@ -114,7 +115,7 @@ class TurnService:
             return
         finally:
             if not turn.recorded:  # the client left, or a bug: the turn is still recorded, as failed
-                self._record(turn, None, ClientDisconnected("the client left before the stream ended"))
+                self._record(turn, None, ClientDisconnected(events.CLIENT_LEFT))
         yield "data: [DONE]\n\n"
 
     def _record(self, turn: Turn, generation: Generation | None, error: BaseException | None) -> None:
@@ -127,7 +128,7 @@ class TurnService:
         self.metrics.turn(turn.adapter, generation is not None, turn.request.stream, seconds,
                           generation.prompt_tokens if generation else 0,
                           generation.completion_tokens if generation else 0)
-        self.publisher.publish(events.TurnRecorded(
+        recorded = events.TurnRecorded(
             tenant=turn.tenant, session_id=turn.link.session_id, turn_id=turn.turn_id,
             parent_turn_id=turn.link.parent_turn_id, model=turn.request.model, adapter_version=turn.adapter,
             messages=turn.request.messages, tools=turn.request.tool_definitions(), params=turn.request.sampling(),
@@ -138,13 +139,17 @@ class TurnService:
             finish_reason=generation.finish_reason if generation else "error",  # type: ignore[arg-type]
             status="ok" if generation else "failed", error=_describe(error),
             latency_ms=seconds * 1000, started_at=turn.started_at, finished_at=finished_at,
-        ))
+        )
+        found = flaw(recorded)
+        if found is not None:
+            self.metrics.flaws.labels(turn.adapter, found).inc()
+        self.publisher.publish(recorded)
         self._recent[turn.turn_id] = (turn.tenant, turn.link.session_id)
         while len(self._recent) > self._recent_capacity:
             self._recent.popitem(last=False)
         if generation is not None:
             self.linker.remember(turn.tenant, turn.link.session_id, turn.turn_id, turn.request.messages,
-                                 generation.message)
+                                 generation.message, turn.adapter)
 
 
 class ClientDisconnected(Exception):

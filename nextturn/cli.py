@@ -41,6 +41,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(signals_app, name="signals")
 trainer_app = typer.Typer(help="The trainer: LoRA adapters from signals, published as versions.", no_args_is_help=True)
 app.add_typer(trainer_app, name="trainer")
+rollout_app = typer.Typer(help="Rollouts: each published version behind a canary that promotes or rolls back.",
+                          no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -283,6 +286,110 @@ def trainer_status(
     figures = {"scope": scope, "head": state.get("head", 0), "step": state.get("step", 0),
                "waiting": len(state.get("waiting", {})), "counts": state.get("counts", {}), "versions": versions}
     _show(figures, as_json, title=f"trainer of scope {scope!r}", leave_out="scope")
+
+
+@rollout_app.command("run")
+def rollout_run(ctx: typer.Context, scope: ScopeOption = events.DEFAULT_SCOPE) -> None:
+    """Canary each published version; step it up, promote it or roll it back by the gates, until Ctrl-C."""
+    from trainer.gates import GatePolicy
+    from trainer.rollout import RolloutController
+
+    settings = _settings(ctx)
+    store = _open_store(settings)
+    event_log = open_event_log(settings)
+    controller = RolloutController(event_log, store, scope=scope, policy=GatePolicy.from_settings(settings))
+    stop = _stop_on_interrupt()
+    typer.echo(f"rollout controller of scope {scope!r} running (schedule {settings.rollout_schedule}); "
+               "Ctrl-C stops it", err=True)
+    try:
+        controller.run(stop, settings.rollout_check_interval_s)
+    finally:
+        controller.close()
+        event_log.close()
+        store.close()
+
+
+@rollout_app.command("status")
+def rollout_status(
+    ctx: typer.Context,
+    scope: ScopeOption = events.DEFAULT_SCOPE,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """What serves now, each arm's evidence, what the gates would decide, and the latest changes."""
+    from nextturn.deployments import Deployment, arms, status
+    from trainer.gates import GatePolicy, decide
+
+    settings = _settings(ctx)
+    store = _open_store(settings)
+    try:
+        figures = status(store, scope)
+        state = Deployment.read(store, scope)
+        evidence = arms(store, state)
+        if evidence is not None:
+            verdict = decide(state, *evidence, GatePolicy.from_settings(settings), events.utc_now())
+            figures["next"] = f"{verdict.action}: {verdict.reason}"
+    finally:
+        store.close()
+    _show(figures, as_json, title=f"rollout of scope {scope!r}", leave_out="scope")
+
+
+Actor = Annotated[str | None, typer.Option("--actor", help="Who acts (default: your user name and host).")]
+Reason = Annotated[str, typer.Option("--reason", help="Why: recorded with the change.")]
+
+
+def _operate(ctx: typer.Context, action: str, scope: str, actor: str | None, reason: str,
+             version: int | None = None) -> None:
+    import getpass
+    import socket
+
+    from nextturn.deployments import operate
+
+    settings = _settings(ctx)
+    store = _open_store(settings)
+    event_log = open_event_log(settings)
+    try:
+        change = operate(store, scope, action, actor or f"{getpass.getuser()}@{socket.gethostname()}", reason,
+                         lambda change: event_log.append([change]), version)
+    finally:
+        event_log.close()
+        store.close()
+    state = f"stable {change.stable_version or 'base'}" + (
+        f", canary {change.canary_version} at {change.canary_weight:g}" if change.canary_version else "")
+    typer.echo(f"{change.action} {change.subject_version or ''} by {change.actor}: {state}"
+               + (" (paused)" if change.paused else ""))
+
+
+@rollout_app.command("promote")
+def rollout_promote(
+    ctx: typer.Context, reason: Reason, scope: ScopeOption = events.DEFAULT_SCOPE, actor: Actor = None,
+    version: Annotated[int | None, typer.Argument(help="The version to make stable (default: the canary).")] = None,
+) -> None:
+    """Make the canary (or VERSION) the stable version now."""
+    _operate(ctx, "promote", scope, actor, reason, version)
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(
+    ctx: typer.Context, reason: Reason, scope: ScopeOption = events.DEFAULT_SCOPE, actor: Actor = None,
+    to: Annotated[int | None, typer.Option("--to", help="Without a canary: the version to go back to "
+                                                        "(default: the stable one before).")] = None,
+) -> None:
+    """Drop the canary now; without one, put the previous stable version back."""
+    _operate(ctx, "rollback", scope, actor, reason, to)
+
+
+@rollout_app.command("pause")
+def rollout_pause(ctx: typer.Context, reason: Reason, scope: ScopeOption = events.DEFAULT_SCOPE,
+                  actor: Actor = None) -> None:
+    """Hold the canary at its weight: no step, promotion or timeout (fast guardrails still roll back)."""
+    _operate(ctx, "pause", scope, actor, reason)
+
+
+@rollout_app.command("resume")
+def rollout_resume(ctx: typer.Context, reason: Reason, scope: ScopeOption = events.DEFAULT_SCOPE,
+                   actor: Actor = None) -> None:
+    """Let the controller decide again."""
+    _operate(ctx, "resume", scope, actor, reason)
 
 
 def _show(figures: dict[str, object], as_json: bool, *, title: str, leave_out: str) -> None:

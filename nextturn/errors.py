@@ -15,9 +15,12 @@ Foreign exceptions (kafka, sqlite3, sqlalchemy, pydantic) are translated into th
     │   ├── EventTooLarge            over the log's per-event limit; nothing of the batch was appended
     │   ├── CommitFailed             the group moved on; records since the last commit come again
     │   └── UndecodableRecord        raised by the crash policy for a record that is not an event
-    └── StoreError
-        ├── StoreUnavailable
-        └── SchemaOutOfDate          the database is not at the migrations' head
+    ├── StoreError
+    │   ├── StoreUnavailable
+    │   └── SchemaOutOfDate          the database is not at the migrations' head
+    └── DeploymentError
+        ├── DeploymentConflict       the deployment changed since it was read (someone else acted)
+        └── InvalidChange            a change that does not apply (no canary to promote, no such version)
 """
 
 from __future__ import annotations
@@ -80,4 +83,16 @@ class StoreUnavailable(StoreError):
 
 
 class SchemaOutOfDate(StoreError):
+    pass
+
+
+class DeploymentError(NextturnError):
+    pass
+
+
+class DeploymentConflict(DeploymentError):
+    pass
+
+
+class InvalidChange(DeploymentError):
     pass

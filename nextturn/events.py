@@ -30,6 +30,8 @@ TOPICS: tuple[str, ...] = (TURNS, FEEDBACK, SIGNALS, ADAPTERS, DEPLOYMENTS, DEAD
 
 DEFAULT_SCOPE = "default"
 BASE_VERSION = "base"
+# A failed turn's error when the client went away: the client's doing, not a fault of the version that served it.
+CLIENT_LEFT = "the client left before the stream ended"
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Reward = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
@@ -265,7 +267,8 @@ class AdapterPublished(_Event):
 
 
 class DeploymentChanged(_Event):
-    """What serves a scope now: the stable version and an optional canary at a weight."""
+    """What serves a scope now (the stable version and an optional canary at a weight), what changed it
+    (``action`` on ``subject_version``), who (``actor``) and why (``reason``). See :mod:`nextturn.deployments`."""
 
     TOPIC: ClassVar[str] = DEPLOYMENTS
 
@@ -275,6 +278,10 @@ class DeploymentChanged(_Event):
     canary_version: int | None = None
     canary_weight: Unit = 0.0
     paused: bool = False
+    schedule: list[Unit] = []  # the canary's weight steps; it is promoted after the last one
+    canary_since: datetime | None = None  # when the canary began: its evidence counts from here
+    action: Literal["set", "canary", "step", "promote", "rollback", "reject", "pause", "resume"] = "set"
+    subject_version: int | None = None  # the version the action is about (the canary rolled back, ...)
     reason: str
     actor: str  # "controller" or the operator who acted
 

@@ -84,6 +84,25 @@ class Settings(BaseSettings):
     trainer_keep_versions: int = Field(default=10, ge=1)  # versions kept on disk, besides those deployed
     trainer_device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA (bf16) when available
 
+    # The rollout (DESIGN, Rollout controller; README, Rollouts). A new version serves this share of new
+    # sessions, then the next, and is promoted after the last; a JSON list in the environment: [0.1, 0.5].
+    rollout_schedule: list[float] = Field(default=[0.1, 0.5], min_length=1)
+    # Resolved turns (turns with a reward) each arm needs before the canary may step up or be promoted.
+    rollout_min_resolved: int = Field(default=30, ge=1)
+    # Step up when P(canary reward > stable reward - margin) reaches this; roll back when
+    # P(canary reward < stable reward - margin) does.
+    rollout_confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    rollout_reward_margin: float = Field(default=0.05, ge=0.0, le=2.0)
+    # Canary turns before the fast guardrails judge it, and turns each weight must serve before the next.
+    rollout_guard_min_turns: int = Field(default=10, ge=1)
+    # A canary without enough evidence to decide is rolled back after this long (paused: never).
+    rollout_canary_timeout_s: float = Field(default=3600.0, gt=0)
+    # How often the controller checks, and gateways re-read the deployment (besides DeploymentChanged).
+    rollout_check_interval_s: float = Field(default=2.0, gt=0)
+    # A replaced stable version keeps serving the sessions that began on it until none of them has had a
+    # turn for this long (on that gateway replica); a rolled-back one stops at once.
+    rollout_drain_s: float = Field(default=600.0, ge=0)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -137,6 +156,10 @@ class Settings(BaseSettings):
         if self.judge_url and not self.judge_model:
             raise ValueError("NEXTTURN_JUDGE_URL needs NEXTTURN_JUDGE_MODEL (the model to ask at that endpoint)")
         _ = self.tenant_keys  # parses NEXTTURN_API_KEYS, so that a malformed value fails at start
+        weights = self.rollout_schedule
+        if any(not 0 < weight < 1 for weight in weights) or weights != sorted(set(weights)):
+            raise ValueError(f"NEXTTURN_ROLLOUT_SCHEDULE is rising weights between 0 and 1 (exclusive), "
+                             f"like [0.1, 0.5], not {weights}")
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'nextturn.db'}"
         return self

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import importlib.resources
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, Insert, case, create_engine, event, literal
+from sqlalchemy import Connection, Engine, Insert, case, create_engine, event, literal, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
@@ -24,7 +25,8 @@ from sqlmodel import SQLModel, func, select
 
 from nextturn import events, tables
 from nextturn.conversation import turn_key
-from nextturn.errors import SchemaOutOfDate, StoreUnavailable
+from nextturn.errors import DeploymentConflict, SchemaOutOfDate, StoreUnavailable
+from nextturn.flaws import flaw
 from nextturn.settings import Settings
 
 _Row = TypeVar("_Row", bound=SQLModel)
@@ -127,11 +129,12 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"cannot write to the store at {_safe(self.url)}: {exc}") from exc
 
-    def find_link(self, tenant: str, keys: Sequence[str], session_id: str | None) -> tuple[str, str, str] | None:
-        """(turn id, session id, key) of the tenant's turn that continues the longest of ``keys`` (longest
-        first; the latest turn when several share a key), optionally within one session."""
+    def find_link(self, tenant: str, keys: Sequence[str],
+                  session_id: str | None) -> tuple[str, str, str, str] | None:
+        """(turn id, session id, key, adapter version) of the tenant's turn that continues the longest of
+        ``keys`` (longest first; the latest turn when several share a key), optionally within one session."""
         table = tables.Turn.__table__
-        query = (sa_select(table.c.id, table.c.session_id, table.c.link_hash)
+        query = (sa_select(table.c.id, table.c.session_id, table.c.link_hash, table.c.adapter_version)
                  .where(table.c.tenant == tenant, table.c.link_hash.in_(list(keys)))
                  .order_by(table.c.started_at.desc()))
         if session_id is not None:
@@ -143,11 +146,76 @@ class Store:
             raise StoreUnavailable(f"cannot read the store at {_safe(self.url)}: {exc}") from exc
         rank = {key: n for n, key in enumerate(keys)}
         best = min(rows, key=lambda row: rank[row.link_hash], default=None)  # min keeps the first (latest) of ties
-        return (best.id, best.session_id, best.link_hash) if best is not None else None
+        return (best.id, best.session_id, best.link_hash, best.adapter_version) if best is not None else None
 
     def get(self, table: type[_Row], key: Any) -> _Row | None:
         with self.session() as db:
             return db.get(table, key)
+
+    # -- deployments (nextturn.deployments) -----------------------------------------------------------
+
+    def change_deployment(self, change: events.DeploymentChanged, *, expected: str | None) -> None:
+        """Write a change made on the state whose last change was ``expected`` (None: no state yet); raise
+        DeploymentConflict when the state moved on since. Applying the same event later is a no-op."""
+        state = _deployment_state(change)
+        table = tables.Deployment.__table__
+        try:
+            with self.engine.begin() as conn:
+                if expected is None:
+                    statement: Any = self._dialect.insert(tables.Deployment).values(
+                        scope=change.scope, **state).on_conflict_do_nothing()
+                else:
+                    statement = (update(tables.Deployment).values(**state)
+                                 .where(table.c.scope == change.scope, table.c.last_event_id == expected))
+                if conn.execute(statement.returning(literal(1))).first() is None:
+                    raise DeploymentConflict(f"the deployment of {change.scope!r} changed meanwhile")
+                self._record_change(conn, change)
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"cannot write to the store at {_safe(self.url)}: {exc}") from exc
+
+    def deployment_changes(self, scope: str, limit: int = 20) -> list[tables.DeploymentChange]:
+        """The latest changes first."""
+        with self.session() as db:
+            return list(db.exec(select(tables.DeploymentChange).where(tables.DeploymentChange.scope == scope)
+                                .order_by(tables.DeploymentChange.changed_at.desc()).limit(limit)))  # type: ignore[attr-defined]
+
+    def adapter_statuses(self, scope: str) -> dict[int, str]:
+        table = tables.Adapter.__table__
+        return {row.version: row.status for row in self._read(
+            sa_select(table.c.version, table.c.status).where(table.c.scope == scope))}
+
+    def newest_adapter(self, scope: str, *, newer_than: int, status: str = "published") -> tables.Adapter | None:
+        with self.session() as db:
+            return db.exec(select(tables.Adapter).where(
+                tables.Adapter.scope == scope, tables.Adapter.version > newer_than, tables.Adapter.status == status,
+            ).order_by(tables.Adapter.version.desc())).first()  # type: ignore[attr-defined]
+
+    def served_turns(self, versions: Sequence[str], since: datetime) -> list[Any]:
+        """(adapter_version, flaw, latency_ms, started_at) of the turns these versions served since ``since``."""
+        table = tables.Turn.__table__
+        return self._read(sa_select(table.c.adapter_version, table.c.flaw, table.c.latency_ms, table.c.started_at)
+                          .where(table.c.adapter_version.in_(list(versions)), table.c.started_at >= since))
+
+    def rewards(self, versions: Sequence[str], since: datetime) -> list[tuple[str, float]]:
+        """(adapter_version, reward) of the turns these versions served since ``since`` whose latest signal
+        revision carries a reward."""
+        signals, turns = tables.Signal.__table__, tables.Turn.__table__
+        rows = self._read(
+            sa_select(signals.c.adapter_version, signals.c.signal_id, signals.c.revision, signals.c.reward)
+            .join(turns, turns.c.id == signals.c.turn_id)
+            .where(signals.c.adapter_version.in_(list(versions)), turns.c.started_at >= since))
+        latest: dict[str, tuple[int, str, float | None]] = {}
+        for version, signal_id, revision, reward in rows:
+            if signal_id not in latest or revision > latest[signal_id][0]:
+                latest[signal_id] = (revision, version, reward)
+        return [(version, reward) for _, version, reward in latest.values() if reward is not None]
+
+    def _read(self, query: Any) -> list[Any]:
+        try:
+            with self.engine.connect() as conn:
+                return list(conn.execute(query).all())
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"cannot read the store at {_safe(self.url)}: {exc}") from exc
 
     def count(self, table: type[SQLModel]) -> int:
         with self.session() as db:
@@ -175,7 +243,7 @@ class Store:
             "prompt_token_ids": turn.prompt_token_ids, "response_token_ids": turn.response_token_ids,
             "response_logprobs": turn.response_logprobs, "finish_reason": turn.finish_reason,
             "status": turn.status, "error": turn.error, "latency_ms": turn.latency_ms,
-            "started_at": turn.started_at, "finished_at": turn.finished_at,
+            "started_at": turn.started_at, "finished_at": turn.finished_at, "flaw": flaw(turn),
         })
         if new:
             self._touch_session(conn, turn)
@@ -220,26 +288,47 @@ class Store:
         }))
 
     def _deployment(self, conn: Connection, change: events.DeploymentChanged) -> int:
-        state = {
-            "stable_version": change.stable_version, "canary_version": change.canary_version,
-            "canary_weight": change.canary_weight, "paused": change.paused,
-        }
-        new = self._insert_new(conn, tables.DeploymentChange, {
-            "id": change.event_id, "scope": change.scope, "reason": change.reason, "actor": change.actor,
-            "changed_at": change.occurred_at, **state,
-        })
+        new = self._record_change(conn, change)
         if new:
+            state = _deployment_state(change)
             table = tables.Deployment.__table__
-            statement = self._dialect.insert(tables.Deployment).values(
-                scope=change.scope, last_event_id=change.event_id, updated_at=change.occurred_at, **state
-            )
+            statement = self._dialect.insert(tables.Deployment).values(scope=change.scope, **state)
             # Changes may be applied out of order (a replay, a second recorder): the latest one wins.
             conn.execute(statement.on_conflict_do_update(
-                index_elements=["scope"],
-                set_={**state, "last_event_id": change.event_id, "updated_at": change.occurred_at},
-                where=table.c.updated_at <= statement.excluded.updated_at,
+                index_elements=["scope"], set_=state, where=table.c.updated_at <= statement.excluded.updated_at,
             ))
         return int(new)
+
+    def _record_change(self, conn: Connection, change: events.DeploymentChanged) -> bool:
+        """The change in the history, and its effect on the adapters' status; False if it was there already."""
+        state = _deployment_state(change)
+        del state["last_event_id"], state["updated_at"]
+        new = self._insert_new(conn, tables.DeploymentChange, {
+            "id": change.event_id, "scope": change.scope, "reason": change.reason, "actor": change.actor,
+            "action": change.action, "subject_version": change.subject_version, "changed_at": change.occurred_at,
+            **state,
+        })
+        if new and change.subject_version is not None:
+            table = tables.Adapter.__table__
+            ours = table.c.scope == change.scope
+
+            def mark(status: str, *where: Any) -> None:
+                conn.execute(update(tables.Adapter).values(status=status).where(ours, *where))
+
+            subject = table.c.version == change.subject_version
+            if change.action == "canary":
+                mark("skipped", table.c.version < change.subject_version, table.c.status == "published")
+                mark("canary", subject)
+            elif change.action == "promote":
+                mark("retired", table.c.status.in_(["stable", "canary"]), ~subject)
+                mark("stable", subject)
+            elif change.action == "rollback":
+                mark("rolled_back", subject)
+                if change.stable_version is not None:
+                    mark("stable", table.c.version == change.stable_version)
+            elif change.action == "reject":
+                mark("rejected", subject)
+        return new
 
     def _dead_letter(self, conn: Connection, letter: events.DeadLettered) -> int:
         return int(self._insert_new(conn, tables.DeadLetter, {
@@ -247,6 +336,13 @@ class Store:
             "offset": letter.offset, "key": letter.key, "payload": letter.payload, "reason": letter.reason,
             "created_at": letter.occurred_at,
         }))
+
+
+def _deployment_state(change: events.DeploymentChanged) -> dict[str, Any]:
+    """The ``deployments`` row a change leaves behind (without the scope)."""
+    return {"stable_version": change.stable_version, "canary_version": change.canary_version,
+            "canary_weight": change.canary_weight, "paused": change.paused, "schedule": change.schedule,
+            "canary_since": change.canary_since, "last_event_id": change.event_id, "updated_at": change.occurred_at}
 
 
 _WRITERS: dict[type, Callable[[Store, Connection, Any], int]] = {

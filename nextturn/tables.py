@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, LargeBinary, MetaData, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Index, LargeBinary, MetaData, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # Named constraints, so that SQLite and Postgres agree and migrations can drop what they created.
@@ -70,6 +70,8 @@ class Session(SQLModel, table=True):
 
 class Turn(SQLModel, table=True):
     __tablename__ = "turns"
+    # The rollout controller reads one version's turns since a time (nextturn.deployments).
+    __table_args__ = (Index("ix_turns_adapter_version_started_at", "adapter_version", "started_at"),)
 
     id: str = Field(primary_key=True)  # the completion id
     event_id: str = Field(unique=True)
@@ -95,6 +97,7 @@ class Turn(SQLModel, table=True):
     latency_ms: float
     started_at: datetime = _when(index=True)
     finished_at: datetime = _when()
+    flaw: str | None = None  # nextturn.flaws: what is visibly wrong with it (None: nothing, or recorded before 0004)
 
 
 class Feedback(SQLModel, table=True):
@@ -166,6 +169,8 @@ class Adapter(SQLModel, table=True):
     base_model: str
     path: str
     meta: dict[str, Any] = _json()
+    # published, then as the rollout decides (nextturn.deployments): canary, stable, retired (replaced as
+    # stable), rolled_back, rejected (its collapse guards failed) or skipped (a newer version went first).
     status: str = "published"
     published_at: datetime = _when()
 
@@ -180,6 +185,8 @@ class Deployment(SQLModel, table=True):
     canary_version: int | None = None
     canary_weight: float = 0.0
     paused: bool = False
+    schedule: list[float] = _json(default_factory=list)
+    canary_since: datetime | None = _when(default=None)
     last_event_id: str
     updated_at: datetime = _when()
 
@@ -193,6 +200,10 @@ class DeploymentChange(SQLModel, table=True):
     canary_version: int | None = None
     canary_weight: float
     paused: bool
+    schedule: list[float] = _json(default_factory=list)
+    canary_since: datetime | None = _when(default=None)
+    action: str = "set"
+    subject_version: int | None = None
     reason: str = _text()
     actor: str
     changed_at: datetime = _when(index=True)

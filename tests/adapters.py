@@ -27,3 +27,35 @@ def reference_logprobs(model_dir: Path, adapter: Path | None, prompt: list[int],
         logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
     logprobs = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)  # position i predicts token i + 1
     return logprobs.gather(-1, torch.tensor(response)[:, None])[:, 0].tolist()
+
+
+def taught_adapter(model_dir: Path, out: Path, answer: str, *, steps: int = 80, seed: int = 0) -> Path:
+    """A LoRA adapter trained to answer ``answer`` (then end) to any short question: "" gives an adapter
+    whose answers are empty, a word gives one whose greedy answers contain it."""
+    from transformers import AutoTokenizer
+
+    from nextturn.conversation import prompt_token_ids
+    from nextturn.events import ChatMessage
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    rows = []
+    for n in range(16):
+        prompt = prompt_token_ids(tokenizer, [ChatMessage(role="user", content=f"question {n}: what now?")], None)
+        rows.append((prompt + target, [-100] * len(prompt) + target))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row, _ in rows])
+    labels = torch.tensor([label + [-100] * (width - len(label)) for _, label in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row, _ in rows])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(out)
+    return out

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from adapters import reference_logprobs
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -20,6 +19,8 @@ from gateway.engines.embedded import EmbeddedEngine
 from gateway.errors import InvalidRequest, NotFound
 from gateway.schemas import ChatCompletionRequest
 from nextturn import events
+
+from adapters import reference_logprobs
 
 
 def ask(text: str, **params: Any) -> ChatCompletionRequest:

@@ -14,7 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
+from nextturn import events
 from nextturn.settings import Settings
+from nextturn.store import Store
 
 from logs import recorded
 from services import Uvicorn
@@ -57,8 +59,8 @@ def test_streamed_and_whole_answers_are_recorded_with_their_tokens(client: opena
     assert "".join(pieces) == (streamed.response.content or "")  # type: ignore[union-attr]
 
 
-def test_adapters_swap_under_load_without_a_failed_request(
-    client: openai.OpenAI, gateway: Uvicorn, tiny_adapters: dict[str, Path]
+def test_versions_swap_under_load_without_a_failed_request(
+    client: openai.OpenAI, gateway: Uvicorn, tiny_adapters: dict[str, Path], data_dir: Path
 ) -> None:
     served: Counter[str] = Counter()
     failures: list[BaseException] = []
@@ -90,25 +92,32 @@ def test_adapters_swap_under_load_without_a_failed_request(
     workers = [threading.Thread(target=load, args=(worker,)) for worker in range(4)]
     for worker in workers:
         worker.start()
+    store = Store.from_settings(Settings(data_dir=data_dir))
+    store.apply([events.AdapterPublished(version=n, base_model="tiny", path=str(tiny_adapters[name]))
+                 for n, name in ((1, "a1"), (2, "a2"))])
+    store.close()
+
+    def act(action: str, version: int | None = None) -> None:
+        response = httpx.post(f"{gateway.url}/v1/admin/rollout/{action}", headers=ADMIN, timeout=60,
+                              json={"actor": "test", "reason": "swap under load", "version": version})
+        assert response.status_code == 200, response.text
+
     try:
         until_served("base")
-        for version, adapter in (("v1", "a1"), ("v2", "a2")):
-            added = httpx.post(f"{gateway.url}/v1/admin/adapters", headers=ADMIN, timeout=30,
-                               json={"version": version, "path": str(tiny_adapters[adapter]), "serve": True})
-            assert added.status_code == 201, added.text
-            if version == "v2":
-                assert httpx.delete(f"{gateway.url}/v1/admin/adapters/v1", headers=ADMIN, timeout=60).status_code == 200
-            until_served(version)
-        assert httpx.put(f"{gateway.url}/v1/admin/serving", headers=ADMIN, json={"version": "base"}).status_code == 200
-        assert httpx.delete(f"{gateway.url}/v1/admin/adapters/v2", headers=ADMIN, timeout=60).status_code == 200
-        until_served("base")
+        act("promote", 1)  # loaded, then served; nothing is unloaded: base drains
+        until_served("default-v1")
+        act("promote", 2)
+        until_served("default-v2")
+        act("rollback")  # back to v1; v2 is unloaded once its last request finished
+        until_served("default-v1")
     finally:
         stop.set()
         for worker in workers:
             worker.join()
     assert failures == []
-    assert set(served) == {"base", "v1", "v2"}
-    assert httpx.get(f"{gateway.url}/v1/admin/adapters", headers=ADMIN).json() == {"serving": "base", "adapters": []}
+    assert set(served) == {"base", "default-v1", "default-v2"}
+    assert httpx.get(f"{gateway.url}/v1/admin/adapters", headers=ADMIN).json() == {
+        "serving": "default-v1", "adapters": ["default-v1"]}
 
 
 def test_admin_routes_need_the_admin_key_and_say_what_is_wrong(gateway: Uvicorn, tiny_adapters: dict[str, Path],
@@ -119,12 +128,12 @@ def test_admin_routes_need_the_admin_key_and_say_what_is_wrong(gateway: Uvicorn,
     assert httpx.get(url, headers={"Authorization": "Bearer sk-nope"}).status_code == 401
     bad = httpx.post(url, headers=ADMIN, json={"version": "v7", "path": str(tmp_path)}, timeout=30)
     assert bad.status_code == 400 and "cannot load the adapter" in bad.json()["error"]["message"]
-    assert httpx.put(f"{gateway.url}/v1/admin/serving", headers=ADMIN, json={"version": "v7"}).status_code == 404
-    assert httpx.post(url, headers=ADMIN, json={"version": "v8", "path": str(tiny_adapters["a1"]), "serve": True},
+    assert httpx.post(url, headers=ADMIN, json={"version": "v8", "path": str(tiny_adapters["a1"])},
                       timeout=30).status_code == 201
-    serving = httpx.delete(f"{url}/v8", headers=ADMIN)
-    assert serving.status_code == 409 and "serving" in serving.json()["error"]["message"]
-    assert httpx.put(f"{gateway.url}/v1/admin/serving", headers=ADMIN, json={"version": "base"}).status_code == 200
+    assert httpx.post(url, headers=ADMIN, json={"version": "v8", "path": str(tiny_adapters["a1"])},
+                      timeout=30).status_code == 400  # already loaded
+    serving = httpx.delete(f"{url}/base", headers=ADMIN)
+    assert serving.status_code == 409 and "part of the deployment" in serving.json()["error"]["message"]
     assert httpx.delete(f"{url}/v8", headers=ADMIN, timeout=60).status_code == 200
     assert httpx.delete(f"{url}/v8", headers=ADMIN).status_code == 404
 
@@ -134,7 +143,8 @@ def test_a_version_is_a_model_a_client_can_pin(client: openai.OpenAI, gateway: U
     httpx.post(f"{gateway.url}/v1/admin/adapters", headers=ADMIN, timeout=30,
                json={"version": "pinned", "path": str(tiny_adapters["a2"])}).raise_for_status()
     try:
-        assert [model.id for model in client.models.list()] == ["tiny", "pinned"]
+        models = [model.id for model in client.models.list()]
+        assert models[0] == "tiny" and "pinned" in models
         raw = client.chat.completions.with_raw_response.create(
             model="pinned", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert raw.headers["X-Nextturn-Adapter"] == "pinned"
@@ -171,6 +181,7 @@ def test_metrics_count_requests_turns_and_tokens_by_adapter(client: openai.OpenA
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
+    serving = httpx.get(f"{gateway.url}/v1/admin/adapters", headers=ADMIN).json()["serving"]
     before = samples()
     for _ in range(3):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "count me"}], max_tokens=4)
@@ -182,9 +193,9 @@ def test_metrics_count_requests_turns_and_tokens_by_adapter(client: openai.OpenA
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert grew("nextturn_turns_total", adapter="base", status="ok") == 3
-    assert grew("nextturn_turn_seconds_count", adapter="base", stream="false") == 3
-    assert 3 <= grew("nextturn_tokens_total", adapter="base", kind="completion") <= 12
+    assert grew("nextturn_turns_total", adapter=serving, status="ok") == 3
+    assert grew("nextturn_turn_seconds_count", adapter=serving, stream="false") == 3
+    assert 3 <= grew("nextturn_tokens_total", adapter=serving, kind="completion") <= 12
     assert grew("nextturn_http_requests_total", route="/v1/chat/completions", method="POST", status="200") == 3
     assert grew("nextturn_http_requests_total", route="/v1/chat/completions", method="POST", status="404") == 1
     assert after[("nextturn_turns_in_flight", ())] == 0

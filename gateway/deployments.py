@@ -1,0 +1,178 @@
+"""The gateway's view of the deployment: learn each change, load what it needs, route, unload what it dropped.
+
+Every replica reads the same state, from the store (:mod:`nextturn.deployments`). It re-reads it when a
+``DeploymentChanged`` for its scope arrives on the event log (read from the end, in no consumer group:
+every replica sees every change), and every ``interval_s`` in any case, so a late or lost event only
+delays a change. For a new state it loads the stable version and the canary into the engine first, then
+routes by the new state (:class:`gateway.routing.Router`), then unloads what the state dropped: a
+rolled-back version at once, a replaced one once its sessions went quiet for ``drain_s``. The engine
+finishes the requests running on a version before it unloads it.
+
+The watcher is one background task; /healthz names it if it dies. The store or the event log being down
+is not a death: it logs, and tries again at the next interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from gateway.engines import Engine
+from gateway.errors import GatewayError
+from gateway.metrics import Metrics
+from gateway.routing import Router
+from nextturn import events, tables
+from nextturn.bus import Consumer, EventLog
+from nextturn.deployments import BAD, Deployment
+from nextturn.errors import NextturnError
+from nextturn.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class DeploymentWatcher:
+    name = "deployments"
+
+    def __init__(self, router: Router, engine: Engine, store: Store, event_log: EventLog, metrics: Metrics, *,
+                 interval_s: float = 2.0, drain_s: float = 600.0) -> None:
+        self._router = router
+        self._engine = engine
+        self._store = store
+        self._log = event_log
+        self._metrics = metrics
+        self._interval_s = interval_s
+        self._drain_s = drain_s
+        self._scope = router.deployment.scope
+        self._applied: str | None = None  # the last change applied in full
+        self._failed_loads: set[str] = set()  # logged once each
+        self._lock = asyncio.Lock()
+        self._consumer: Consumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._unloading: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self.failure: BaseException | None = None
+
+    async def start(self) -> None:
+        """Read the deployment and load its versions before the gateway takes requests."""
+        # Subscribe before reading, so that no change falls between the read and the first poll.
+        self._consumer = await asyncio.to_thread(self._log.consumer, None, [events.DEPLOYMENTS], start="end")
+        try:
+            await self.refresh()
+        except NextturnError as exc:
+            log.warning("cannot read the deployment yet; serving the base model until it can: %s", exc)
+        self._task = asyncio.create_task(self._run(), name="deployment-watcher")
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            await self._task  # ends after its current poll
+        if self._unloading:
+            await asyncio.wait(self._unloading)
+        if self._consumer is not None:
+            self._consumer.close()
+
+    async def refresh(self) -> Deployment:
+        """Read the deployment from the store and apply it; return it."""
+        async with self._lock:
+            deployment = await asyncio.to_thread(Deployment.read, self._store, self._scope)
+            if deployment.last_event_id != self._applied:
+                await self._apply(deployment)
+            await self._rewards(deployment)
+            return deployment
+
+    async def _run(self) -> None:
+        due = time.monotonic() + self._interval_s
+        while not self._stopping:
+            try:
+                assert self._consumer is not None
+                deliveries = await asyncio.to_thread(self._consumer.poll, 100, min(0.25, self._interval_s))
+                news = any(isinstance(d.event, events.DeploymentChanged) and d.event.scope == self._scope
+                           for d in deliveries)
+                if news or time.monotonic() >= due:
+                    due = time.monotonic() + self._interval_s
+                    await self.refresh()
+                for version in self._router.drained(self._drain_s):
+                    self._unload(version, "its sessions went quiet")
+            except NextturnError as exc:
+                log.warning("cannot follow the deployment now (trying again in %s s): %s", self._interval_s, exc)
+                await asyncio.sleep(self._interval_s)
+            except Exception as exc:
+                log.exception("the deployment watcher died")
+                self.failure = exc
+                return
+
+    async def _apply(self, deployment: Deployment) -> None:
+        complete = True
+        for version in (deployment.stable, deployment.canary):
+            if version is not None and not await self._load(deployment, version):
+                complete = False
+        statuses = await asyncio.to_thread(self._store.adapter_statuses, self._scope)
+        bad = {deployment.name(version) for version, status in statuses.items() if status in BAD}
+        for version in self._router.apply(deployment, self._loaded, bad):
+            self._unload(version, "it was rolled back")
+        if complete:
+            self._applied = deployment.last_event_id
+        self._metrics.weight.clear()
+        self._metrics.weight.labels(self._router.stable, "stable").set(1.0 - self._router.weight)
+        if self._router.canary is not None:
+            self._metrics.weight.labels(self._router.canary, "canary").set(self._router.weight)
+        for version in self._router.draining:
+            self._metrics.weight.labels(version, "draining").set(0.0)
+
+    def _loaded(self, name: str) -> bool:
+        return name == events.BASE_VERSION or self._engine.adapter_for(name) is not None
+
+    async def _load(self, deployment: Deployment, version: int) -> bool:
+        name = deployment.name(version)
+        if self._loaded(name):
+            return True
+        row = await asyncio.to_thread(self._store.get, tables.Adapter, (self._scope, version))
+        try:
+            if row is None:
+                raise GatewayError(f"version {version} of {self._scope!r} is not in the store")
+            await self._engine.add_adapter(name, row.path)
+        except GatewayError as exc:
+            if name not in self._failed_loads:
+                self._failed_loads.add(name)
+                self._metrics.load_failures.labels(name).inc()
+                log.error("cannot load %s, so it gets no traffic here (trying again each %s s): %s",
+                          name, self._interval_s, exc)
+            return False
+        self._failed_loads.discard(name)
+        log.info("loaded %s", name)
+        return True
+
+    def _unload(self, version: str, why: str) -> None:
+        async def unload() -> None:
+            try:
+                await self._engine.remove_adapter(version)  # after the requests running on it finish
+                log.info("unloaded %s: %s", version, why)
+            except GatewayError as exc:
+                log.warning("could not unload %s: %s", version, exc)
+
+        task = asyncio.create_task(unload())
+        self._unloading.add(task)
+        task.add_done_callback(self._unloading.discard)
+
+    async def _rewards(self, deployment: Deployment) -> None:
+        """Each serving version's resolved turns and mean reward since the deployment last changed."""
+        since = deployment.canary_since or deployment.updated_at
+        names = sorted({self._router.stable, *([self._router.canary] if self._router.canary else [])})
+        rewards: list[tuple[str, float]] = []
+        if since is not None:
+            rewards = await asyncio.to_thread(self._store.rewards, names, since)
+        by_version: dict[str, list[float]] = {name: [] for name in names}
+        for version, reward in rewards:
+            by_version[version].append(reward)
+        self._metrics.resolved.clear()
+        self._metrics.reward.clear()
+        for version, values in by_version.items():
+            self._metrics.resolved.labels(version).set(len(values))
+            if values:
+                self._metrics.reward.labels(version).set(sum(values) / len(values))
+
+    def status(self) -> dict[str, Any]:
+        return {"stable": self._router.stable, "canary": self._router.canary, "weight": self._router.weight,
+                "draining": self._router.draining}

@@ -1,0 +1,234 @@
+"""The rollout controller and the deployment's moves against a real store (SQLite and Postgres): turns and
+signals are stored as the recorder stores them, and the controller decides from them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from nextturn import deployments, events, tables
+from nextturn.bus import EventLog
+from nextturn.deployments import Deployment
+from nextturn.errors import DeploymentConflict, InvalidChange
+from nextturn.settings import Settings
+from nextturn.store import Store
+from trainer.gates import GatePolicy
+from trainer.rollout import RolloutController
+
+from factories import turn
+from logs import open_log
+from rolling import publish
+
+POLICY = GatePolicy(schedule=(0.2, 0.5), min_resolved=10, guard_min_turns=10, timeout_s=600.0)
+GUARDS_BASE = {"entropy": 2.0, "distinct_1": 0.5, "distinct_2": 0.8, "length": 20.0}
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Iterator[EventLog]:
+    event_log = open_log("sqlite", str(tmp_path / "events.db"))
+    yield event_log
+    event_log.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = events.utc_now()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def controller(log: EventLog, store: Store, clock: Clock | None = None, **policy: object) -> RolloutController:
+    fields = {**POLICY.__dict__, **policy}
+    return RolloutController(log, store, policy=GatePolicy(**fields), clock=clock or events.utc_now)  # type: ignore[arg-type]
+
+
+def served(store: Store, version: str, n: int, *, reward: float | None = None, content: str | None = "fine",
+           latency_ms: float = 20.0) -> None:
+    """``n`` turns served by ``version`` now, each with a signal carrying ``reward`` (None: no signal)."""
+    batch: list[events.Event] = []
+    for k in range(n):
+        item = turn(f"{version}-{events.new_id()[:8]}", k).model_copy(update={
+            "adapter_version": version, "latency_ms": latency_ms,
+            "response": events.ChatMessage(role="assistant", content=content)})
+        batch.append(item)
+        if reward is not None:
+            batch.append(events.SignalExtracted(
+                signal_id=f"{item.turn_id}:x", tenant="acme", session_id=item.session_id, turn_id=item.turn_id,
+                adapter_version=version, reward=reward, confidence=1.0, extractor_version="x"))
+    store.apply(batch)
+
+
+def canary_of(log: EventLog, store: Store, ctl: RolloutController, version: int, tmp_path: Path,
+              meta: dict | None = None) -> events.DeploymentChanged | None:  # type: ignore[type-arg]
+    publish(log, version, tmp_path / f"v{version}", meta)
+    return ctl.run_once(0.5)
+
+
+def test_a_published_version_becomes_the_canary_and_a_good_one_steps_up_to_promotion(
+    log: EventLog, store: Store, tmp_path: Path
+) -> None:
+    ctl = controller(log, store)
+    assert ctl.run_once(0.1) is None and ctl.verdict is not None and ctl.verdict.reason == "no new version"
+    began = canary_of(log, store, ctl, 1, tmp_path)
+    assert began is not None and (began.action, began.canary_version, began.canary_weight) == ("canary", 1, 0.2)
+    assert "no collapse guards measured" in began.reason
+    assert log.consumer(None, [events.DEPLOYMENTS]).poll(10, 1.0)[0].event == began  # on the log, too
+    served(store, "base", 12, reward=-0.5)
+    served(store, "default-v1", 9, reward=1.0)
+    assert ctl.check() is None and "collecting evidence: 9 resolved canary turns" in ctl.verdict.reason  # type: ignore[union-attr]
+    served(store, "default-v1", 1, reward=1.0)
+    stepped = ctl.check()
+    assert stepped is not None and (stepped.action, stepped.canary_weight) == ("step", 0.5)
+    assert stepped.reason.startswith("reward: P(canary >= stable - 0.05) = 1.000")
+    assert ctl.check() is None and "served 0 of 10 turns at weight 0.5" in ctl.verdict.reason  # type: ignore[union-attr]
+    served(store, "default-v1", 10, reward=1.0)
+    promoted = ctl.check()
+    assert promoted is not None and (promoted.action, promoted.stable_version, promoted.canary_version) == (
+        "promote", 1, None)
+    assert store.get(tables.Adapter, ("default", 1)).status == "stable"  # type: ignore[union-attr]
+
+
+def test_a_worse_version_is_rolled_back_by_the_reward_gate(log: EventLog, store: Store, tmp_path: Path) -> None:
+    ctl = controller(log, store)
+    canary_of(log, store, ctl, 1, tmp_path)
+    served(store, "base", 30, reward=0.8)
+    served(store, "default-v1", 30, reward=-0.2)
+    rolled = ctl.check()
+    assert rolled is not None and rolled.action == "rollback" and rolled.canary_version is None
+    assert rolled.reason.startswith("reward: P(canary worse than stable by > 0.05) = 1.000")
+    assert store.get(tables.Adapter, ("default", 1)).status == "rolled_back"  # type: ignore[union-attr]
+    assert ctl.check() is None  # a rolled-back version is not tried again
+
+
+@pytest.mark.parametrize(("content", "latency_ms", "says"), [
+    ("", 20.0, "empty outputs in 10 of 10"),
+    ("<|tool_call|>{not json", 20.0, "tool calls that do not parse in 10 of 10"),
+    ("fine", 5000.0, "latency p99 5000 ms against 20 ms"),
+])
+def test_fast_guardrails_roll_back_at_once_even_when_paused(
+    log: EventLog, store: Store, tmp_path: Path, content: str, latency_ms: float, says: str
+) -> None:
+    ctl = controller(log, store)
+    canary_of(log, store, ctl, 1, tmp_path)
+    deployments.operate(store, "default", "pause", "ops", "watching", _drop)
+    served(store, "base", 20)
+    served(store, "default-v1", 9, content=content, latency_ms=latency_ms)
+    assert ctl.check() is None  # fewer than guard_min_turns canary turns
+    served(store, "default-v1", 1, content=content, latency_ms=latency_ms)
+    rolled = ctl.check()
+    assert rolled is not None and rolled.action == "rollback", ctl.verdict
+    assert rolled.reason.startswith("fast guardrail: ") and says in rolled.reason, rolled.reason
+
+
+def test_flaws_as_common_on_stable_do_not_roll_back(log: EventLog, store: Store, tmp_path: Path) -> None:
+    ctl = controller(log, store)
+    canary_of(log, store, ctl, 1, tmp_path)
+    served(store, "base", 40, content="")
+    served(store, "default-v1", 20, content="")
+    assert ctl.check() is None and ctl.verdict.action == "wait"  # type: ignore[union-attr]
+
+
+def test_low_traffic_waits_then_times_out_and_pause_holds_it(log: EventLog, store: Store, tmp_path: Path) -> None:
+    clock = Clock()
+    ctl = controller(log, store, clock)
+    canary_of(log, store, ctl, 1, tmp_path)
+    served(store, "base", 50, reward=0.5)
+    served(store, "default-v1", 3, reward=1.0)
+    clock.now += timedelta(seconds=599)
+    assert ctl.check() is None
+    deployments.operate(store, "default", "pause", "ops", "holiday", _drop)
+    clock.now += timedelta(seconds=10)
+    assert ctl.check() is None and ctl.verdict.reason == "paused"  # type: ignore[union-attr]
+    resumed = deployments.operate(store, "default", "resume", "ops", "back", _drop)
+    clock.now = resumed.occurred_at + timedelta(seconds=601)  # the timeout counts from the last change
+    rolled = ctl.check()
+    assert rolled is not None and rolled.action == "rollback"
+    assert rolled.reason.startswith("not enough evidence after 601 s (timeout 600 s): 3 resolved canary turns")
+
+
+def test_collapse_guards_reject_a_version_before_it_serves(log: EventLog, store: Store, tmp_path: Path) -> None:
+    ctl = controller(log, store)
+    collapsed = {**GUARDS_BASE, "distinct_2": 0.2, "kl_to_base": 0.1, "prompts": 8, "base": GUARDS_BASE}
+    rejected = canary_of(log, store, ctl, 1, tmp_path, {"guards": collapsed})
+    assert rejected is not None and rejected.action == "reject" and rejected.canary_version is None
+    assert rejected.reason == "collapse guard: distinct_2 0.2 is below 90% of the base model's 0.8"
+    assert store.get(tables.Adapter, ("default", 1)).status == "rejected"  # type: ignore[union-attr]
+    healthy = {**GUARDS_BASE, "kl_to_base": 0.3, "prompts": 8, "base": GUARDS_BASE}
+    began = canary_of(log, store, ctl, 2, tmp_path, {"guards": healthy})
+    assert began is not None and began.canary_version == 2 and "collapse guards within bounds" in began.reason
+
+
+def test_the_newest_version_goes_first_and_older_ones_are_skipped(log: EventLog, store: Store, tmp_path: Path) -> None:
+    ctl = controller(log, store)
+    for version in (1, 2):
+        publish(log, version, tmp_path / f"v{version}")
+    began = ctl.run_once(0.5)
+    assert began is not None and began.canary_version == 2
+    assert store.get(tables.Adapter, ("default", 1)).status == "skipped"  # type: ignore[union-attr]
+
+
+def test_a_restarted_controller_goes_on_from_the_stored_state(log: EventLog, store: Store, tmp_path: Path) -> None:
+    first = controller(log, store)
+    canary_of(log, store, first, 1, tmp_path)
+    first.close()
+    served(store, "base", 10, reward=0.0)
+    served(store, "default-v1", 10, reward=1.0)
+    second = controller(log, store)
+    stepped = second.run_once(0.2)
+    assert stepped is not None and (stepped.action, stepped.canary_version) == ("step", 1)
+
+
+def test_a_decision_on_a_state_that_moved_is_not_written(log: EventLog, store: Store, tmp_path: Path) -> None:
+    ctl = controller(log, store)
+    canary_of(log, store, ctl, 1, tmp_path)
+    stale = Deployment.read(store)
+    deployments.operate(store, "default", "rollback", "ops", "no", _drop)
+    with pytest.raises(DeploymentConflict):
+        store.change_deployment(deployments.step(stale, "controller", "late"), expected=stale.last_event_id)
+    assert Deployment.read(store).canary is None
+
+
+def test_operators_promote_a_named_version_and_roll_back_to_the_one_before(store: Store, tmp_path: Path) -> None:
+    for version in (1, 2):
+        store.apply([events.AdapterPublished(version=version, base_model="tiny", path=str(tmp_path))])
+    published: list[events.DeploymentChanged] = []
+    with pytest.raises(InvalidChange, match="no canary to promote"):
+        deployments.operate(store, "default", "promote", "ops", "why not", published.append)
+    with pytest.raises(InvalidChange, match="no version 9"):
+        deployments.operate(store, "default", "promote", "ops", "typo", published.append, version=9)
+    with pytest.raises(InvalidChange, match="say who acts and why"):
+        deployments.operate(store, "default", "promote", "ops", " ", published.append, version=1)
+    deployments.operate(store, "default", "promote", "ops", "first", published.append, version=1)
+    deployments.operate(store, "default", "promote", "ops", "second", published.append, version=2)
+    back = deployments.operate(store, "default", "rollback", "ops", "2 is bad", published.append)
+    assert (back.stable_version, back.subject_version) == (1, 2)
+    assert store.adapter_statuses("default") == {1: "stable", 2: "rolled_back"}
+    base = deployments.operate(store, "default", "rollback", "ops", "1 too", published.append)
+    assert base.stable_version is None  # nothing before 1: the base model
+    assert [change.action for change in published] == ["promote", "promote", "rollback", "rollback"]
+    with pytest.raises(InvalidChange, match="nothing to roll back"):
+        deployments.operate(store, "default", "rollback", "ops", "again", published.append)
+
+
+def test_the_recorder_applies_changes_idempotently_and_the_latest_wins(store: Store) -> None:
+    older = Deployment().change("promote", "ops", "old", subject=1, stable=1)
+    newer = Deployment().change("promote", "ops", "new", subject=2, stable=2)
+    assert store.apply([newer, older, newer]) == 2
+    assert Deployment.read(store).stable == 2 and len(store.deployment_changes("default")) == 2
+
+
+def test_every_rollout_setting_reaches_the_policy() -> None:
+    settings = Settings(rollout_schedule=[0.05, 0.2, 0.7], rollout_min_resolved=99, rollout_confidence=0.9,
+                        rollout_reward_margin=0.2, rollout_guard_min_turns=7, rollout_canary_timeout_s=42.0)
+    assert GatePolicy.from_settings(settings) == GatePolicy(schedule=(0.05, 0.2, 0.7), min_resolved=99,
+                                                            confidence=0.9, margin=0.2, guard_min_turns=7,
+                                                            timeout_s=42.0)
+    assert GatePolicy.from_settings(Settings()) == GatePolicy()
+
+
+def _drop(_: events.DeploymentChanged) -> None:
+    """A publisher for changes only the store needs to see here."""

@@ -1,0 +1,193 @@
+"""The rollout's decision rules, as pure functions: what to do with a canary, given the evidence.
+
+Before a version serves at all, its **collapse guards** (``meta.json``, measured by the trainer on held-out
+prompts beside the base model: :mod:`trainer.guards`) must be within bounds, or it is rejected:
+entropy at least half the base model's, distinct-1 and distinct-2 at least 90% of the base's, mean length
+between half and twice the base's, KL to the base at most ``max_kl`` nats per token. A version without
+guards (the trainer had no prompts to measure on) passes, and the canary's reason says so.
+
+While it is the canary, at every check:
+
+1. **Fast guardrails**, always (paused too): for each flaw (:mod:`nextturn.flaws`: failed turns, tool calls
+   that do not parse, malformed and empty outputs), once the canary served ``guard_min_turns``, roll back
+   when the canary's rate is above the stable version's by more than ``flaw_tolerance`` with 95%
+   confidence (the Wilson lower bound of the canary's rate against the stable rate plus the tolerance);
+   and roll back when the canary's latency p99 is above ``latency_factor`` times the stable p99 plus
+   ``latency_slack_ms`` (each arm with ``guard_min_turns``).
+2. **Slow gate** on reward, not while paused: with at least ``min_resolved`` resolved turns in each arm
+   (turns since the canary began, the stable ones in the same window), the difference of mean rewards
+   d = canary − stable has the approximate posterior N(d̂, s²) (flat prior; s² = var_c/n_c + var_s/n_s, each
+   variance floored at ``variance_floor`` so that a few identical rewards do not claim certainty).
+   P(d > −margin) ≥ ``confidence``: the canary is no worse than stable, within the margin → the next weight,
+   or promotion after the last; the current weight must first have served ``guard_min_turns`` canary turns
+   (so the guardrails saw it there). P(d < −margin) ≥ ``confidence``: the canary is worse → roll back.
+   The rule is evaluated at every check; each look is a fresh posterior, not a fixed-size test, so the
+   minimum counts, not a p-value, are what stop an early lucky streak from promoting.
+3. **Low traffic**: without enough evidence either way, the canary waits; after ``timeout_s`` without a
+   change (since it began, stepped up, or resumed; never while paused) it is rolled back, with the counts in
+   the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from statistics import NormalDist
+from typing import Any, Literal
+
+from nextturn.deployments import Arm, Deployment
+from nextturn.flaws import FLAWS
+from nextturn.settings import Settings
+
+_Z95 = NormalDist().inv_cdf(0.95)
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    schedule: tuple[float, ...] = (0.1, 0.5)
+    min_resolved: int = 30
+    confidence: float = 0.95
+    margin: float = 0.05
+    guard_min_turns: int = 10
+    timeout_s: float = 3600.0
+    flaw_tolerance: float = 0.02
+    latency_factor: float = 2.0
+    latency_slack_ms: float = 1000.0
+    variance_floor: float = 0.05
+    max_kl: float = 2.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GatePolicy:
+        return cls(schedule=tuple(settings.rollout_schedule), min_resolved=settings.rollout_min_resolved,
+                   confidence=settings.rollout_confidence, margin=settings.rollout_reward_margin,
+                   guard_min_turns=settings.rollout_guard_min_turns, timeout_s=settings.rollout_canary_timeout_s)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Literal["wait", "step", "promote", "rollback"]
+    reason: str
+
+
+def collapse(guards: dict[str, Any] | None, policy: GatePolicy) -> str | None:
+    """Why a version's collapse guards reject it, or None when they are within bounds (or absent).
+
+    >>> base = {"entropy": 2.0, "distinct_1": 0.5, "distinct_2": 0.8, "length": 20.0}
+    >>> collapse({**base, "kl_to_base": 0.1, "base": base}, GatePolicy()) is None
+    True
+    >>> print(collapse({**base, "distinct_2": 0.3, "kl_to_base": 0.1, "base": base}, GatePolicy()))
+    distinct_2 0.3 is below 90% of the base model's 0.8
+    """
+    if not guards or not guards.get("prompts") and "base" not in guards:
+        return None
+    base = guards.get("base") or {}
+
+    def value(name: str, of: dict[str, Any]) -> float | None:
+        found = of.get(name)
+        return float(found) if isinstance(found, int | float) else None
+
+    checks = (("entropy", 0.5, None), ("distinct_1", 0.9, None), ("distinct_2", 0.9, None), ("length", 0.5, 2.0))
+    for name, low, high in checks:
+        mine, theirs = value(name, guards), value(name, base)
+        if mine is None or theirs is None:
+            continue
+        if mine < low * theirs:
+            return f"{name} {mine:.3g} is below {low:.0%} of the base model's {theirs:.3g}"
+        if high is not None and mine > high * theirs:
+            return f"{name} {mine:.3g} is above {high:.0%} of the base model's {theirs:.3g}"
+    kl = value("kl_to_base", guards)
+    if kl is not None and kl > policy.max_kl:
+        return f"kl_to_base {kl:.3g} is above {policy.max_kl:g} nats per token"
+    return None
+
+
+def decide(state: Deployment, canary: Arm, stable: Arm, policy: GatePolicy, now: datetime) -> Verdict:
+    """What to do with the canary now (see the module docstring for the rules)."""
+    alarm = guardrails(canary, stable, policy)
+    if alarm is not None:
+        return Verdict("rollback", f"fast guardrail: {alarm}")
+    if state.paused:
+        return Verdict("wait", "paused")
+    counts = (f"{len(canary.rewards)} resolved canary turns (mean reward {_mean(canary)}), "
+              f"{len(stable.rewards)} stable (mean {_mean(stable)})")
+    if min(len(canary.rewards), len(stable.rewards)) >= policy.min_resolved:
+        better, worse = posterior(canary, stable, policy)
+        if worse >= policy.confidence:
+            return Verdict("rollback", f"reward: P(canary worse than stable by > {policy.margin:g}) = "
+                                       f"{worse:.3f} on {counts}")
+        if better >= policy.confidence:
+            if canary.turns_since_step < policy.guard_min_turns:
+                return Verdict("wait", f"reward gate passed; the canary served {canary.turns_since_step} of "
+                                       f"{policy.guard_min_turns} turns at weight {state.weight:g}")
+            last = not [weight for weight in state.schedule if weight > state.weight]
+            return Verdict("promote" if last else "step",
+                           f"reward: P(canary >= stable - {policy.margin:g}) = {better:.3f} on {counts}")
+    since = state.updated_at or state.canary_since
+    assert since is not None  # a canary always has its start
+    waited = (now - since).total_seconds()
+    if waited > policy.timeout_s:
+        return Verdict("rollback", f"not enough evidence after {waited:.0f} s (timeout {policy.timeout_s:g} s): "
+                                   f"{counts}; each arm needs {policy.min_resolved}")
+    return Verdict("wait", f"collecting evidence: {counts}")
+
+
+def guardrails(canary: Arm, stable: Arm, policy: GatePolicy) -> str | None:
+    """Why the canary must be rolled back at once, or None.
+
+    >>> from collections import Counter
+    >>> empty = Arm("c", turns=10, flaws=Counter(empty=9), latencies_ms=[5.0] * 10)
+    >>> guardrails(empty, Arm("s", turns=100, latencies_ms=[5.0] * 100), GatePolicy())
+    'empty outputs in 9 of 10 canary turns (90%) against 0 of 100 stable (0%)'
+    >>> guardrails(Arm("c", turns=10, flaws=Counter(empty=1), latencies_ms=[5.0] * 10),
+    ...            Arm("s", turns=100, flaws=Counter(empty=10), latencies_ms=[5.0] * 100), GatePolicy()) is None
+    True
+    """
+    if canary.turns < policy.guard_min_turns:
+        return None
+    names = {"error": "failed turns", "tool_call": "tool calls that do not parse", "malformed": "malformed outputs",
+             "empty": "empty outputs"}
+    for flaw in FLAWS:
+        mine, theirs = canary.flaws[flaw], stable.flaws[flaw]
+        stable_rate = theirs / stable.turns if stable.turns else 0.0
+        if _wilson_low(mine, canary.turns) > stable_rate + policy.flaw_tolerance:
+            return (f"{names[flaw]} in {mine} of {canary.turns} canary turns ({mine / canary.turns:.0%}) against "
+                    f"{theirs} of {stable.turns} stable ({stable_rate:.0%})")
+    mine_p99, theirs_p99 = canary.p99_ms(), stable.p99_ms()
+    if stable.turns >= policy.guard_min_turns and mine_p99 is not None and theirs_p99 is not None:
+        if mine_p99 > policy.latency_factor * theirs_p99 + policy.latency_slack_ms:
+            return f"latency p99 {mine_p99:.0f} ms against {theirs_p99:.0f} ms on stable"
+    return None
+
+
+def posterior(canary: Arm, stable: Arm, policy: GatePolicy) -> tuple[float, float]:
+    """(P(d > -margin), P(d < -margin)) for d = canary's mean reward - stable's, under N(d̂, s²).
+
+    >>> good = Arm("c", rewards=[1.0] * 30); bad = Arm("s", rewards=[-1.0] * 30)
+    >>> [round(p, 3) for p in posterior(good, bad, GatePolicy())]
+    [1.0, 0.0]
+    """
+    def moments(rewards: list[float]) -> tuple[float, float]:
+        mean = sum(rewards) / len(rewards)
+        variance = sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards) - 1)
+        return mean, max(variance, policy.variance_floor) / len(rewards)
+
+    (mean_c, var_c), (mean_s, var_s) = moments(canary.rewards), moments(stable.rewards)
+    spread = NormalDist(mean_c - mean_s, math.sqrt(var_c + var_s))
+    worse = spread.cdf(-policy.margin)
+    return 1.0 - worse, worse
+
+
+def _wilson_low(hits: int, n: int) -> float:
+    """The 95% one-sided Wilson lower bound of a rate."""
+    if n == 0:
+        return 0.0
+    rate, z2 = hits / n, _Z95**2
+    centre = rate + z2 / (2 * n)
+    spread = _Z95 * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z2 / n))
+
+
+def _mean(arm: Arm) -> str:
+    mean = arm.mean_reward
+    return "n/a" if mean is None else f"{mean:+.2f}"

@@ -1,0 +1,128 @@
+"""The rollout controller (``nextturn rollout run``): puts each published version behind a canary and
+promotes it or rolls it back by itself (rules: :mod:`trainer.gates`; state and moves:
+:mod:`nextturn.deployments`).
+
+Each check, in order:
+1. poll ``adapters`` (group ``rollout-<scope>``) and store what was published (the recorder may not have
+   yet), so that a new version is seen at once rather than at the next check;
+2. publish any change a previous check wrote to the store but could not put on the event log;
+3. read the deployment from the store. Without a canary, the newest published version newer than the
+   stable one is rejected (collapse guards) or becomes the canary; older published ones are skipped
+   (paused: no new canary).
+   With one, gather each arm's evidence and decide: wait, step, promote or roll back;
+4. write the change to the store as a compare-and-set on the state it was decided on (an operator who
+   acted meanwhile wins, and the next check decides again on the new state), then append it to the log;
+5. commit the polled offsets.
+All the state is in the store, so a controller that restarts goes on from where the last one was. Run one
+controller per scope; a second one is harmless (its compare-and-set fails) but useless.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime
+
+from nextturn import deployments, events
+from nextturn.bus import EventLog
+from nextturn.deployments import CONTROLLER, Deployment
+from nextturn.errors import CommitFailed, DeploymentConflict, EventLogUnavailable, InvalidChange
+from nextturn.store import Store
+from trainer.gates import GatePolicy, Verdict, collapse, decide
+
+log = logging.getLogger(__name__)
+
+
+class RolloutController:
+    def __init__(self, event_log: EventLog, store: Store, *, scope: str = events.DEFAULT_SCOPE,
+                 policy: GatePolicy | None = None, clock: Callable[[], datetime] = events.utc_now) -> None:
+        self.scope = scope
+        self.policy = policy or GatePolicy()
+        self.verdict: Verdict | None = None  # the last decision, "wait" included
+        self._log = event_log
+        self._store = store
+        self._clock = clock
+        self._unpublished: list[events.DeploymentChanged] = []
+        self._consumer = event_log.consumer(f"rollout-{scope}", [events.ADAPTERS])
+
+    def run(self, stop: threading.Event, interval_s: float = 2.0) -> None:
+        while not stop.is_set():
+            self.run_once(interval_s)
+
+    def run_once(self, timeout_s: float = 1.0) -> events.DeploymentChanged | None:
+        """One check (waiting up to ``timeout_s`` for a published version); the change it made, if any."""
+        deliveries = self._consumer.poll(100, timeout_s)
+        published = [d.event for d in deliveries
+                     if isinstance(d.event, events.AdapterPublished) and d.event.scope == self.scope]
+        if published:
+            self._store.apply(published)
+        self._publish()
+        change = self.check()
+        try:
+            self._consumer.commit()
+        except CommitFailed:
+            pass  # the versions are in the store already; seeing them again changes nothing
+        return change
+
+    def check(self) -> events.DeploymentChanged | None:
+        state = Deployment.read(self._store, self.scope)
+        if state.canary is None:
+            return self._begin(state)
+        evidence = deployments.arms(self._store, state)
+        assert evidence is not None  # there is a canary
+        self.verdict = decide(state, *evidence, self.policy, self._clock())
+        moves = {"step": deployments.step, "promote": deployments.promote, "rollback": deployments.rollback}
+        if self.verdict.action == "wait":
+            return None
+        return self._make(state, moves[self.verdict.action](state, CONTROLLER, self.verdict.reason))
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def _begin(self, state: Deployment) -> events.DeploymentChanged | None:
+        """The newest published version: rejected, or the new canary."""
+        if state.paused:
+            self.verdict = Verdict("wait", "paused")
+            return None
+        found = self._store.newest_adapter(self.scope, newer_than=state.stable or 0)
+        if found is None:
+            self.verdict = Verdict("wait", "no new version")
+            return None
+        guards = found.meta.get("guards")
+        rejected = collapse(guards, self.policy)
+        if rejected is not None:
+            self.verdict = Verdict("rollback", f"collapse guard: {rejected}")
+            return self._make(state, deployments.reject(state, found.version, CONTROLLER, self.verdict.reason))
+        checked = "collapse guards within bounds" if guards and guards.get("prompts") else "no collapse guards measured"
+        self.verdict = Verdict("step", f"published; {checked}")
+        try:
+            change = deployments.canary(state, found.version, self.policy.schedule, CONTROLLER, self.verdict.reason,
+                                        self._clock())
+        except InvalidChange as exc:
+            log.error("version %s cannot become the canary: %s", found.version, exc)
+            return None
+        return self._make(state, change)
+
+    def _make(self, state: Deployment, change: events.DeploymentChanged) -> events.DeploymentChanged | None:
+        try:
+            self._store.change_deployment(change, expected=state.last_event_id)
+        except DeploymentConflict:
+            log.info("the deployment changed while deciding; deciding again on the new state")
+            return None
+        log.info("%s %s: %s", change.action, change.subject_version, change.reason)
+        self._unpublished.append(change)
+        self._publish()
+        return change
+
+    def _publish(self) -> None:
+        """Append the changes written to the store; gateways read the store anyway, so a log that is down
+        only delays them."""
+        if not self._unpublished:
+            return
+        try:
+            self._log.append(self._unpublished)
+        except EventLogUnavailable as exc:
+            log.warning("cannot append %d deployment change(s) to the event log yet: %s", len(self._unpublished), exc)
+            return
+        self._unpublished.clear()
