@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python bench/event_log.py
 	$(BIN)/python bench/signals_throughput.py
 	$(BIN)/python bench/trainer_step.py
+	$(BIN)/python bench/hot_swap.py
 
 clean:
 	rm -rf $(VENV) .nextturn .pytest_cache .hypothesis

@@ -1,0 +1,64 @@
+"""The router on its own: sticky sessions, canary share, draining and rolled-back versions (a clock we move)."""
+
+from __future__ import annotations
+
+from gateway.routing import Router
+from nextturn import events
+from nextturn.deployments import Deployment, bucket
+
+
+class Loaded:
+    """What the router asks of an engine: which model ids exist (every deployed version is loaded here)."""
+
+    def adapter_for(self, model: str) -> str | None:
+        return events.BASE_VERSION if model == "tiny" else None
+
+    def models(self) -> list[str]:
+        return ["tiny"]
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def route(router: Router, session: str, parent: str | None = None) -> str:
+    return router.route("tiny", "acme", session, parent)
+
+
+def test_new_sessions_split_by_hash_and_keep_their_version_as_the_weight_rises() -> None:
+    router = Router(Loaded())  # type: ignore[arg-type]
+    router.apply(Deployment(canary=1, weight=0.3, schedule=(0.3, 0.6)), lambda _: True, ())
+    sessions = [f"s{n}" for n in range(400)]
+    first = {s: route(router, s) for s in sessions}
+    assert {s for s, v in first.items() if v == "default-v1"} == {s for s in sessions if bucket("acme", s) < 0.3}
+    router.apply(Deployment(canary=1, weight=0.6, schedule=(0.3, 0.6)), lambda _: True, ())
+    assert all(route(router, s, parent=first[s]) == first[s] for s in sessions)  # sessions with turns stay
+    share = sum(route(router, f"new{n}") == "default-v1" for n in range(2000)) / 2000
+    assert 0.55 < share < 0.65  # new sessions get the new weight
+
+
+def test_a_replaced_version_drains_its_sessions_and_a_rolled_back_one_stops_at_once() -> None:
+    clock = Clock()
+    router = Router(Loaded(), clock=clock)  # type: ignore[arg-type]
+    router.apply(Deployment(stable=1), lambda _: True, ())
+    assert router.apply(Deployment(stable=2), lambda _: True, ()) == []  # v1 drains: nothing unloads yet
+    clock.now = 50.0
+    assert route(router, "old", parent="default-v1") == "default-v1"  # a turn keeps it in use
+    clock.now = 100.0
+    assert router.drained(60.0) == []
+    clock.now = 111.0
+    assert router.drained(60.0) == ["default-v1"]
+    assert route(router, "old", parent="default-v1") == "default-v2"
+    router.apply(Deployment(stable=2, canary=3, weight=0.5, schedule=(0.5,)), lambda _: True, ())
+    assert router.apply(Deployment(stable=2), lambda _: True, bad={"default-v3"}) == ["default-v3"]
+    assert route(router, "on-canary", parent="default-v3") == "default-v2"
+
+
+def test_a_version_that_did_not_load_gets_no_sessions() -> None:
+    router = Router(Loaded())  # type: ignore[arg-type]
+    router.apply(Deployment(stable=4, canary=5, weight=0.9, schedule=(0.9,)), lambda name: name == "base", ())
+    assert (router.stable, router.canary) == ("base", None)
+    assert {route(router, f"s{n}") for n in range(50)} == {"base"}
