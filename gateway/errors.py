@@ -9,6 +9,7 @@
     ├── PayloadTooLarge          413     invalid_request_error
     ├── EngineUnavailable        502     api_error: the engine failed or is unreachable
     ├── AuthenticationUnavailable 503    api_error: the store that holds the keys is unreachable
+    ├── StoreUnavailable         503     api_error: a route that reads the store cannot reach it
     └── EngineTimeout            504     api_error
 
 Domain errors never subclass HTTPException; the handlers below are the only translation.
@@ -25,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nextturn.errors import NextturnError
+from nextturn.errors import NextturnError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ class AuthenticationUnavailable(GatewayError):
     status, type = 503, "api_error"
 
 
+class StoreUnavailable(GatewayError):
+    status, type = 503, "api_error"
+
+
 class EngineTimeout(GatewayError):
     status, type = 504, "api_error"
 
@@ -106,6 +111,11 @@ def install_error_handlers(app: FastAPI) -> None:
         error = GatewayError(str(exc.detail))
         error.status, error.type = exc.status_code, "invalid_request_error"
         return JSONResponse(error_body(error), status_code=exc.status_code)
+
+    @app.exception_handler(StoreError)
+    async def _store(_: Request, exc: StoreError) -> JSONResponse:
+        error = StoreUnavailable(f"the store is unavailable; try again: {exc}")
+        return JSONResponse(error_body(error), status_code=error.status)
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:

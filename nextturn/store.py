@@ -149,8 +149,11 @@ class Store:
         return (best.id, best.session_id, best.link_hash, best.adapter_version) if best is not None else None
 
     def get(self, table: type[_Row], key: Any) -> _Row | None:
-        with self.session() as db:
-            return db.get(table, key)
+        try:
+            with self.session() as db:
+                return db.get(table, key)
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"cannot read the store at {_safe(self.url)}: {exc}") from exc
 
     # -- deployments (nextturn.deployments) -----------------------------------------------------------
 

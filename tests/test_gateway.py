@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -288,3 +289,23 @@ def test_a_conversation_continues_on_another_replica_and_after_a_restart(upstrea
     turns = [recorded(tmp_path, turn_id) for turn_id in (first, second, third)]
     assert [turn.parent_turn_id for turn in turns] == [None, first, second]
     assert len({turn.session_id for turn in turns}) == 1
+
+
+def test_a_store_that_breaks_is_a_503_on_admin_routes_and_the_deployment_watcher_survives_it(
+    upstream: Uvicorn, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path, engine="openai", upstream_url=f"{upstream.url}/v1", model=MODEL,
+                        admin_key="sk-admin", rollout_check_interval_s=0.1)
+    with Uvicorn(create_app(settings)) as gateway:
+        admin = {"Authorization": "Bearer sk-admin"}
+        assert httpx.get(f"{gateway.url}/v1/admin/rollout", headers=admin).json()["stable"] == "base"
+        with sqlite3.connect(tmp_path / "nextturn.db") as db:
+            db.execute("ALTER TABLE deployments RENAME TO deployments_away")
+        broken = httpx.get(f"{gateway.url}/v1/admin/rollout", headers=admin)
+        assert broken.status_code == 503 and broken.json()["error"]["type"] == "api_error"
+        assert "the store is unavailable" in broken.json()["error"]["message"]
+        time.sleep(0.5)  # several of the watcher's checks fail meanwhile
+        assert httpx.get(f"{gateway.url}/healthz").status_code == 200
+        with sqlite3.connect(tmp_path / "nextturn.db") as db:
+            db.execute("ALTER TABLE deployments_away RENAME TO deployments")
+        assert httpx.get(f"{gateway.url}/v1/admin/rollout", headers=admin).status_code == 200
