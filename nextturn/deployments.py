@@ -194,6 +194,7 @@ def previous_stable(store: Store, scope: str, current: int | None) -> int | None
 
 
 BAD = ("rolled_back", "rejected")  # statuses of versions that must not serve again
+LATENCY_WINDOW = 2000  # an arm's p99 is over its latest turns: a canary that slows down is seen soon
 
 
 # --- evidence: what each version did since a time ------------------------------------------------------
@@ -207,7 +208,7 @@ class Arm:
     version: str
     turns: int = 0
     flaws: Counter[str] = field(default_factory=Counter)
-    latencies_ms: list[float] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)  # the latest LATENCY_WINDOW turns
     rewards: list[float] = field(default_factory=list)
     turns_since_step: int = 0  # of them, turns that started at the current weight
 
@@ -232,14 +233,14 @@ def arms(store: Store, state: Deployment) -> tuple[Arm, Arm] | None:
         return None
     found = {name: Arm(name) for name in (state.canary_name, state.stable_name)}
     step_began = state.updated_at or state.canary_since
-    for version, flaw, latency_ms, started_at in store.served_turns(list(found), state.canary_since):
+    for version, flaw, turns, since_step in store.served_turns(list(found), state.canary_since, step_began):
         arm = found[version]
-        arm.turns += 1
-        arm.latencies_ms.append(latency_ms)
+        arm.turns += turns
+        arm.turns_since_step += since_step or 0
         if flaw is not None:
-            arm.flaws[flaw] += 1
-        if _aware(started_at) >= step_began:  # type: ignore[operator]
-            arm.turns_since_step += 1
+            arm.flaws[flaw] += turns
+    for arm in found.values():
+        arm.latencies_ms = store.latencies(arm.version, state.canary_since, LATENCY_WINDOW)
     for version, reward in store.rewards(list(found), state.canary_since):
         found[version].rewards.append(reward)
     return found[state.canary_name], found[state.stable_name]

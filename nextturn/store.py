@@ -193,11 +193,21 @@ class Store:
                 tables.Adapter.scope == scope, tables.Adapter.version > newer_than, tables.Adapter.status == status,
             ).order_by(tables.Adapter.version.desc())).first()  # type: ignore[attr-defined]
 
-    def served_turns(self, versions: Sequence[str], since: datetime) -> list[Any]:
-        """(adapter_version, flaw, latency_ms, started_at) of the turns these versions served since ``since``."""
+    def served_turns(self, versions: Sequence[str], since: datetime, step_since: datetime) -> list[Any]:
+        """(adapter_version, flaw, turns, of them since ``step_since``) of the turns these versions served
+        since ``since``, counted by the database."""
         table = tables.Turn.__table__
-        return self._read(sa_select(table.c.adapter_version, table.c.flaw, table.c.latency_ms, table.c.started_at)
-                          .where(table.c.adapter_version.in_(list(versions)), table.c.started_at >= since))
+        recent = func.sum(case((table.c.started_at >= step_since, 1), else_=0))
+        return self._read(sa_select(table.c.adapter_version, table.c.flaw, func.count(), recent)
+                          .where(table.c.adapter_version.in_(list(versions)), table.c.started_at >= since)
+                          .group_by(table.c.adapter_version, table.c.flaw))
+
+    def latencies(self, version: str, since: datetime, limit: int) -> list[float]:
+        """The latency of the latest ``limit`` turns ``version`` served since ``since``."""
+        table = tables.Turn.__table__
+        return [row[0] for row in self._read(
+            sa_select(table.c.latency_ms).where(table.c.adapter_version == version, table.c.started_at >= since)
+            .order_by(table.c.started_at.desc()).limit(limit))]
 
     def rewards(self, versions: Sequence[str], since: datetime) -> list[tuple[str, float]]:
         """(adapter_version, reward) of the turns these versions served since ``since`` whose latest signal
