@@ -167,8 +167,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/admin/rollout/{action}", dependencies=[Depends(admin)])
     async def rollout_act(action: Literal["promote", "rollback", "pause", "resume"], body: RolloutAction,
                           request: Request, db: Annotated[Store, Depends(store)],
-                          service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:
-        scope = service.router.deployment.scope
+                          service: Annotated[TurnService, Depends(turns)],
+                          scope: str = events.DEFAULT_SCOPE) -> dict[str, Any]:
         try:
             change = await asyncio.to_thread(deployments.operate, db, scope, action, body.actor, body.reason,
                                              service.publisher.publish, body.version)
