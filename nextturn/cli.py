@@ -46,6 +46,9 @@ rollout_app = typer.Typer(help="Rollouts: each published version behind a canary
 app.add_typer(rollout_app, name="rollout")
 
 
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
 def _settings(ctx: typer.Context) -> Settings:
     settings = ctx.find_root().obj
     assert isinstance(settings, Settings)
@@ -224,7 +227,7 @@ def signals_relabel(
 @signals_app.command("status")
 def signals_status(
     ctx: typer.Context,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Resolved turns, rewards by source, hints, abstentions, judge share and agreement, lag."""
 
@@ -267,7 +270,7 @@ def trainer_run(ctx: typer.Context, scope: ScopeOption = events.DEFAULT_SCOPE) -
 def trainer_status(
     ctx: typer.Context,
     scope: ScopeOption = events.DEFAULT_SCOPE,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """The scope's head version, waiting signals, counts, and each version's collapse guards."""
 
@@ -313,7 +316,7 @@ def rollout_run(ctx: typer.Context, scope: ScopeOption = events.DEFAULT_SCOPE) -
 def rollout_status(
     ctx: typer.Context,
     scope: ScopeOption = events.DEFAULT_SCOPE,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """What serves now, each arm's evidence, what the gates would decide, and the latest changes."""
     from nextturn.deployments import Deployment, arms, status
