@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[ml,dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[ml,demo,dev]"
 	touch $@
 
 install: $(STAMP)

@@ -413,11 +413,75 @@ def _show(figures: dict[str, object], as_json: bool, *, title: str, leave_out: s
 
 
 @app.command()
-def demo(ctx: typer.Context) -> None:
-    """Run the part of the loop that exists so far (the foundation), on the embedded default."""
-    from nextturn.demo import run
+def up(ctx: typer.Context) -> None:
+    """Run the whole loop: gateway, signals worker, trainer and rollout controller, until Ctrl-C."""
+    from rich.console import Console
+    from rich.live import Live
 
-    run(_settings(ctx))
+    from nextturn.errors import StoreUnavailable
+    from nextturn.stack import Activity, Stack, activity, describe, status_table
+    from nextturn.store import Store
+
+    settings = _settings(ctx)
+    console = Console(stderr=True)
+    stack = Stack(settings)
+    console.print(f"starting {', '.join(c.component.name for c in stack.children)} "
+                  f"(engine {settings.engine}, event log {settings.bus}); logs in {stack.logs}")
+    stack.start()
+    stop = _stop_on_interrupt()
+    store = Store.from_settings(settings)
+    console.print(f"[green]up[/green]: {stack.url}/v1 (OpenAI-compatible); Ctrl-C stops everything")
+
+    def figures() -> tuple[Activity | None, str | None]:
+        try:
+            return activity(store), None
+        except StoreUnavailable as exc:
+            return None, str(exc)
+
+    ticks = 0
+
+    def log_line() -> None:  # not a terminal: one line every ten seconds
+        nonlocal ticks
+        ticks += 1
+        if ticks % 10 == 0:
+            found, error = figures()
+            console.print(describe(found) if found is not None else f"store: {error}")
+
+    try:
+        if console.is_terminal:
+            with Live(status_table(stack, *figures()), console=console, refresh_per_second=2) as live:
+                stack.run(stop, on_tick=lambda: live.update(status_table(stack, *figures())))
+        else:
+            stack.run(stop, on_tick=log_line)
+    finally:
+        statuses = stack.stop()
+        store.close()
+        console.print("stopped: " + ", ".join(
+            name + ("" if code in (0, -15, None) else f" (exit status {code})") for name, code in statuses.items()))
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    method: Annotated[str, typer.Option(help="none | rl | opd | combined: how the trainer learns.")] = "combined",
+    compare: Annotated[bool, typer.Option(help="Run all four methods with the same seed and people.")] = False,
+    quick: Annotated[bool, typer.Option(help="A short run of the combined method (a few minutes).")] = False,
+    interactions: Annotated[int | None, typer.Option(help="Model answers per method (default 256; quick: "
+                                                          "QUICK_INTERACTIONS).", min=16)] = None,
+    seed: Annotated[int, typer.Option(help="The base model's and the people's seed.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Where results go (default <data dir>/demo).")] = None,
+) -> None:
+    """The whole loop on this machine, learning from simulated people; writes a table and a learning curve."""
+    from nextturn.demo.runner import METHODS, QUICK_INTERACTIONS, run
+
+    if method not in METHODS:
+        raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
+    if compare and quick:
+        raise typer.BadParameter("--quick runs one method; leave out --compare", param_hint="--quick")
+    settings = _settings(ctx)
+    chosen = METHODS if compare else ("combined",) if quick else (method,)
+    run(out or settings.data_dir / "demo", methods=chosen, seed=seed,
+        interactions=interactions or (QUICK_INTERACTIONS if quick else 256))
 
 
 def main() -> None:

@@ -128,7 +128,8 @@ def init_model(directory: Path, *, size: str = "tiny", seed: int = 0) -> Path:
     return directory
 
 
-def build_tokenizer(vocab_size: int, seed: int):  # type: ignore[no-untyped-def]  # a PreTrainedTokenizerFast
+def build_tokenizer(vocab_size: int, seed: int, corpus: list[str] | None = None):  # type: ignore[no-untyped-def]
+    """A byte-level BPE tokenizer (a PreTrainedTokenizerFast) trained on ``corpus``, by default a generated one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -141,7 +142,7 @@ def build_tokenizer(vocab_size: int, seed: int):  # type: ignore[no-untyped-def]
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: any text can be encoded
         show_progress=False,
     )
-    core.train_from_iterator(_corpus(seed), trainer=trainer)
+    core.train_from_iterator(corpus if corpus is not None else _corpus(seed), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token=END,

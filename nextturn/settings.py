@@ -8,6 +8,7 @@ SQLite store in one data directory.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -164,6 +165,18 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'nextturn.db'}"
         return self
 
+    def environment(self) -> dict[str, str]:
+        """These settings as ``NEXTTURN_*`` variables: a child process that builds its Settings from them
+        (and from nothing else: see :func:`child_environment`) gets exactly these settings."""
+        variables = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                continue
+            text = json.dumps(value) if isinstance(value, list | dict) else \
+                str(value).lower() if isinstance(value, bool) else str(value)
+            variables[f"{_ENV_PREFIX}{name.upper()}"] = text
+        return variables
+
     @property
     def tenant_keys(self) -> dict[str, str]:
         """API key -> tenant, from ``api_keys``."""
@@ -204,6 +217,13 @@ class Settings(BaseSettings):
     def store_url(self) -> str:
         assert self.database_url is not None  # filled in by _coherent
         return self.database_url
+
+
+def child_environment(settings: Settings, base: dict[str, str]) -> dict[str, str]:
+    """``base`` (a process environment) with its ``NEXTTURN_*`` variables replaced by ``settings``'s: a child
+    started with it builds the same Settings, whatever the parent's environment or config file said."""
+    kept = {key: value for key, value in base.items() if not key.startswith(_ENV_PREFIX)}
+    return {**kept, **settings.environment()}
 
 
 def _explain(exc: ValidationError) -> str:

@@ -223,6 +223,24 @@ class Store:
                 latest[signal_id] = (revision, version, reward)
         return [(version, reward) for _, version, reward in latest.values() if reward is not None]
 
+    def loop_counts(self, scope: str, recent: int) -> dict[str, Any]:
+        """What a live status shows: the scope's turns (and failed ones), turns with a signal, with a reward,
+        with a hint (counted once per signal, over its revisions), the latest ``recent`` rewards, versions."""
+        turns, signals, adapters = tables.Turn.__table__, tables.Signal.__table__, tables.Adapter.__table__
+        ours = signals.c.scope == scope
+        distinct = func.count(func.distinct(signals.c.signal_id))
+        (total, failed), = self._read(sa_select(func.count(), func.sum(case((turns.c.status != "ok", 1), else_=0)))
+                                      .where(turns.c.scope == scope))
+        (resolved,), = self._read(sa_select(distinct).where(ours))
+        (rewarded,), = self._read(sa_select(distinct).where(ours, signals.c.reward.is_not(None)))
+        (hints,), = self._read(sa_select(distinct).where(ours, signals.c.hint.is_not(None)))
+        latest = self._read(sa_select(signals.c.reward).where(ours, signals.c.reward.is_not(None))
+                            .order_by(signals.c.created_at.desc()).limit(recent))
+        (versions,), = self._read(sa_select(func.count()).select_from(adapters).where(adapters.c.scope == scope))
+        return {"turns": int(total or 0), "failed_turns": int(failed or 0), "resolved": int(resolved),
+                "rewarded": int(rewarded), "hints": int(hints), "recent_rewards": [row[0] for row in latest],
+                "versions": int(versions)}
+
     def _read(self, query: Any) -> list[Any]:
         try:
             with self.engine.connect() as conn:

@@ -78,11 +78,11 @@ def test_model_init_writes_a_loadable_model(tmp_path: Path) -> None:
     assert {p.name for p in (tmp_path / "model").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
 
 
-def test_demo_runs_the_foundation_and_says_what_is_missing(tmp_path: Path) -> None:
-    result = nextturn("demo", data_dir=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "recorded 5 new events" in result.stdout
-    assert "Not built yet" in result.stdout
+def test_demo_refuses_an_unknown_method_and_quick_with_compare(tmp_path: Path) -> None:
+    unknown = nextturn("demo", "--method", "sgd", data_dir=tmp_path)
+    both = nextturn("demo", "--quick", "--compare", data_dir=tmp_path)
+    assert unknown.returncode == 2 and "none, rl, opd, combined" in unknown.stderr
+    assert both.returncode == 2 and "leave out --compare" in both.stderr
 
 
 def test_keys_create_prints_a_key_the_gateway_accepts_for_its_tenant(tmp_path: Path) -> None:

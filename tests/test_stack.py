@@ -1,0 +1,144 @@
+"""``nextturn up``: the loop's components as supervised processes, started from one Settings object."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from nextturn.errors import ConfigError
+from nextturn.settings import Settings, child_environment
+from nextturn.stack import Component, Stack, StackFailed, _Child, activity, components
+from nextturn.store import Store
+
+from rolling import wait_for
+from services import free_port
+
+
+def test_a_child_builds_exactly_the_parents_settings(tmp_path: Path) -> None:
+    parent = Settings(data_dir=tmp_path, rollout_schedule=[0.2, 0.6], access_log=True, judge_url="http://j/v1",
+                      judge_model="m", trainer_learning_rate=0.01, api_keys="k:a,k2:b", port=9123)
+    inherited = {"NEXTTURN_TRAIN_METHOD": "rl", "NEXTTURN_CONFIG": "/nowhere.toml", "PATH": "/bin"}
+    environment = child_environment(parent, inherited)
+    assert environment["PATH"] == "/bin" and "NEXTTURN_CONFIG" not in environment
+    probe = ("import json; from nextturn.settings import Settings; "
+             "print(Settings.load().model_dump_json())")
+    result = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True, check=True)
+    assert Settings.model_validate_json(result.stdout) == parent  # the shell's NEXTTURN_TRAIN_METHOD did not leak
+
+
+def test_without_a_trainer_method_up_runs_no_trainer(tmp_path: Path) -> None:
+    names = [c.name for c in components(Settings(data_dir=tmp_path, train_method="none"))]
+    assert names == ["gateway", "signals", "rollout"]
+    assert "trainer" in [c.name for c in components(Settings(data_dir=tmp_path))]
+
+
+def test_up_refuses_to_start_without_a_model(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nextturn model init"):
+        Stack(Settings(data_dir=tmp_path)).start()
+    assert not (tmp_path / "logs").exists()  # nothing was started
+
+
+def test_a_component_that_keeps_failing_stops_the_stack_with_its_log(tmp_path: Path, tiny_model: Path) -> None:
+    stack = Stack(Settings(data_dir=tmp_path, model=str(tiny_model)), backoff_s=0.01)
+    stack.prepare()
+    stack.logs.mkdir(parents=True)
+    stack.children = [_Child(Component("broken", ("no-such-command",)))]
+    stack._spawn(stack.children[0])
+    deadline = time.monotonic() + 60
+    with pytest.raises(StackFailed, match=r"broken exited 5 times(.|\n)*No such command"):
+        while time.monotonic() < deadline:
+            stack.check()
+            time.sleep(0.01)
+    assert stack.children[0].restarts == 4
+    stack.stop()
+
+
+def test_up_runs_the_loop_restarts_a_killed_worker_and_stops_cleanly_on_ctrl_c(tmp_path: Path,
+                                                                                 tiny_model: Path) -> None:
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NEXTTURN_")}
+    env = {**clean, "NEXTTURN_DATA_DIR": str(tmp_path), "NEXTTURN_MODEL": str(tiny_model),
+           "NEXTTURN_PORT": str(port), "NEXTTURN_API_KEYS": "sk-acme:acme", "NEXTTURN_SIGNALS_IDLE_TIMEOUT_S": "1"}
+    up = subprocess.Popen([sys.executable, "-m", "nextturn", "up"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    store = Store(Settings(data_dir=tmp_path).store_url)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-acme", max_retries=0)
+        model = wait_for(lambda: _models(client), "the gateway", timeout_s=120)[0]
+        ask = [{"role": "user", "content": "Name a flower."}]
+        first = client.chat.completions.create(model=model, messages=ask, max_tokens=4)  # type: ignore[arg-type]
+        # The signals worker resolves the turn once the session is quiet: the loop runs end to end.
+        wait_for(lambda: activity(store).resolved >= 1, "a signal for the first turn")
+
+        workers = _children(up.pid)
+        signals_pid = next(pid for pid, argv in workers.items() if "signals" in argv)
+        os.kill(signals_pid, signal.SIGKILL)
+        wait_for(lambda: any("signals" in argv and pid != signals_pid for pid, argv in _children(up.pid).items()),
+                 "the supervisor to start the signals worker again")
+        again = [*ask, {"role": "assistant", "content": first.choices[0].message.content or ""},
+                 {"role": "user", "content": "Another one, please."}]
+        client.chat.completions.create(model=model, messages=again, max_tokens=4)  # type: ignore[arg-type]
+        wait_for(lambda: activity(store).resolved >= 2, "the restarted worker to resolve the second turn")
+        client.close()
+
+        everyone = _children(up.pid)
+        up.send_signal(signal.SIGINT)
+        output, _ = up.communicate(timeout=90)
+    finally:
+        if up.poll() is None:
+            up.kill()
+        store.close()
+    assert up.returncode == 0, output
+    assert "stopped: gateway, signals, trainer, rollout" in output
+    assert not [pid for pid in everyone if _alive(pid)]  # no component outlived the supervisor
+
+
+def _models(client: openai.OpenAI) -> list[str] | None:
+    try:
+        return [model.id for model in client.models.list().data]
+    except openai.APIConnectionError:
+        return None
+
+
+def _children(parent: int) -> dict[int, str]:
+    """Direct child processes of ``parent``: pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            found[int(entry.name)] = argv
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_clean_stop_reports_every_component(tmp_path: Path, tiny_model: Path) -> None:
+    settings = Settings(data_dir=tmp_path, model=str(tiny_model), port=free_port(), train_method="none")
+    stack = Stack(settings)
+    stack.start()
+    try:
+        assert [child.state for child in stack.children] == ["running"] * 3
+    finally:
+        statuses = stack.stop()
+    assert set(statuses) == {"gateway", "signals", "rollout"}
+    assert all(code in (0, -signal.SIGTERM) for code in statuses.values()), statuses
+    assert [child.state for child in stack.children] == ["stopped"] * 3
