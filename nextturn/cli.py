@@ -463,25 +463,24 @@ def up(ctx: typer.Context) -> None:
 @app.command()
 def demo(
     ctx: typer.Context,
-    method: Annotated[str, typer.Option(help="none | rl | opd | combined: how the trainer learns.")] = "combined",
-    compare: Annotated[bool, typer.Option(help="Run all four methods with the same seed and people.")] = False,
-    quick: Annotated[bool, typer.Option(help="A short run of the combined method (a few minutes).")] = False,
-    interactions: Annotated[int | None, typer.Option(help="Model answers per method (default 256; quick: "
-                                                          "QUICK_INTERACTIONS).", min=16)] = None,
+    method: Annotated[str | None, typer.Option(help="Run one method only: none | rl | opd | combined.")] = None,
+    compare: Annotated[bool, typer.Option(help="Run all four methods with the same seed and people "
+                                               "(what runs without --method or --quick).")] = False,
+    quick: Annotated[bool, typer.Option(help="The combined method only: a few minutes.")] = False,
+    interactions: Annotated[int, typer.Option(help="Model answers per method.", min=16)] = 256,
     seed: Annotated[int, typer.Option(help="The base model's and the people's seed.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Where results go (default <data dir>/demo).")] = None,
 ) -> None:
     """The whole loop on this machine, learning from simulated people; writes a table and a learning curve."""
-    from nextturn.demo.runner import METHODS, QUICK_INTERACTIONS, run
+    from nextturn.demo.runner import METHODS, run
 
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
-    if compare and quick:
-        raise typer.BadParameter("--quick runs one method; leave out --compare", param_hint="--quick")
+    if sum((compare, quick, method is not None)) > 1:
+        raise typer.BadParameter("choose one of --compare, --quick and --method", param_hint="--quick")
     settings = _settings(ctx)
-    chosen = METHODS if compare else ("combined",) if quick else (method,)
-    run(out or settings.data_dir / "demo", methods=chosen, seed=seed,
-        interactions=interactions or (QUICK_INTERACTIONS if quick else 256))
+    chosen = ("combined",) if quick else (method,) if method is not None else METHODS
+    run(out or settings.data_dir / "demo", methods=chosen, seed=seed, interactions=interactions)
 
 
 def main() -> None:

@@ -51,15 +51,31 @@ HEALTH_TIMEOUT_S = 120.0
 class Component:
     name: str
     command: tuple[str, ...]  # the nextturn subcommand
+    computes: bool = False  # runs a model with torch: gets a share of the cores (see threads())
 
 
 def components(settings: Settings) -> list[Component]:
     """What ``up`` runs, in start order (stopped in the same order: the gateway first)."""
-    parts = [Component("gateway", ("serve",)), Component("signals", ("signals", "run"))]
+    parts = [Component("gateway", ("serve",), computes=settings.engine == "embedded"),
+             Component("signals", ("signals", "run"))]
     if settings.train_method != "none":
-        parts.append(Component("trainer", ("trainer", "run")))
+        parts.append(Component("trainer", ("trainer", "run"), computes=True))
     parts.append(Component("rollout", ("rollout", "run")))
     return parts
+
+
+def threads(parts: list[Component], cores: int) -> int:
+    """Torch threads for each computing component: the cores shared out, at least one each.
+
+    Two torch processes that each use every core thrash: on 2 cores, the gateway's answers took 4 to 60 s
+    instead of 0.1 s while the trainer trained (OpenMP workers spinning for the same cores). Halved, each
+    keeps its speed. A user's own ``OMP_NUM_THREADS`` wins.
+
+    >>> threads(components(Settings()), 2), threads(components(Settings(train_method="none")), 16)
+    (1, 16)
+    """
+    computing = sum(part.computes for part in parts)
+    return max(1, cores // max(1, computing))
 
 
 @dataclass
@@ -93,7 +109,8 @@ class Stack:
         self.backoff_s = backoff_s  # the first restart's delay; it doubles, up to 30 s
         self.logs = settings.data_dir / "logs"
         self._environment = child_environment(settings, dict(os.environ if environment is None else environment))
-        self.children = [_Child(component) for component in components(settings)]
+        self._parts = components(settings)
+        self.children = [_Child(component) for component in self._parts]
         self._lock = threading.Lock()
 
     @property
@@ -133,8 +150,12 @@ class Stack:
         child.log.write(f"--- {datetime.now(UTC).isoformat()} nextturn {' '.join(child.component.command)}\n"
                         .encode())
         child.log.flush()
+        environment = self._environment
+        if child.component.computes and "OMP_NUM_THREADS" not in environment:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            environment = {**environment, "OMP_NUM_THREADS": str(threads(self._parts, cores))}
         child.process = subprocess.Popen(
-            [sys.executable, "-m", "nextturn", *child.component.command], env=self._environment,
+            [sys.executable, "-m", "nextturn", *child.component.command], env=environment,
             stdin=subprocess.DEVNULL, stdout=child.log, stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group: a terminal's Ctrl-C reaches only this supervisor
         child.started_at = time.monotonic()

@@ -1,7 +1,7 @@
 """The demo's base model: a small chat model taught here, from generated conversations, to follow
 instructions in the demo's world (:mod:`nextturn.demo.tasks`). Nothing is downloaded.
 
-What it learns (supervised fine-tuning of a randomly initialised ~2M-parameter Llama on :func:`lesson`s):
+What it learns (supervised fine-tuning of a randomly initialised ~1M-parameter Llama on :func:`lesson`s):
 
 * to answer list requests and sums, with the unprompted odds of :mod:`nextturn.demo.tasks` (so the easy
   preferences show up now and then and the hard ones rarely or never);
@@ -33,11 +33,12 @@ from nextturn.demo import tasks
 from nextturn.demo.tasks import CATEGORIES, Request, Style
 from nextturn.local_models import Size
 
-SIZE = Size(vocab=1536, hidden=192, layers=4, heads=6, kv_heads=2, intermediate=512, context=512)
+SIZE = Size(vocab=1536, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=341, context=512)  # ~1M parameters
 HINT_OPEN = "\n\n[Hint about what a good answer does: "  # as nextturn.conversation.HINT_PREFIX writes it
 NOISE_HINTS = ("Be careful with the details.", "Find the cause and fix it before answering.",
                "The tool call call_1 failed: ZeroDivisionError: division by zero. Find the cause and fix it "
                "before answering.")
+STEPS = 1200  # about 4.5 minutes on two CPU cores
 ATTRIBUTES = {"layout": ("numbered", "bullets", "json", "comma"), "case": ("upper", "lower")}
 
 Message = dict[str, Any]
@@ -191,7 +192,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nextturn"
 
 
-def cached_model(seed: int = 0, *, steps: int = 900, progress: Callable[[int, int, float], None] | None = None,
+def cached_model(seed: int = 0, *, steps: int = STEPS, progress: Callable[[int, int, float], None] | None = None,
                  root: Path | None = None) -> Path:
     """The base model for ``seed``: built once (written to a temporary directory, then renamed), then reused."""
     target = (root or cache_root()) / f"demo-base-{cache_key(seed, steps)}"
@@ -211,7 +212,7 @@ def cached_model(seed: int = 0, *, steps: int = 900, progress: Callable[[int, in
     return target
 
 
-def build(directory: Path, *, seed: int = 0, steps: int = 900, batch: int = 32, learning_rate: float = 3e-3,
+def build(directory: Path, *, seed: int = 0, steps: int = STEPS, batch: int = 32, learning_rate: float = 5e-3,
           size: Size = SIZE, progress: Callable[[int, int, float], None] | None = None) -> None:
     """Tokenizer and weights, taught for ``steps`` steps of ``batch`` lessons; ``progress(step, steps, loss)``."""
     import torch

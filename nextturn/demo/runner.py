@@ -26,7 +26,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from nextturn import events
+from nextturn import events, tables
 from nextturn.demo import base_model, evaluation, report, tasks
 from nextturn.demo.report import Decision, MethodResult
 from nextturn.demo.users import Budget, Judged, Population
@@ -37,7 +37,6 @@ from nextturn.stack import Stack, activity
 from nextturn.store import Store
 
 METHODS = ("none", "rl", "opd", "combined")
-QUICK_INTERACTIONS = 160
 HELD_OUT_PER_PERSON = 48
 DIVERSITY_SAMPLES = 96
 
@@ -46,9 +45,10 @@ def settings(data_dir: Path, model_dir: Path, method: str, port: int) -> Setting
     """The loop's settings for the demo: the defaults, except what a loop of a few hundred answers needs.
 
     * signals: a conversation's last turn is resolved after 5 s of quiet (default 300 s);
-    * rollout: one canary step at half the new sessions, decided on 8 resolved turns per arm at 80%
-      confidence with a 0.1 margin, each weight serving 4 canary turns first (defaults: 10% then 50%,
-      30 turns, 95%, 0.05, 10), and a timeout of 120 s; replaced versions drain after 5 s;
+    * rollout: one canary step at half the new sessions, decided on 10 resolved turns per arm at 75%
+      confidence with a 0.25 margin, each weight serving 4 canary turns first (defaults: 10% then 50%,
+      30 turns, 95%, 0.05, 10), and a timeout of 120 s; replaced versions drain after 5 s. With ten
+      rewards per arm, a canary as good as stable passes at 75% only with a margin near 0.25;
     * trainer: samples up to 8 versions behind the newest are admitted (default 4), since the canary
       holds back what serves while the trainer moves on.
     """
@@ -58,7 +58,7 @@ def settings(data_dir: Path, model_dir: Path, method: str, port: int) -> Setting
         train_method=method,  # type: ignore[arg-type]
         signals_idle_timeout_s=5.0,
         trainer_max_version_lag=8,
-        rollout_schedule=[0.5], rollout_min_resolved=8, rollout_confidence=0.8, rollout_reward_margin=0.1,
+        rollout_schedule=[0.5], rollout_min_resolved=10, rollout_confidence=0.75, rollout_reward_margin=0.25,
         rollout_guard_min_turns=4, rollout_canary_timeout_s=120.0, rollout_check_interval_s=1.0,
         rollout_drain_s=5.0,
     )
@@ -75,7 +75,7 @@ def free_port() -> int:
 
 
 def run(out: Path, *, methods: tuple[str, ...], interactions: int, seed: int, console: Console | None = None,
-        build_steps: int = 1000) -> dict[str, Any]:
+        build_steps: int = base_model.STEPS) -> dict[str, Any]:
     """The demo; returns the figures it also writes to ``out`` (results.json, results.md, learning_curve.png)."""
     console = console or Console()
     model_dir = _base_model(console, seed, build_steps)
@@ -156,6 +156,8 @@ def _run_method(console: Console, out: Path, model_dir: Path, method: str, inter
                 live.update(Group(progress, _panel(population, figures)))
         _new_decisions(store, budget.used, seen_changes, decisions)
         stable = Deployment.read(store, events.DEFAULT_SCOPE)
+        row = None if stable.stable is None else store.get(tables.Adapter, (events.DEFAULT_SCOPE, stable.stable))
+        adapter = None if row is None else Path(row.path)
         stages = _stages(store)
     finally:
         stack.stop()
@@ -163,7 +165,6 @@ def _run_method(console: Console, out: Path, model_dir: Path, method: str, inter
     seconds = time.monotonic() - started
     if population.errors:
         console.print(f"[yellow]{len(population.errors)} people stopped early: {population.errors[:3]}[/yellow]")
-    adapter = None if stable.stable is None else chosen.adapters_path / events.DEFAULT_SCOPE / str(stable.stable)
     sampler = evaluation.Sampler.load(model_dir, adapter)
     held_out = evaluation.satisfaction(sampler, tasks.PEOPLE, per_person=HELD_OUT_PER_PERSON, seed=seed + 1)
     diversity = evaluation.diversity(sampler, samples=DIVERSITY_SAMPLES, seed=seed + 2)

@@ -10,7 +10,10 @@ up on the conversation. A sum comes with the calculator tool: when the model cal
 runs it and sends back its JSON result or error, and the model answers from that.
 
 They never tell anyone their preference, never rate, and never touch the trainer: whatever the loop
-learns, it learns from the signals worker reading these replies.
+learns, it learns from the signals worker reading these replies. They pause before each message (about a
+second, ``think_s``): people do, and without it five simulated people send a few hundred messages in the
+time the trainer takes for a few updates, so the curve would measure the trainer's speed, not what it
+learns per interaction.
 
 Every model answer is an *interaction* (a tool call and the answer after it are two). The first answer to
 a new request in a conversation with no correction so far is a *fresh answer*: its satisfaction is what
@@ -74,6 +77,7 @@ class Population:
     people: tuple[tasks.Person, ...]
     seed: int
     budget: Budget
+    think_s: float = 1.0  # a person's pause before each message, on average (uniform in [0.5, 1.5] of it)
     on_judged: Callable[[Judged], None] = lambda judged: None
     judged: list[Judged] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -116,6 +120,7 @@ class Population:
             if interaction is None:
                 return False
             if text is not None:
+                time.sleep(self.think_s * rng.uniform(0.5, 1.5))  # reading the answer, typing the next message
                 messages.append({"role": "user", "content": text})
             raw = client.chat.completions.with_raw_response.create(
                 model=model, messages=messages, tools=request.tools or openai.NOT_GIVEN,  # type: ignore[arg-type]

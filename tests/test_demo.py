@@ -1,0 +1,71 @@
+"""The demo: a fixed seed, the combined method, the whole stack. A test of learning, not of speed.
+
+The base model is built once per machine and cached (``~/.cache/nextturn``); the first run of this test
+builds it (a few minutes on two cores).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+from rich.console import Console
+
+from nextturn.demo import tasks
+from nextturn.demo.runner import run
+from signals.hints import from_correction
+from signals.rewards import follow_up
+
+
+def test_the_quick_demo_learns_from_people_through_every_stage(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    figures = run(out, methods=("combined",), interactions=256, seed=0, console=Console(file=io.StringIO()))
+    base, combined = figures["base"], figures["methods"]["combined"]
+    stages = combined["stages"]
+    # Every stage took part: turns recorded, signals read from the people's replies (hints among them), and
+    # versions published, put behind a canary and promoted by the rollout controller's gates.
+    assert stages["turns"] >= 240 and stages["signals"] >= 200 and stages["hints"] >= 20, stages
+    assert stages["published"] >= 2 and stages["canaried"] >= 1 and stages["promoted"] >= 1, stages
+    assert combined["stable"] != "base"
+    # Held-out satisfaction (requests phrased as nobody asked online) rose clearly over the base model's.
+    before = sum(base["held_out"].values()) / len(base["held_out"])
+    after = sum(combined["held_out"].values()) / len(combined["held_out"])
+    assert after >= before + 0.2, (base["held_out"], combined["held_out"])
+    assert (out / "results.md").read_text().count("|") > 20
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "results.json").read_text())["methods"]["combined"]["stages"] == stages
+
+
+def test_people_speak_in_ways_the_signals_worker_understands() -> None:
+    """The people's corrections are corrections with a hint, their complaints and re-asks are negative
+    without one, their thanks are positive: otherwise the demo would teach nothing, or the wrong thing."""
+    rng = random.Random(0)
+    for want in tasks.SAY:
+        for _ in range(20):
+            said = tasks.correction(rng, (want,))
+            verdict = follow_up(said, "List three fruits.")
+            assert verdict is not None and verdict.score < 0, said
+            assert from_correction([], said, corrected=True), said
+    for complaint in tasks.COMPLAINTS:
+        verdict = follow_up(complaint, "List three fruits.")
+        assert verdict is not None and verdict.score < 0 and not from_correction([], complaint, corrected=True)
+    for _ in range(20):
+        request = tasks.ask(rng, rng.choice(["fruits", "sums"]))
+        again = tasks.rephrase(rng, request)
+        assert follow_up(again.text, request.text).score < 0  # type: ignore[union-attr]
+        assert follow_up(f"{tasks.thanks(rng)} {again.text}", request.text).score > 0  # type: ignore[union-attr]
+
+
+def test_preferences_are_judged_on_form_and_content() -> None:
+    numbered = tasks.Preference(layout="numbered", case="upper")
+    request = tasks.Request("list", "List two fruits.", category="fruits", count=2)
+    assert tasks.judge_list(request, "1. APPLE\n2. PEAR", numbered).satisfied
+    assert tasks.judge_list(request, "1. apple\n2. pear", numbered).misses == ("upper",)
+    assert not tasks.judge_list(request, "1. APPLE\n2. TIGER", numbered).satisfied  # not a fruit
+    assert not tasks.judge_list(request, "1. APPLE", numbered).satisfied  # one, not two
+    assert tasks.Preference(layout="json").hard and not tasks.Preference(layout="numbered").hard
+    sum_request = tasks.Request("sum", "What is 7 times 6?", a=7, op="times", b=6)
+    assert tasks.judge_sum(sum_request, "7 times 6 is 42.", True, tasks.Preference(calculator=True)).satisfied
+    assert not tasks.judge_sum(sum_request, "7 times 6 is 42.", False, tasks.Preference(calculator=True)).satisfied
