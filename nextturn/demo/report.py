@@ -99,7 +99,7 @@ def plot(results: Sequence[MethodResult], base: MethodResult, hard: Sequence[str
                 y = next((value for x, value in points if x >= decision.interaction), ys[-1])
                 axis.plot([decision.interaction], [y], marker="^" if decision.action == "promote" else "v",
                           color=colour, markersize=8, linestyle="none")
-        level = _mean(base.held_out.values()) if only_hard is None else group_mean(base.held_out, hard)
+        level = group_mean(base.held_out, list(base.held_out) if only_hard is None else hard)
         axis.axhline(level, color="#888888", linestyle=":", label="base model (held-out)")
         axis.set_title(f"{title}: rolling satisfaction of fresh answers (last {WINDOW})")
         axis.set_xlabel("interactions (model answers)")
@@ -113,7 +113,3 @@ def plot(results: Sequence[MethodResult], base: MethodResult, hard: Sequence[str
     plt.close(figure)
     return path
 
-
-def _mean(values: object) -> float:
-    found = list(values)  # type: ignore[call-overload]
-    return sum(found) / len(found) if found else float("nan")

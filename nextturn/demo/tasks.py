@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Layout = Literal["comma", "numbered", "bullets", "json"]
@@ -153,7 +153,6 @@ class Person:
     preference: Preference
     patience: tuple[float, float, float] = (0.6, 0.2, 0.2)
     turns_per_conversation: tuple[int, int] = (1, 3)
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 PEOPLE = (

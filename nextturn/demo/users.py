@@ -22,6 +22,7 @@ the demo's learning curve plots.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -173,8 +174,6 @@ class Population:
 
 
 def _json_object(text: str) -> dict[str, Any]:
-    import json
-
     try:
         parsed = json.loads(text or "{}")
     except ValueError:
