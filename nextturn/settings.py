@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     # How a hint teaches: "sampled" reweights the tokens the model sampled (the per-token advantage of the
     # DESIGN formula); "distribution" distils the hinted teacher's whole next-token distribution.
     trainer_opd_form: Literal["distribution", "sampled"] = "distribution"
+    # Which KL the distribution form takes: forward KL(teacher ‖ student) lifts tokens the model never
+    # samples; reverse KL(student ‖ teacher) is mode seeking (trainer/distillation.py says why forward).
+    trainer_opd_divergence: Literal["forward", "reverse"] = "forward"
+    # Where the distribution form teaches: every response position, or only up to the first token the
+    # teacher would not have picked (past it the teacher reads a response it would not write).
+    trainer_opd_span: Literal["response", "to_divergence"] = "to_divergence"
     trainer_teacher: Literal["base", "policy"] = "base"  # the hinted teacher: the frozen base, or the policy
     trainer_batch_size: int = Field(default=16, ge=1)  # samples (with a reward or a hint) per update
     trainer_steps_per_batch: int = Field(default=4, ge=1)  # optimizer steps on each batch
@@ -96,6 +102,10 @@ class Settings(BaseSettings):
     rollout_reward_margin: float = Field(default=0.05, ge=0.0, le=2.0)
     # Canary turns before the fast guardrails judge it, and turns each weight must serve before the next.
     rollout_guard_min_turns: int = Field(default=10, ge=1)
+    # A version whose distinct-1 or distinct-2 on the replay prompts is below this share of the base
+    # model's is rejected before it serves (a collapse guard). Learning a format lowers distinct-1 too
+    # ("1." and a newline in every answer), so a scope whose users want one may need it lower.
+    rollout_min_distinct: float = Field(default=0.9, gt=0.0, le=1.0)
     # A canary without enough evidence to decide is rolled back after this long (paused: never).
     rollout_canary_timeout_s: float = Field(default=3600.0, gt=0)
     # How often the controller checks, and gateways re-read the deployment (besides DeploymentChanged).

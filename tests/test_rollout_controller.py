@@ -223,10 +223,11 @@ def test_the_recorder_applies_changes_idempotently_and_the_latest_wins(store: St
 
 def test_every_rollout_setting_reaches_the_policy() -> None:
     settings = Settings(rollout_schedule=[0.05, 0.2, 0.7], rollout_min_resolved=99, rollout_confidence=0.9,
-                        rollout_reward_margin=0.2, rollout_guard_min_turns=7, rollout_canary_timeout_s=42.0)
+                        rollout_reward_margin=0.2, rollout_guard_min_turns=7, rollout_canary_timeout_s=42.0,
+                        rollout_min_distinct=0.6)
     assert GatePolicy.from_settings(settings) == GatePolicy(schedule=(0.05, 0.2, 0.7), min_resolved=99,
                                                             confidence=0.9, margin=0.2, guard_min_turns=7,
-                                                            timeout_s=42.0)
+                                                            timeout_s=42.0, min_distinct=0.6)
     assert GatePolicy.from_settings(Settings()) == GatePolicy()
 
 

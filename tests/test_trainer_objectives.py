@@ -3,6 +3,7 @@ what an update does to a real (tiny) model's adapter."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -68,35 +69,43 @@ def test_the_sampled_token_loss_equals_a_naive_per_token_loop(seed: int) -> None
     assert capped > 0  # the case exercises the cap
 
 
-def _naive_reverse_kl(student: list[float], teacher: list[float], top_k: int | None) -> float:
-    """KL(student ‖ teacher) over the teacher's top-k tokens plus a tail bucket (all tokens when None)."""
+def _naive_kl(student: list[float], teacher: list[float], top_k: int | None, divergence: str) -> float:
+    """KL(teacher ‖ student) (forward) or KL(student ‖ teacher) (reverse) over the teacher's top-k tokens
+    plus a tail bucket (all tokens when None)."""
     def probs(logits: list[float]) -> list[float]:
         top = max(logits)
         exps = [math.exp(x - top) for x in logits]
         return [e / sum(exps) for e in exps]
 
-    s, t = probs(student), probs(teacher)
+    p, q = (probs(teacher), probs(student)) if divergence == "forward" else (probs(student), probs(teacher))
     chosen = sorted(range(len(teacher)), key=lambda j: -teacher[j])[:top_k] if top_k else range(len(teacher))
-    kl = sum(s[j] * math.log(s[j] / t[j]) for j in chosen)
+    kl = sum(p[j] * math.log(p[j] / q[j]) for j in chosen)
     if top_k:
-        s_tail, t_tail = 1 - sum(s[j] for j in chosen), 1 - sum(t[j] for j in chosen)
-        kl += s_tail * math.log(s_tail / t_tail)
+        p_tail, q_tail = 1 - sum(p[j] for j in chosen), 1 - sum(q[j] for j in chosen)
+        kl += p_tail * math.log(p_tail / q_tail)
     return kl
 
 
+@pytest.mark.parametrize("positions", ["every", "some"])
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
 @pytest.mark.parametrize("top_k", [None, 3])
-def test_the_distillation_loss_equals_a_naive_per_position_loop(top_k: int | None) -> None:
+def test_the_distillation_loss_equals_a_naive_per_position_loop(top_k: int | None, divergence: str,
+                                                                positions: str) -> None:
+    """``positions``: the hint teaches a hinted sample's every position, or only some (a [B, R] mask)."""
     case = _case(7)
     g = torch.Generator().manual_seed(3)
     vocabulary = 9
     student = torch.randn(3, 5, vocabulary, generator=g)
     teacher = torch.randn(3, 5, vocabulary, generator=g) * 2
     ids = torch.randint(0, vocabulary, (3, 5), generator=g)
+    hinted = case["has_hint"] if positions == "every" else \
+        case["has_hint"][:, None] * torch.randint(0, 2, (3, 5), generator=g).float()
     objective = distillation.Objective(w_rl=0.5, w_opd=2.0, importance_cap=1.5, kl_to_base=0.2,
-                                       top_k=top_k or 64, full_vocabulary_up_to=0 if top_k else 8192)
+                                       top_k=top_k or 64, full_vocabulary_up_to=0 if top_k else 8192,
+                                       divergence=divergence)  # type: ignore[arg-type]
     rewards = case["rewards"] * case["has_reward"]
     loss, _ = distillation.token_loss(student, teacher, ids, case["old"], case["behaviour"], rewards,
-                                      case["has_hint"], case["mask"], objective, case["base"])
+                                      hinted, case["mask"], objective, case["base"])
     total, tokens = 0.0, 0
     for i in range(3):
         for t in range(5):
@@ -109,21 +118,37 @@ def test_the_distillation_loss_equals_a_naive_per_position_loop(top_k: int | Non
             a = objective.w_rl * float(rewards[i])
             rho = math.exp(lp - old)
             value = -w * min(rho * a, max(0.8, min(1.2, rho)) * a)
-            if case["has_hint"][i]:
-                value += objective.w_opd * w * _naive_reverse_kl(row, teacher[i, t].tolist(), top_k)
+            if (hinted[i] if hinted.dim() == 1 else hinted[i, t]):
+                value += objective.w_opd * w * _naive_kl(row, teacher[i, t].tolist(), top_k, divergence)
             x = float(case["base"][i, t]) - lp
             total += value + objective.kl_to_base * (math.exp(x) - x - 1)
             tokens += 1
     assert float(loss) == pytest.approx(total / tokens, rel=1e-5, abs=1e-6)
 
 
-def test_the_reverse_kl_is_zero_only_where_student_and_teacher_agree() -> None:
+def test_the_divergence_is_zero_only_where_student_and_teacher_agree() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 4, 50, generator=g)
-    for objective in (distillation.Objective(), distillation.Objective(top_k=5, full_vocabulary_up_to=0)):
-        same = distillation.reverse_kl(logits, logits.clone(), objective)
-        other = distillation.reverse_kl(logits, torch.randn(2, 4, 50, generator=g), objective)
-        assert same.abs().max() < 1e-5 and bool((other > 1e-3).all())
+    for divergence in ("forward", "reverse"):
+        for objective in (distillation.Objective(divergence=divergence),  # type: ignore[arg-type]
+                          distillation.Objective(top_k=5, full_vocabulary_up_to=0, divergence=divergence)):  # type: ignore[arg-type]
+            same = distillation.divergence(logits, logits.clone(), objective)
+            other = distillation.divergence(logits, torch.randn(2, 4, 50, generator=g), objective)
+            assert same.abs().max() < 1e-5 and bool((other > 1e-3).all())
+
+
+def test_the_forward_kl_lifts_a_token_the_student_never_samples() -> None:
+    """The reason forward is the default: the gradient on a token the student gives ~0 and the teacher
+    prefers is about −p_T under forward KL, and about 0 under reverse KL."""
+    student = torch.tensor([[[8.0, 0.0, -8.0]]], requires_grad=True)  # token 2: p_θ ≈ 1e-7
+    teacher = torch.tensor([[[0.0, 0.0, 4.0]]])  # the teacher prefers token 2
+    lifts = {}
+    for divergence in ("forward", "reverse"):
+        student.grad = None
+        distillation.divergence(student, teacher, distillation.Objective(divergence=divergence)).sum().backward()  # type: ignore[arg-type]
+        assert student.grad is not None
+        lifts[divergence] = -float(student.grad[0, 0, 2])  # descending the loss raises the logit by this much
+    assert lifts["forward"] > 0.9 and abs(lifts["reverse"]) < 1e-4
 
 
 def test_importance_weights_are_capped_in_the_gradient() -> None:
@@ -229,6 +254,28 @@ def test_a_batch_without_signal_takes_no_optimizer_step(tiny_model: Path, algori
     assert (result.steps, result.skipped) == (0, "no sample carries a non-zero advantage")
     assert optimizer.state_dict()["state"] == {}  # Adam never stepped: no momentum to move the weights later
     assert all(torch.equal(before[name], p) for name, p in policy.model.named_parameters())
+
+
+def test_the_teacher_teaches_up_to_its_first_disagreement(tiny_model: Path) -> None:
+    """With span "to_divergence", only the positions up to the first token the hinted teacher would not
+    have picked carry its KL: less than over the whole response when the response strays from it, the
+    same when the response is the teacher's own greedy answer."""
+    policy = Policy.load(tiny_model, rank=4, device="cpu")
+    hinted = prompt_token_ids(policy.tokenizer, teacher_context(QUESTION, HINT), None)
+    with torch.no_grad():
+        greedy = policy.model.generate(input_ids=torch.tensor([hinted]), max_new_tokens=6, do_sample=False,
+                                       pad_token_id=policy.tokenizer.pad_token_id)[0, len(hinted):].tolist()
+    own = _sample(policy, "", hint=HINT)
+    own = dataclasses.replace(own, response_ids=greedy, behaviour_logprobs=_logprobs(policy, own.prompt_ids, greedy))
+    strays = _sample(policy, "Lotus, rose and tulip.", hint=HINT)
+    measured: dict[tuple[str, str], float] = {}
+    for name, sample in (("own", own), ("strays", strays)):
+        for span in ("response", "to_divergence"):
+            result = distillation.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3), [sample],
+                                         distillation.Objective(w_rl=0.0, steps=0, span=span))  # type: ignore[arg-type]
+            measured[name, span] = result.stats["teacher_kl"]
+    assert 0 < measured["strays", "to_divergence"] < measured["strays", "response"]
+    assert measured["own", "to_divergence"] == pytest.approx(measured["own", "response"])
 
 
 def test_the_teacher_can_be_the_current_policy(tiny_model: Path, tmp_path: Path) -> None:

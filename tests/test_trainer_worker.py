@@ -16,6 +16,7 @@ from nextturn.bus import EventLog
 from nextturn.errors import ConfigError
 from nextturn.settings import Settings
 from nextturn.store import Store
+from trainer import distillation
 from trainer.errors import TrainerBusy
 from trainer.policy import Policy, pick_device
 from trainer.worker import TrainerConfig, TrainerWorker
@@ -278,6 +279,15 @@ def test_settings_reach_the_trainer(base: Policy, tiny_model: Path, store: Store
     assert "advantage_abs" in meta["metrics"]  # the sampled-token objective
     assert worker.ledger.counts["refused_no_signal"] == 1  # rl: a hint alone teaches nothing
     assert worker._optimizer.param_groups[0]["lr"] == 1e-4
+
+
+def test_the_distillation_divergence_and_span_follow_settings(tmp_path: Path) -> None:
+    for divergence, span in (("forward", "response"), ("reverse", "to_divergence")):
+        config = TrainerConfig.from_settings(Settings(data_dir=tmp_path, trainer_opd_divergence=divergence,
+                                                      trainer_opd_span=span))
+        objective = config.objective()
+        assert isinstance(objective, distillation.Objective)
+        assert (objective.divergence, objective.span) == (divergence, span)
 
 
 def test_a_trainer_without_a_method_or_a_gpu_says_so(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Before a version serves at all, its **collapse guards** (``meta.json``, measured by the trainer on held-out
 prompts beside the base model: :mod:`trainer.guards`) must be within bounds, or it is rejected:
-entropy at least half the base model's, distinct-1 and distinct-2 at least 90% of the base's, mean length
+entropy at least half the base model's, distinct-1 and distinct-2 at least ``min_distinct`` (90%) of the
+base's, mean length
 between half and twice the base's, KL to the base at most ``max_kl`` nats per token. A version without
 guards (the trainer had no prompts to measure on) passes, and the canary's reason says so.
 
@@ -56,12 +57,14 @@ class GatePolicy:
     latency_slack_ms: float = 1000.0
     variance_floor: float = 0.05
     max_kl: float = 2.0
+    min_distinct: float = 0.9
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatePolicy:
         return cls(schedule=tuple(settings.rollout_schedule), min_resolved=settings.rollout_min_resolved,
                    confidence=settings.rollout_confidence, margin=settings.rollout_reward_margin,
-                   guard_min_turns=settings.rollout_guard_min_turns, timeout_s=settings.rollout_canary_timeout_s)
+                   guard_min_turns=settings.rollout_guard_min_turns, timeout_s=settings.rollout_canary_timeout_s,
+                   min_distinct=settings.rollout_min_distinct)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ def collapse(guards: dict[str, Any] | None, policy: GatePolicy) -> str | None:
     True
     >>> print(collapse({**base, "distinct_2": 0.3, "kl_to_base": 0.1, "base": base}, GatePolicy()))
     distinct_2 0.3 is below 90% of the base model's 0.8
+    >>> formatted = {**base, "distinct_1": 0.4, "kl_to_base": 0.1, "base": base}  # 80% of the base's
+    >>> collapse(formatted, GatePolicy()), collapse(formatted, GatePolicy(min_distinct=0.75))
+    ("distinct_1 0.4 is below 90% of the base model's 0.5", None)
     """
     if not guards or not guards.get("prompts") and "base" not in guards:
         return None
@@ -87,7 +93,8 @@ def collapse(guards: dict[str, Any] | None, policy: GatePolicy) -> str | None:
         found = of.get(name)
         return float(found) if isinstance(found, int | float) else None
 
-    checks = (("entropy", 0.5, None), ("distinct_1", 0.9, None), ("distinct_2", 0.9, None), ("length", 0.5, 2.0))
+    checks = (("entropy", 0.5, None), ("distinct_1", policy.min_distinct, None),
+              ("distinct_2", policy.min_distinct, None), ("length", 0.5, 2.0))
     for name, low, high in checks:
         mine, theirs = value(name, guards), value(name, base)
         if mine is None or theirs is None:

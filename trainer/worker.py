@@ -60,6 +60,8 @@ WEIGHTS = {"rl": (1.0, 0.0), "opd": (0.0, 1.0), "combined": (1.0, 1.0)}
 class TrainerConfig:
     method: str = "combined"  # rl | opd | combined
     opd_form: str = "distribution"  # distribution | sampled
+    divergence: str = "forward"  # forward | reverse (the distribution form's KL)
+    span: str = "to_divergence"  # response | to_divergence (the distribution form's positions)
     teacher: str = "base"
     batch_size: int = 16
     steps_per_batch: int = 4
@@ -78,7 +80,9 @@ class TrainerConfig:
         if settings.train_method == "none":
             raise ConfigError("NEXTTURN_TRAIN_METHOD=none: there is nothing to train; do not start the trainer")
         return cls(
-            method=settings.train_method, opd_form=settings.trainer_opd_form, teacher=settings.trainer_teacher,
+            method=settings.train_method, opd_form=settings.trainer_opd_form,
+            divergence=settings.trainer_opd_divergence, span=settings.trainer_opd_span,
+            teacher=settings.trainer_teacher,
             batch_size=settings.trainer_batch_size, steps_per_batch=settings.trainer_steps_per_batch,
             learning_rate=settings.trainer_learning_rate, lora_rank=settings.trainer_lora_rank,
             kl_to_base=settings.trainer_kl_to_base, max_version_lag=settings.trainer_max_version_lag,
@@ -86,15 +90,19 @@ class TrainerConfig:
             keep_versions=settings.trainer_keep_versions, device=settings.trainer_device,
         )
 
-    def algorithm(self) -> Callable[[Policy, torch.optim.Optimizer, Sequence[Sample]], Update]:
+    def objective(self) -> combined.Objective | distillation.Objective:
         w_rl, w_opd = WEIGHTS[self.method]
         shared = {"w_rl": w_rl, "w_opd": w_opd, "kl_to_base": self.kl_to_base, "steps": self.steps_per_batch,
                   "teacher": self.teacher}
         if self.opd_form == "sampled":
-            objective = combined.Objective(**shared)  # type: ignore[arg-type]
+            return combined.Objective(**shared)  # type: ignore[arg-type]
+        return distillation.Objective(**shared, divergence=self.divergence, span=self.span)  # type: ignore[arg-type]
+
+    def algorithm(self) -> Callable[[Policy, torch.optim.Optimizer, Sequence[Sample]], Update]:
+        objective = self.objective()
+        if isinstance(objective, combined.Objective):
             return lambda policy, optimizer, batch: combined.update(policy, optimizer, batch, objective)
-        distilled = distillation.Objective(**shared)  # type: ignore[arg-type]
-        return lambda policy, optimizer, batch: distillation.update(policy, optimizer, batch, distilled)
+        return lambda policy, optimizer, batch: distillation.update(policy, optimizer, batch, objective)
 
 
 class TrainerWorker:

@@ -38,8 +38,11 @@ HINT_OPEN = "\n\n[Hint about what a good answer does: "  # as nextturn.conversat
 NOISE_HINTS = ("Be careful with the details.", "Find the cause and fix it before answering.",
                "The tool call call_1 failed: ZeroDivisionError: division by zero. Find the cause and fix it "
                "before answering.")
-STEPS = 1200  # about 4.5 minutes on two CPU cores
+STEPS = 2000  # about 11 minutes on two CPU cores
+SUM_SHARE = 4  # sums are 4 of 12 lesson topics: copying operands into a tool call takes the most practice
+HINTED = 0.5  # lessons whose last message carries a hint: the teacher must copy operands past one too
 ATTRIBUTES = {"layout": ("numbered", "bullets", "json", "comma"), "case": ("upper", "lower")}
+LESSON_EXTRA = {"layout": ("json",)}  # JSON, the hardest layout to write, is asked for twice as often
 
 Message = dict[str, Any]
 
@@ -64,7 +67,7 @@ class _Teacher:
         if self.topic == "sums":
             return ["calculator"]
         names = self.rng.sample(list(ATTRIBUTES), self.rng.choice((1, 1, 2)))
-        return [self.rng.choice(ATTRIBUTES[name]) for name in names]
+        return [self.rng.choice(ATTRIBUTES[name] + LESSON_EXTRA.get(name, ())) for name in names]
 
     def obey(self, wants: list[str], into: dict[str, str]) -> None:
         for want in wants:
@@ -108,7 +111,7 @@ class _Teacher:
 
 def lesson(rng: random.Random) -> tuple[list[Message], list[dict[str, Any]] | None]:
     """One generated conversation and its tools: what the base model is taught to do."""
-    topic = rng.choice([*CATEGORIES, "sums", "sums"])
+    topic = rng.choice([*CATEGORIES, *["sums"] * SUM_SHARE])
     teacher = _Teacher(rng, topic)
     exchanges = rng.choice((1, 1, 2, 2, 3))
     for turn in range(exchanges):
@@ -137,7 +140,7 @@ def lesson(rng: random.Random) -> tuple[list[Message], list[dict[str, Any]] | No
             text = teacher.request.text
         rules = dict(teacher.rules)
         hint: list[str] = []
-        if turn == exchanges - 1 and rng.random() < 0.35:  # the last message carries a hint (a teacher prompt)
+        if turn == exchanges - 1 and rng.random() < HINTED:  # the last message carries a hint (a teacher prompt)
             for _ in range(rng.choice((1, 1, 2, 3))):
                 if rng.random() < 0.15:
                     hint.append(rng.choice(NOISE_HINTS))

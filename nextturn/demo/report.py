@@ -32,6 +32,10 @@ class MethodResult:
     stable: str
     seconds: float
     stages: dict[str, int] = field(default_factory=dict)
+    # The newest version the rollout did not reject or roll back, and its held-out satisfaction: what the
+    # trainer had learnt by the end, whether or not the canary had caught up with it.
+    newest: str = ""
+    newest_held_out: dict[str, float] = field(default_factory=dict)
 
     def rolling(self, *, hard: bool | None = None) -> list[tuple[int, float]]:
         """(interaction, mean satisfaction of the last WINDOW fresh answers) after each fresh answer."""
@@ -55,11 +59,12 @@ def group_mean(scores: dict[str, float], names: Sequence[str]) -> float:
 
 
 def table(results: Sequence[MethodResult], base: MethodResult, hard: Sequence[str], easy: Sequence[str]) -> str:
-    """The results as markdown: held-out satisfaction (hard, easy, each person), interactions to reach
-    TARGET, diversity against the base model, versions, and time."""
+    """The results as markdown: held-out satisfaction (hard, easy, each person) of the version serving at
+    the end, the same (hard, easy) of the newest version, interactions to reach TARGET, diversity against
+    the base model, versions, and time."""
     people = list(base.held_out)
-    head = ["method", "hard (held-out)", "easy (held-out)", *people, f"interactions to {TARGET:g}",
-            "diversity vs base", "published / promoted / rolled back", "minutes"]
+    head = ["method", "hard (held-out)", "easy (held-out)", *people, "newest version: hard / easy",
+            f"interactions to {TARGET:g}", "diversity vs base", "published / promoted / rolled back", "minutes"]
     rows = [head, ["---"] * len(head)]
     for result in [base, *results]:
         reached = result.reached()
@@ -67,6 +72,8 @@ def table(results: Sequence[MethodResult], base: MethodResult, hard: Sequence[st
         rows.append([
             result.method, f"{group_mean(result.held_out, hard):.2f}", f"{group_mean(result.held_out, easy):.2f}",
             *(f"{result.held_out[name]:.2f}" for name in people),
+            f"{result.newest}: {group_mean(result.newest_held_out, hard):.2f} / "
+            f"{group_mean(result.newest_held_out, easy):.2f}" if result.newest else "—",
             "—" if result is base else (str(reached) if reached is not None else f"not in {result.interactions}"),
             f"{result.diversity / base.diversity:.2f}" if base.diversity else "n/a",
             "—" if result is base else f"{stages.get('published', 0)} / {stages.get('promoted', 0)} / "

@@ -6,7 +6,8 @@
    controller as processes) with :func:`settings` tuned for a loop this small; the people of
    :mod:`nextturn.demo.tasks` talking to it (:mod:`nextturn.demo.users`) until ``interactions`` answers
    were given; live progress; then the stack stops and the version that serves at the end (stable) is
-   measured away from the loop (:mod:`nextturn.demo.evaluation`).
+   measured away from the loop (:mod:`nextturn.demo.evaluation`), and so is the newest version the
+   rollout did not reject or roll back (what the trainer had learnt, ahead of the canary).
 3. The results (:mod:`nextturn.demo.report`): a markdown table, a learning-curve PNG, and the raw figures.
 """
 
@@ -48,19 +49,26 @@ def settings(data_dir: Path, model_dir: Path, method: str, port: int) -> Setting
     * rollout: one canary step at half the new sessions, decided on 10 resolved turns per arm at 75%
       confidence with a 0.25 margin, each weight serving 4 canary turns first (defaults: 10% then 50%,
       30 turns, 95%, 0.05, 10), and a timeout of 120 s; replaced versions drain after 5 s. With ten
-      rewards per arm, a canary as good as stable passes at 75% only with a margin near 0.25;
+      rewards per arm, a canary as good as stable passes at 75% only with a margin near 0.25. The collapse
+      guard on distinct-n accepts 75% of the base model's (default 90%): the people's replay prompts are
+      few (4 to 9), and a version that learnt numbered lists writes "1." and a newline in every answer;
+      measured, it rejected versions at 79% to 86% of the base's distinct-1 whose diversity on unrelated
+      prompts was above the base model's;
     * trainer: samples up to 8 versions behind the newest are admitted (default 4), since the canary
-      holds back what serves while the trainer moves on.
+      holds back what serves while the trainer moves on; no standing hints (default 3): this small base
+      model, shown a hint after a sum, copies the operands into its tool call wrongly about half the time,
+      so distilling its hinted distribution into answers that were already right (what standing hints do)
+      taught eli's tool calls wrong operands (measured offline: eli 0.5 → 0.06 with them, 0.58 without).
     """
     people = ",".join(f"{key}:{name}" for name, key in keys().items())
     return Settings(
         data_dir=data_dir, model=str(model_dir), port=port, api_keys=people, admin_key="sk-demo-admin",
         train_method=method,  # type: ignore[arg-type]
         signals_idle_timeout_s=5.0,
-        trainer_max_version_lag=8,
+        trainer_max_version_lag=8, trainer_standing_hints=0,
         rollout_schedule=[0.5], rollout_min_resolved=10, rollout_confidence=0.75, rollout_reward_margin=0.25,
         rollout_guard_min_turns=4, rollout_canary_timeout_s=120.0, rollout_check_interval_s=1.0,
-        rollout_drain_s=5.0,
+        rollout_drain_s=5.0, rollout_min_distinct=0.75,
     )
 
 
@@ -95,7 +103,8 @@ def run(out: Path, *, methods: tuple[str, ...], interactions: int, seed: int, co
         return ", ".join(f"{p.name} wants {p.preference.describe()}" for p in tasks.PEOPLE if p.name in chosen)
 
     (out / "results.md").write_text(
-        f"Held-out satisfaction of the version serving at the end, after {interactions} interactions "
+        f"Held-out satisfaction of the version serving at the end (and of the newest version the rollout did "
+        f"not reject or roll back), after {interactions} interactions "
         f"(seed {seed}). Hard preferences: {wants(hard)}. Easy: {wants(easy)}.\n\n" + markdown)
     plot = report.plot(results, base, hard, out / "learning_curve.png")
     figures = {"seed": seed, "interactions": interactions, "base": asdict(base),
@@ -158,6 +167,7 @@ def _run_method(console: Console, out: Path, model_dir: Path, method: str, inter
         stable = Deployment.read(store, events.DEFAULT_SCOPE)
         row = None if stable.stable is None else store.get(tables.Adapter, (events.DEFAULT_SCOPE, stable.stable))
         adapter = None if row is None else Path(row.path)
+        newest = _newest_sound(store)
         stages = _stages(store)
     finally:
         stack.stop()
@@ -168,14 +178,28 @@ def _run_method(console: Console, out: Path, model_dir: Path, method: str, inter
     sampler = evaluation.Sampler.load(model_dir, adapter)
     held_out = evaluation.satisfaction(sampler, tasks.PEOPLE, per_person=HELD_OUT_PER_PERSON, seed=seed + 1)
     diversity = evaluation.diversity(sampler, samples=DIVERSITY_SAMPLES, seed=seed + 2)
+    newest_held_out = held_out
+    if newest is not None and Path(newest.path) != adapter:
+        newest_held_out = evaluation.satisfaction(evaluation.Sampler.load(model_dir, Path(newest.path)),
+                                                  tasks.PEOPLE, per_person=HELD_OUT_PER_PERSON, seed=seed + 1)
     curve = [(j.interaction, j.satisfied, j.hard) for j in sorted(population.judged, key=lambda j: j.interaction)]
     result = MethodResult(method=method, interactions=budget.used, curve=curve, decisions=decisions,
                           held_out=held_out, diversity=diversity, stable=stable.stable_name, seconds=seconds,
-                          stages=stages)
+                          stages=stages, newest=f"v{newest.version}" if newest else "",
+                          newest_held_out=newest_held_out if newest else {})
     console.print(f"{method}: serving {result.stable} at the end; held-out satisfaction "
                   + ", ".join(f"{name} {value:.2f}" for name, value in held_out.items())
+                  + (f" (newest, {result.newest}: " + ", ".join(f"{name} {value:.2f}" for name, value
+                                                               in newest_held_out.items()) + ")" if newest else "")
                   + f"; {seconds / 60:.1f} min")
     return result
+
+
+def _newest_sound(store: Store) -> tables.Adapter | None:
+    """The newest version the rollout neither rejected nor rolled back, if any was published."""
+    sound = [version for version, status in store.adapter_statuses(events.DEFAULT_SCOPE).items()
+             if status not in ("rejected", "rolled_back")]
+    return store.get(tables.Adapter, (events.DEFAULT_SCOPE, max(sound))) if sound else None
 
 
 def _new_decisions(store: Store, used: int, seen: set[str], decisions: list[Decision]) -> None:

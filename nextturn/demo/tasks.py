@@ -282,10 +282,15 @@ def sum_result(request: Request) -> int | None:
 
 
 def sum_answer(request: Request, result: int | None) -> str:
-    """The final answer to a sum, from a result (None: the tool said it cannot be done)."""
+    """The final answer to a sum, from a result (None: the tool said it cannot be done). It opens with a
+    word so that the numbers are the same tokens as in the question (" 23", not "23" at the start).
+
+    >>> sum_answer(Request("sum", "", a=7, op="times", b=6), 42)
+    'So 7 times 6 is 42.'
+    """
     if result is None:
-        return f"{request.a} divided by 0 cannot be computed."
-    return f"{request.a} {request.op} {request.b} is {result}."
+        return f"So {request.a} divided by 0 cannot be computed."
+    return f"So {request.a} {request.op} {request.b} is {result}."
 
 
 # -- judging ----------------------------------------------------------------------------------------------
@@ -316,7 +321,7 @@ def judge_list(request: Request, answer: str, preference: Preference) -> Outcome
 
 def judge_sum(request: Request, answer: str, used_tool: bool, preference: Preference) -> Outcome:
     """A sum is right when the answer says the true result (or that it cannot be computed)."""
-    right = sum_answer(request, sum_result(request)).rstrip(".")
+    right = sum_answer(request, sum_result(request)).removeprefix("So ").rstrip(".")
     correct = right in answer
     if preference.calculator and not used_tool:
         return Outcome(False, ("calculator",))

@@ -10,10 +10,13 @@ up on the conversation. A sum comes with the calculator tool: when the model cal
 runs it and sends back its JSON result or error, and the model answers from that.
 
 They never tell anyone their preference, never rate, and never touch the trainer: whatever the loop
-learns, it learns from the signals worker reading these replies. They pause before each message (about a
-second, ``think_s``): people do, and without it five simulated people send a few hundred messages in the
-time the trainer takes for a few updates, so the curve would measure the trainer's speed, not what it
-learns per interaction.
+learns, it learns from the signals worker reading these replies. They pause before each message (about
+two seconds, ``think_s``): people do, and without it five simulated people send a few hundred messages in
+the time the trainer takes for a few updates, so the curve would measure the trainer's speed, not what it
+learns per interaction. Measured on two cores, combined method: pausing one second, the version serving
+after 256 interactions was four versions behind the newest one and met the hard preferences 0.20 of
+the time; pausing two, 0.67 (the rollout's canary needs resolved turns, and a conversation's last turn is
+resolved only after it has been quiet for a while).
 
 Every model answer is an *interaction* (a tool call and the answer after it are two). The first answer to
 a new request in a conversation with no correction so far is a *fresh answer*: its satisfaction is what
@@ -78,7 +81,7 @@ class Population:
     people: tuple[tasks.Person, ...]
     seed: int
     budget: Budget
-    think_s: float = 1.0  # a person's pause before each message, on average (uniform in [0.5, 1.5] of it)
+    think_s: float = 2.0  # a person's pause before each message, on average (uniform in [0.5, 1.5] of it)
     on_judged: Callable[[Judged], None] = lambda judged: None
     judged: list[Judged] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
