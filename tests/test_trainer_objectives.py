@@ -98,8 +98,8 @@ def test_the_distillation_loss_equals_a_naive_per_position_loop(top_k: int | Non
     student = torch.randn(3, 5, vocabulary, generator=g)
     teacher = torch.randn(3, 5, vocabulary, generator=g) * 2
     ids = torch.randint(0, vocabulary, (3, 5), generator=g)
-    hinted = case["has_hint"] if positions == "every" else \
-        case["has_hint"][:, None] * torch.randint(0, 2, (3, 5), generator=g).float()
+    hinted = case["has_hint"][:, None] * (torch.ones(3, 5) if positions == "every" else
+                                          torch.randint(0, 2, (3, 5), generator=g).float())
     objective = distillation.Objective(w_rl=0.5, w_opd=2.0, importance_cap=1.5, kl_to_base=0.2,
                                        top_k=top_k or 64, full_vocabulary_up_to=0 if top_k else 8192,
                                        divergence=divergence)  # type: ignore[arg-type]
@@ -118,7 +118,7 @@ def test_the_distillation_loss_equals_a_naive_per_position_loop(top_k: int | Non
             a = objective.w_rl * float(rewards[i])
             rho = math.exp(lp - old)
             value = -w * min(rho * a, max(0.8, min(1.2, rho)) * a)
-            if (hinted[i] if hinted.dim() == 1 else hinted[i, t]):
+            if hinted[i, t]:
                 value += objective.w_opd * w * _naive_kl(row, teacher[i, t].tolist(), top_k, divergence)
             x = float(case["base"][i, t]) - lp
             total += value + objective.kl_to_base * (math.exp(x) - x - 1)

@@ -113,15 +113,14 @@ def token_loss(student: torch.Tensor, teacher: torch.Tensor, response_ids: torch
                behaviour: torch.Tensor, rewards: torch.Tensor, hinted: torch.Tensor, mask: torch.Tensor,
                objective: Objective, base: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The mean of ℓ_t over ``mask``. student/teacher: logits [B, R, V] (only ``student`` carries a gradient);
-    response_ids/old/behaviour/mask: [B, R]; rewards (0 without one): [B]; hinted: the positions the
-    teacher teaches, [B, R] (or [B], a sample's every position)."""
+    response_ids/old/behaviour/mask: [B, R]; rewards (0 without one): [B]; hinted: 1 where the teacher
+    teaches, [B, R]."""
     logprobs = selective_log_softmax(student, response_ids)  # [B, R]
     weight = torch.exp(old - behaviour).clamp(max=objective.importance_cap)  # [B, R], w_t
     advantage = (objective.w_rl * rewards)[:, None].expand_as(logprobs)  # [B, R]
     ratio = torch.exp(logprobs - old)
     clipped = ratio.clamp(1 - objective.ratio_clip, 1 + objective.ratio_clip)
     rl = -weight * torch.minimum(ratio * advantage, clipped * advantage)  # [B, R]
-    hinted = hinted if hinted.dim() == 2 else hinted[:, None]
     distil = objective.w_opd * weight * divergence(student, teacher, objective) * hinted  # [B, R]
     loss = rl + distil
     tokens = mask.sum().clamp(min=1)
