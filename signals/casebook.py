@@ -22,7 +22,18 @@ from nextturn import events, tables
 from nextturn.errors import StoreUnavailable
 from nextturn.events import ChatMessage, SignalExtracted, Verdict
 from nextturn.store import Store, create_db_engine
-from signals.cases import EXTRACTOR_VERSION, Case, add_feedback, close_with_next, open_turn, signal_id
+from signals.cases import (
+    EXTRACTOR_VERSION,
+    Case,
+    add_feedback,
+    called_tools,
+    close_with_next,
+    exchange_decides,
+    inherit,
+    open_turn,
+    revise,
+    signal_id,
+)
 
 _CASES = tables.SignalCase.__table__
 _SIGNALS = tables.Signal.__table__
@@ -30,6 +41,7 @@ _TURNS = tables.Turn.__table__
 _FEEDBACK = tables.Feedback.__table__
 _LOCK_BASE = 0x6E74_0000  # advisory lock keys: this base plus a bucket of sessions
 _LOCK_BUCKETS = 1024
+MAX_TOOL_ROUNDS = 64  # how far back an exchange's outcome is handed down: tool-call turns in a row
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,39 @@ class Casebook:
                                   "session_id": case.session_id, "state": case.state,
                                   "opened_at": now, "touched_at": now, "body": case.model_dump_json()}
                                  for case in cases])
+
+    def revise(self, conn: Connection, changed: dict[str, Case], known: dict[str, Case]) -> list[SignalExtracted]:
+        """The new signal revisions of the changed cases: first of those that do not wait for an exchange, whose
+        signals are then handed down (:meth:`hand_down`; the cases this changes join ``changed``), then of the
+        tool-call turns, so that a call resolved with its exchange gets one revision, not two."""
+        finals = revise(case for case in changed.values() if not exchange_decides(case))
+        for case in self.hand_down(conn, [(changed[signal.turn_id], signal) for signal in finals], known):
+            changed[case.turn_id] = case
+        return finals + revise(case for case in changed.values() if exchange_decides(case))
+
+    def hand_down(self, conn: Connection, finals: Sequence[tuple[Case, SignalExtracted]],
+                  known: dict[str, Case]) -> list[Case]:
+        """Each new signal of a final answer (a turn that called no tool) handed down to the tool-call turns
+        right before it in its session (:func:`signals.cases.inherit`); returns the cases that changed.
+        ``known``: cases already loaded in this transaction (used, and added to)."""
+        frontier = {case.parent_turn_id: signal for case, signal in finals
+                    if case.parent_turn_id is not None and not called_tools(case)}
+        changed: list[Case] = []
+        for _ in range(MAX_TOOL_ROUNDS):
+            known.update(self.load(conn, set(frontier) - set(known)))
+            above: dict[str, SignalExtracted] = {}
+            for turn_id, final in frontier.items():
+                case = known.get(turn_id)
+                if case is None or not called_tools(case):
+                    continue  # the exchange started here (or the case is gone)
+                if inherit(case, final):
+                    changed.append(case)
+                if case.parent_turn_id is not None:
+                    above[case.parent_turn_id] = final
+            if not above:
+                break
+            frontier = above
+        return changed
 
     def stored_turns(self, conn: Connection, turn_ids: Iterable[str], partition_of: dict[str, int]) -> dict[
             str, StoredTurn]:

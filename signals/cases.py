@@ -11,21 +11,27 @@ Lifecycle::
     (feedback came first)           │  feedback: a revision now, still open   │  late feedback or a late next
                                     ▼                                         ▼  request: a new revision
 
-A revision is written whenever the evidence (the event ids a case was built from) grows; applying an
-event twice adds nothing, so a replayed event never yields a second revision.
+A turn that called tools is an exception: its next request (the tools' results) closes it only when a call
+failed. When every call ran, the case stays open until its *exchange* ends: the first answer after it that
+calls no tool is resolved, and that answer's signal is handed down (:func:`inherit`) to every tool-call turn
+before it, since a call that ran may still have been the wrong call (:func:`signals.rewards.exchange`). A
+session that goes quiet first closes it as usual, and a later outcome is a new revision.
+
+A revision is written whenever the evidence (the event ids a case was built from, and the signal revision an
+exchange's outcome came from) grows; applying an event twice adds nothing, so a replayed event never yields a
+second revision.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from nextturn.events import ChatMessage, FeedbackReceived, SignalExtracted, TurnRecorded, Verdict
-from signals import hints, rewards
-from signals.composition import compose
+from signals import composition, hints, rewards
 from signals.tool_results import text_of
 
 # The extractor's version: a change to any evaluator, the composition or the hints is a new version, and
@@ -43,9 +49,10 @@ class Case(BaseModel):
     tenant: str
     partition: int
     state: Literal["waiting", "open", "closed"] = "waiting"
-    closed_by: Literal["next", "idle", "evicted"] | None = None
+    closed_by: Literal["next", "idle", "evicted", "exchange"] | None = None
     # The turn, once seen.
     turn_event_id: str | None = None
+    parent_turn_id: str | None = None
     scope: str | None = None
     adapter_version: str | None = None
     prompt_len: int = 0  # how many messages the turn's request had
@@ -57,6 +64,9 @@ class Case(BaseModel):
     feedback: list[FeedbackReceived] = Field(default_factory=list)  # a factory: no deep copy per case
     judge: Verdict | None = None
     judge_hint: str | None = None
+    # How the exchange ended, for a turn that called tools: the final answer's reward, and its signal revision.
+    outcome: Verdict | None = None
+    outcome_event_id: str | None = None
     # What was written.
     extractor_version: str = EXTRACTOR_VERSION
     revision: int = -1
@@ -79,6 +89,7 @@ def open_turn(case: Case, turn: TurnRecorded) -> bool:
         return False
     user = [message for message in turn.messages if message.role == "user"]
     case.turn_event_id = turn.event_id
+    case.parent_turn_id = turn.parent_turn_id
     case.scope, case.adapter_version = turn.scope, turn.adapter_version
     case.prompt_len = len(turn.messages)
     case.asked = text_of(user[-1])[:ASKED_CHARS] if user else None
@@ -89,13 +100,42 @@ def open_turn(case: Case, turn: TurnRecorded) -> bool:
 
 def close_with_next(case: Case, child: TurnRecorded) -> bool:
     """The session's next request continues this turn: the messages after the turn's prompt and response
-    are its next state (the user's reply, or the results of every tool call it made)."""
+    are its next state (the user's reply, or the results of every tool call it made). A turn whose tool calls
+    all ran stays open for its exchange's outcome."""
     if case.next_event_id is not None:
         return False
     case.next_event_id = child.event_id
     case.next_state = list(child.messages[case.prompt_len + 1:])
-    if case.state == "open":
+    if case.state == "open" and not exchange_decides(case):
         case.state, case.closed_by = "closed", "next"
+    return True
+
+
+def called_tools(case: Case) -> bool:
+    return case.response is not None and bool(case.response.tool_calls)
+
+
+def exchange_decides(case: Case) -> bool:
+    """The turn called tools and none failed (so far): how its exchange ends says whether they were right."""
+    return called_tools(case) and not rewards.failed(rewards.tool_outcome(case.feedback, case.next_state or []))
+
+
+def inherit(case: Case, final: SignalExtracted) -> bool:
+    """The exchange this tool-call turn served ended: ``final`` is the latest signal of its final answer. The
+    case takes that answer's reward as its outcome (an abstention takes none) and closes; False when it knew
+    this revision already, when a call of its own failed (a failure is its own verdict), or when the answer
+    abstains and the case had no outcome (an abstention is no news)."""
+    if case.outcome_event_id == final.event_id or not exchange_decides(case):
+        return False
+    if final.reward is None and case.outcome is None:
+        return False
+    primary = composition.primary(final.verdicts)
+    case.outcome = None if final.reward is None or primary is None else Verdict(
+        evaluator="exchange", source=primary.source, score=final.reward, confidence=final.confidence,
+        detail=f"the exchange's final answer {final.turn_id}: {primary.evaluator}")
+    case.outcome_event_id = final.event_id
+    if case.state == "open":
+        case.state, case.closed_by = "closed", "exchange"
     return True
 
 
@@ -120,7 +160,7 @@ def context(case: Case, child: TurnRecorded) -> list[ChatMessage]:
 
 
 def evidence(case: Case) -> list[str]:
-    ids = [case.turn_event_id, case.next_event_id, *(item.event_id for item in case.feedback)]
+    ids = [case.turn_event_id, case.next_event_id, case.outcome_event_id, *(item.event_id for item in case.feedback)]
     # Going quiet is news only to a turn nothing else has resolved, or when the judge spoke at that point.
     if case.closed_by in ("idle", "evicted") and case.next_event_id is None and (not case.feedback or case.judge):
         ids.append(IDLE)
@@ -154,12 +194,12 @@ def extract(case: Case) -> SignalExtracted:
     next_user = next((text_of(message) for message in next_state if message.role == "user"), None)
     verdicts = [verdict for verdict in (
         rewards.rating(case.feedback),
-        rewards.tool_outcome(case.feedback, next_state),
+        *rewards.exchange(rewards.tool_outcome(case.feedback, next_state), case.outcome),
         rewards.follow_up(next_user, case.asked) if next_user is not None else None,
         *(_comment(item) for item in case.feedback if item.kind == "comment"),
         case.judge,
     ) if verdict is not None]
-    composite = compose(verdicts)
+    composite = composition.compose(verdicts)
     criticised = any(v.source == "rules" and v.score is not None and v.score < 0 for v in verdicts)
     hint = _best_hint(case.feedback, next_state, next_user, criticised, case.judge_hint)
     revision = case.revision + 1
@@ -171,6 +211,17 @@ def extract(case: Case) -> SignalExtracted:
         confidence=composite.confidence, verdicts=verdicts, extractor_version=EXTRACTOR_VERSION,
         evidence=evidence(case),
     )
+
+
+def revise(cases: Iterable[Case]) -> list[SignalExtracted]:
+    """The next signal revision of each case that knows more than its last one said (each case records it)."""
+    signals = []
+    for case in cases:
+        if due(case):
+            signal = extract(case)
+            case.revision, case.evidence = signal.revision, signal.evidence
+            signals.append(signal)
+    return signals
 
 
 def _comment(item: FeedbackReceived) -> Verdict | None:

@@ -42,8 +42,7 @@ def compose(verdicts: Sequence[Verdict]) -> Composite:
     >>> compose([judge, explicit])
     Composite(reward=1.0, confidence=0.665, reason='explicit, against judge')
     """
-    speaking = sorted((v for v in verdicts if v.score is not None),
-                      key=lambda v: (PRECEDENCE.index(v.source), -v.confidence, v.score, v.evaluator))
+    speaking = _speaking(verdicts)
     if not speaking:
         return Composite(None, 0.0, "no evaluator had anything to say")
     primary = speaking[0]
@@ -55,6 +54,18 @@ def compose(verdicts: Sequence[Verdict]) -> Composite:
         return Composite(None, 0.0, f"{primary.source} and {against} disagree")
     confidence = round(primary.confidence * (1 - doubt / 2), 4)
     return Composite(primary.score, confidence, f"{primary.source}, against {against}" if dissent else primary.source)
+
+
+def primary(verdicts: Sequence[Verdict]) -> Verdict | None:
+    """The verdict whose score :func:`compose` takes as the reward; None when all abstain."""
+    speaking = _speaking(verdicts)
+    return speaking[0] if speaking else None
+
+
+def _speaking(verdicts: Sequence[Verdict]) -> list[Verdict]:
+    """The verdicts that did not abstain, the primary first: by precedence, then the more confident."""
+    return sorted((v for v in verdicts if v.score is not None),
+                  key=lambda v: (PRECEDENCE.index(v.source), -v.confidence, v.score, v.evaluator))
 
 
 def _opposed(a: float, b: float | None) -> bool:

@@ -60,15 +60,15 @@ def relabel(store: Store, event_log: EventLog, since: datetime, *, idle_timeout_
             with casebook.transaction({row.session_id for row in page}) as conn:
                 found = casebook.load(conn, ids)
                 stored = casebook.stored_turns(conn, set(ids) - set(found), {})
-                changed: list[c.Case] = []
+                changed: dict[str, c.Case] = {}
                 for turn_id in ids:
                     case = found.get(turn_id) or stored[turn_id].case
                     if case.state == "open" and started[turn_id] < idle_before:
                         c.close_idle(case)
                     still_open += case.state == "open"
-                    changed.append(case)
-                signals = _revise(changed)
-                casebook.save(conn, changed, time.time())
+                    changed[turn_id] = case
+                signals = casebook.revise(conn, changed, dict(changed))
+                casebook.save(conn, list(changed.values()), time.time())
                 casebook.write_signals(conn, signals)
             written += len(signals)
             _publish(casebook, event_log, signals)
@@ -80,16 +80,6 @@ def relabel(store: Store, event_log: EventLog, since: datetime, *, idle_timeout_
 def _timestamp(moment: datetime) -> float:
     # SQLite hands back naive datetimes; the store writes UTC.
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-def _revise(changed: list[c.Case]) -> list[SignalExtracted]:
-    signals = []
-    for case in changed:
-        if c.due(case):
-            signal = c.extract(case)
-            case.revision, case.evidence = signal.revision, signal.evidence
-            signals.append(signal)
-    return signals
 
 
 def _publish(casebook: Casebook, event_log: EventLog, signals: list[SignalExtracted]) -> None:

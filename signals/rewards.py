@@ -4,6 +4,7 @@ has nothing to say.
 
     rating        explicit feedback: the client's own score               source "explicit"
     tool_outcome  tool results: structured feedback, then tool messages   source "tool"
+    exchange      a tool-call turn whose calls ran: how its exchange ended  the final answer's source
     follow_up     rules over the user's next message                      source "rules"
 
 The model judge (:mod:`signals.judge`) is the fourth; :mod:`signals.composition` combines them.
@@ -72,6 +73,37 @@ def tool_outcome(feedback: Sequence[FeedbackReceived], next_state: Sequence[Chat
                    detail=f"{failures} of {len(outcomes)} tool call(s) failed")
 
 
+def failed(tool: Verdict | None) -> bool:
+    """Some tool call of the turn failed (by its tool verdict)."""
+    return tool is not None and tool.score is not None and tool.score < 1.0
+
+
+def exchange(tool: Verdict | None, outcome: Verdict | None) -> list[Verdict]:
+    """The verdicts on a turn that called tools, once the exchange those calls served has ended.
+
+    ``outcome`` is the final answer's reward (the first answer after the calls that called no tool), as the
+    signals worker hands it down. A call that ran says the call was well formed, not that it was the right
+    call: a calculator asked the wrong sum runs fine, and the user rejects the answer built on it. So when no
+    call failed, the tool verdict abstains (kept as provenance) and the exchange's outcome speaks. A failed
+    call is wrong whatever came after it: then the tool verdict stands and the outcome is not used.
+
+    >>> ran = Verdict(evaluator="tool", source="tool", score=1.0, confidence=0.7)
+    >>> wrong = Verdict(evaluator="exchange", source="rules", score=-0.7, confidence=0.65)
+    >>> [(v.evaluator, v.score) for v in exchange(ran, wrong)]
+    [('tool', None), ('exchange', -0.7)]
+    >>> crashed = ran.model_copy(update={"score": -1.0})
+    >>> [(v.evaluator, v.score) for v in exchange(crashed, wrong)]
+    [('tool', -1.0)]
+    """
+    if outcome is None or failed(tool):
+        return [tool] if tool is not None else []
+    if tool is None:
+        return [outcome]
+    ran = tool.model_copy(update={"score": None, "detail": f"{tool.detail}; whether they were the right calls is "
+                                                           "the exchange's to say"})
+    return [ran, outcome]
+
+
 # -- the user's next message ------------------------------------------------------------------------------
 
 # Cue phrases by what they say about the previous answer. Each class holds many phrasings; a message may
@@ -82,13 +114,15 @@ _CUES: dict[str, tuple[float, tuple[str, ...]]] = {
         "you misunderstood", "you got it wrong", "that's wrong", "that is wrong", "that's incorrect",
         "that is incorrect", "incorrect", "wrong", "actually", "instead", "should have", "should be",
         "you forgot", "you missed", "you didn't", "you did not", "please use", "i said", "i asked for", "rather",
-        "not quite", "try again",
+        "not quite", "try again", "not right", "isn't right", "is not right", "not correct", "isn't correct",
+        "is not correct",
     )),
     "complaint": (-0.8, (
         "useless", "terrible", "awful", "this is bad", "that's bad", "doesn't work", "does not work",
         "didn't work", "did not work", "still broken", "still wrong", "still not", "not helpful", "unhelpful",
         "makes no sense", "doesn't make sense", "nonsense", "frustrating", "frustrated", "annoying", "ugh", "come on",
-        "are you kidding", "waste of time", "stop", "why did you", "why would you",
+        "are you kidding", "waste of time", "stop", "why did you", "why would you", "not good", "no good",
+        "not what i need",
     )),
     "thanks": (0.8, (
         "thanks", "thank you", "thx", "perfect", "great", "awesome", "excellent", "exactly", "that works",

@@ -6,7 +6,8 @@ It consumes ``turns`` and ``feedback`` in the consumer group ``signals`` and kee
 1. read a batch (records that are not events this version reads go to the dead-letter table, counted);
 2. if a judge is configured, ask it about the turns this batch closes (outside any lock: it is slow);
 3. in one store transaction, holding the lock of the batch's sessions: load the cases the batch touches,
-   apply the events to them, and write the changed cases and each new signal revision (the outbox: rows
+   apply the events to them, hand each final answer's new signal down to the tool-call turns of its exchange
+   (:func:`signals.cases.inherit`), and write the changed cases and each new signal revision (the outbox: rows
    marked unpublished). The signal's event id is its signal id (turn id + extractor version) and revision;
 4. publish the new revisions to ``signals``, then mark them published;
 5. commit the offsets.
@@ -162,8 +163,9 @@ class SignalsWorker:
             judged = self._ask(preview.questions)
         sessions = {item.event.session_id for item in items if isinstance(item.event, TurnRecorded | FeedbackReceived)}
         with self._casebook.transaction(sessions) as conn:
-            play = _play(self._gather(conn, partition_of, in_batch), items)
-            signals = self._revise(list(play.changed.values()), judged)
+            known = self._gather(conn, partition_of, in_batch)
+            play = _play(known, items)
+            signals = self._revise(conn, play.changed, known, judged)
             self._casebook.save(conn, list(play.changed.values()), self._clock())
             self._casebook.write_signals(conn, signals)
         self.counts["events"] += len(items)
@@ -187,17 +189,15 @@ class SignalsWorker:
         self.counts["judged"] += len(ids)
         return dict(zip(ids, answers, strict=True))
 
-    def _revise(self, changed: Sequence[Case], judged: dict[str, tuple[Verdict, str | None]]) -> list[
-            SignalExtracted]:
-        signals = []
-        for case in changed:
-            if case.state == "closed" and case.judge is None and case.turn_id in judged:
+    def _revise(self, conn: Connection, changed: dict[str, Case], known: dict[str, Case],
+                judged: dict[str, tuple[Verdict, str | None]]) -> list[SignalExtracted]:
+        """The new signal revisions of the changed cases, then of the tool-call turns whose exchange those
+        signals ended (added to ``changed``)."""
+        for case in changed.values():
+            if case.judge is None and case.turn_id in judged:
                 case.judge, case.judge_hint = judged[case.turn_id]
-            if not c.due(case):
-                continue
-            signal = c.extract(case)
-            case.revision, case.evidence = signal.revision, signal.evidence
-            signals.append(signal)
+        signals = self._casebook.revise(conn, changed, known)
+        for signal in signals:
             self._count(signal)
         return signals
 
@@ -210,6 +210,8 @@ class SignalsWorker:
             self.counts["judge_only" if sources == {"judge"} else "external"] += 1
         if signal.hint:
             self.counts["hints"] += 1
+        if any(verdict.evaluator == "exchange" for verdict in signal.verdicts):
+            self.counts["exchanges"] += 1  # a tool-call turn judged by how its exchange ended
 
     def _publish(self, signals: Sequence[SignalExtracted]) -> None:
         if not signals:
@@ -263,11 +265,12 @@ class SignalsWorker:
             })
         with self._casebook.transaction(set(session_of.values())) as conn:
             cases = self._casebook.load(conn, session_of)
-            changed = [case for case in cases.values() if c.close_idle(case, reason)]
-            signals = self._revise(changed, judged)
-            self._casebook.save(conn, changed, self._clock())
+            changed = {turn_id: case for turn_id, case in cases.items() if c.close_idle(case, reason)}
+            closed = len(changed)
+            signals = self._revise(conn, changed, cases, judged)
+            self._casebook.save(conn, list(changed.values()), self._clock())
             self._casebook.write_signals(conn, signals)
-        self.counts[reason] += len(changed)
+        self.counts[reason] += closed
         self._publish(signals)
 
     def _expire(self, touched_before: float) -> None:

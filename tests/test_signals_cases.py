@@ -94,3 +94,49 @@ def test_a_revision_is_bounded_deterministic_and_applying_an_event_twice_adds_no
     case.revision, case.evidence = first.revision, first.evidence
     assert not any(c.add_feedback(case, item) for item in items)  # a replay
     assert not c.due(case)
+
+
+def exchange(reply: str, *, output: str = '{"ok": true, "result": 23}') -> tuple[c.Case, c.Case]:
+    """A tool call, its result, the final answer and the user's reply to it: the two cases."""
+    asking = turn("s1", 1, content="What is 17 plus 5?").model_copy(
+        update={"response": ChatMessage(role="assistant", tool_calls=CALLS[:1])})
+    answering = follow(asking, tool("call_1", output), answer="So 17 plus 5 is 23.")
+    cases = []
+    for current, after in ((asking, answering), (answering, follow(answering, says(reply)))):
+        case = c.waiting(current.turn_id, current.session_id, current.tenant, 0)
+        c.open_turn(case, current)
+        c.close_with_next(case, after)
+        cases.append(case)
+    return cases[0], cases[1]
+
+
+@pytest.mark.parametrize(("reply", "sign"), [("No, that's wrong: 17 plus 5 is 22.", -1), ("Thanks, perfect!", 1)])
+def test_a_tool_call_that_ran_is_judged_by_how_its_exchange_ended(reply: str, sign: int) -> None:
+    call, answer = exchange(reply)
+    assert call.state == "open" and not c.due(call)  # the call ran: right or wrong, the answer will tell
+    final = c.extract(answer)
+    assert c.inherit(call, final) and call.state == "closed"
+    signal = c.extract(call)
+    assert signal.reward == final.reward and (signal.reward > 0) - (signal.reward < 0) == sign
+    assert {(v.evaluator, v.score is None) for v in signal.verdicts} == {("tool", True), ("exchange", False)}
+    assert final.event_id in signal.evidence
+    call.revision, call.evidence = signal.revision, signal.evidence
+    assert not c.inherit(call, final) and not c.due(call)  # the same revision again adds nothing
+
+
+def test_a_failed_tool_call_keeps_its_own_verdict_whatever_the_exchange_said() -> None:
+    call, answer = exchange("Thanks, perfect!", output="Traceback (most recent call last):\nZeroDivisionError")
+    assert call.state == "closed" and c.due(call)  # a failure needs no outcome to be known
+    assert not c.inherit(call, c.extract(answer))
+    signal = c.extract(call)
+    assert signal.reward == -1.0 and signal.hint is not None and "ZeroDivisionError" in signal.hint
+
+
+def test_an_abstaining_final_answer_is_no_news_to_its_tool_calls() -> None:
+    call, answer = exchange("")  # an empty reply: the rules say nothing
+    final = c.extract(answer)
+    assert final.reward is None
+    assert not c.inherit(call, final) and call.state == "open"
+    c.close_idle(call)
+    signal = c.extract(call)
+    assert signal.reward == 1.0 and [v.evaluator for v in signal.verdicts] == ["tool"]

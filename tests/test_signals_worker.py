@@ -7,6 +7,7 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from nextturn.events import SignalExtracted
 from nextturn.settings import Settings
 from nextturn.store import Store, upgrade
 from signals.cases import IDLE
+from signals.relabel import relabel
 from signals.worker import SignalsWorker, from_settings
 
 from crashing import run_until_crash
@@ -113,6 +115,75 @@ def test_parallel_tool_results_resolve_the_turn_that_called_the_tools(sqlite_log
     signal = latest(store)[asking.turn_id]
     assert signal.reward == 0.0  # one of two calls failed
     assert signal.hint is not None and "call_2" in signal.hint and "ImportError" in signal.hint
+
+
+def calculator_exchange(session: str, rounds: int) -> list[events.TurnRecorded]:
+    """A question, ``rounds`` tool-call turns in a row (each answered by the calculator), the final answer."""
+    calls = [events.ToolCall(id="call_1", function=events.ToolCallFunction(name="calculator", arguments="{}"))]
+    first = turn(session, 1, content="What is 17 plus 5?").model_copy(
+        update={"response": events.ChatMessage(role="assistant", tool_calls=calls)})
+    chain = [first]
+    for n in range(rounds):
+        result = events.ChatMessage(role="tool", tool_call_id="call_1", content='{"ok": true, "result": 23}')
+        chain.append(follow(chain[-1], result, answer="So 17 plus 5 is 23.",
+                            tool_calls=calls if n < rounds - 1 else None))
+    return chain
+
+
+def test_tool_call_turns_are_judged_by_how_their_exchange_ended(sqlite_log: EventLog, store_url: str) -> None:
+    store = Store(store_url)
+    *calls, answer = calculator_exchange("s1", rounds=2)
+    sqlite_log.append([*calls, answer])
+    worker = SignalsWorker(sqlite_log, store, idle_timeout_s=3600)
+    worker.drain(0.3)
+    assert signal_rows(store) == []  # the calls ran; whether they were right is the final answer's to say
+
+    sqlite_log.append([follow(answer, says("No, that's wrong: use 17 and 5, it is 22."))])
+    worker.drain(0.3)
+    worker.close()
+    signals = latest(store)
+    final = signals[answer.turn_id]
+    assert final.reward is not None and final.reward < 0
+    for call in calls:
+        signal = signals[call.turn_id]
+        assert signal.revision == 0 and signal.reward == final.reward  # one revision: it waited
+        assert [v["evaluator"] for v in signal.verdicts] == ["tool", "exchange"] and signal.verdicts[0]["score"] is None
+        assert final.id in signal.evidence
+    assert worker.counts["exchanges"] == 2
+
+
+def test_an_exchange_that_ends_after_the_session_went_quiet_revises_its_tool_calls(
+        sqlite_log: EventLog, store_url: str) -> None:
+    store = Store(store_url)
+    clock = Clock()
+    call, answer = calculator_exchange("s1", rounds=1)
+    sqlite_log.append([call, answer])
+    worker = SignalsWorker(sqlite_log, store, idle_timeout_s=300, clock=clock)
+    worker.drain(0.3)
+    clock.now += 301
+    worker.maintain()
+    quiet = latest(store)[call.turn_id]
+    assert quiet.revision == 0 and quiet.reward == 1.0  # the call ran, and nothing else was said in time
+
+    sqlite_log.append([follow(answer, says("Thanks, that's right!"))])
+    worker.drain(0.3)
+    worker.close()
+    late = latest(store)[call.turn_id]
+    assert late.revision == 1 and late.reward is not None and 0 < late.reward < 1.0  # the thanks, handed down
+    assert late.evidence == sorted([*quiet.evidence, latest(store)[answer.turn_id].id])
+
+
+def test_relabel_hands_an_exchange_down_once(sqlite_log: EventLog, store_url: str) -> None:
+    store = Store(store_url)
+    call, answer = calculator_exchange("s1", rounds=1)
+    reply = follow(answer, says("No, that's wrong: use 17 and 5, it is 22."))
+    store.apply([call, answer, reply])  # stored by the recorder; no worker ran
+    once = relabel(store, sqlite_log, datetime(2020, 1, 1, tzinfo=UTC), idle_timeout_s=0.0)
+    again = relabel(store, sqlite_log, datetime(2020, 1, 1, tzinfo=UTC), idle_timeout_s=0.0)
+    rows = [row for row in signal_rows(store) if row.turn_id == call.turn_id]
+    assert len(rows) == 1 and rows[0].reward == latest(store)[answer.turn_id].reward < 0  # one revision
+    assert [v["evaluator"] for v in rows[0].verdicts] == ["tool", "exchange"]
+    assert (once.written, again.written) == (3, 0)
 
 
 @pytest.mark.parametrize("stage", ["before-publish", "before-commit"])
