@@ -478,8 +478,12 @@ def demo(
         raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
     if sum((compare, quick, method is not None)) > 1:
         raise typer.BadParameter("choose one of --compare, --quick and --method", param_hint="--quick")
+    import signal as os_signal
+
     settings = _settings(ctx)
     chosen = ("combined",) if quick else (method,) if method is not None else METHODS
+    # SIGTERM as Ctrl-C: the running stack is stopped on the way out, not left behind as orphans.
+    os_signal.signal(os_signal.SIGTERM, os_signal.default_int_handler)
     run(out or settings.data_dir / "demo", methods=chosen, seed=seed, interactions=interactions)
 
 

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     trainer_kl_to_base: float = Field(default=0.0, ge=0)  # weight of the KL-to-base anchor; 0: none
     # Samples from a version more than this many versions behind the newest one are refused (counted).
     trainer_max_version_lag: int = Field(default=4, ge=0)
+    # Versions published past the stable one before the trainer waits for the rollout to promote one (and
+    # rebases on the stable version when the rollout refused them all); 0: no limit. Off without a rollout.
+    trainer_max_ahead: int = Field(default=2, ge=0)
     # A tenant's latest accepted hints teach its later samples that carry no hint of their own; 0: off.
     trainer_standing_hints: int = Field(default=3, ge=0)
     # One turn in this many (by a hash of its id) is held out of training for the collapse guards; 0: none.

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -26,6 +31,7 @@ def test_the_quick_demo_learns_from_people_through_every_stage(tmp_path: Path) -
     stages = combined["stages"]
     # Every stage took part: turns recorded, signals read from the people's replies (hints among them), and
     # versions published, put behind a canary and promoted by the rollout controller's gates.
+    assert combined["stopped_early"] == []  # every person talked until the budget was spent
     assert stages["turns"] >= 240 and stages["signals"] >= 200 and stages["hints"] >= 20, stages
     assert stages["published"] >= 2 and stages["canaried"] >= 1 and stages["promoted"] >= 1, stages
     assert combined["stable"] != "base"
@@ -39,6 +45,48 @@ def test_the_quick_demo_learns_from_people_through_every_stage(tmp_path: Path) -
     assert (out / "results.md").read_text().count("|") > 20
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "results.json").read_text())["methods"]["combined"]["stages"] == stages
+
+
+def test_sigterm_stops_the_demo_and_the_stack_it_started(tmp_path: Path) -> None:
+    """Killed the way a service manager stops things, the demo stops its stack's processes on the way out
+    instead of leaving them running. (The base model is cached by now: the test above built it.)"""
+    demo = subprocess.Popen([sys.executable, "-m", "nextturn", "demo", "--method", "none", "--interactions", "2000",
+                             "--out", str(tmp_path / "out")], env={**os.environ, "NEXTTURN_DATA_DIR": str(tmp_path)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(children := _children(demo.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(children) >= 3, children  # the gateway, the signals worker, the rollout controller
+        time.sleep(2)
+        demo.send_signal(signal.SIGTERM)
+        demo.wait(timeout=120)
+    finally:
+        demo.kill()
+    deadline = time.monotonic() + 10
+    while (running := [pid for pid in children if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running == []
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == parent:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_people_speak_in_ways_the_signals_worker_understands() -> None:

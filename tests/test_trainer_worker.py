@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from gateway.engines.embedded import EmbeddedEngine
 from gateway.schemas import ChatCompletionRequest
-from nextturn import events, tables
+from nextturn import deployments, events, tables
 from nextturn.bus import EventLog
 from nextturn.errors import ConfigError
 from nextturn.settings import Settings
@@ -103,6 +104,65 @@ def test_stale_samples_are_refused_and_counted(base: Policy, tiny_model: Path, s
     versions = published(tmp_path)
     assert list(versions) == [1, 2] and versions[2]["data"]["served_by"] == {"default-v1": 4}
     assert versions[2]["parent_version"] == 1
+
+
+class Rollout:
+    """Four samples served by a version, and the rollout's decisions, as the recorder stores them."""
+
+    def __init__(self, base: Policy, store: Store, log: EventLog) -> None:
+        self.base, self.store, self.log, self.served = base, store, log, 0
+
+    def samples(self, version: str) -> None:
+        turns = [served(self.base, n, adapter_version=version) for n in range(self.served, self.served + 4)]
+        self.served += 4
+        record(self.store, self.log, *turns, *(signal(t) for t in turns))
+
+    def decide(self, move: deployments.Move) -> None:
+        self.store.apply(list(_adapters_announced(self.log)))  # the recorder stores each published version
+        deployments.commit(self.store, "default", move, lambda change: self.log.append([change]))
+
+
+def test_the_trainer_waits_for_the_rollout_to_promote_what_it_published(
+        base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path) -> None:
+    rollout = Rollout(base, store, sqlite_log)
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, max_ahead=1)
+    rollout.samples("base")
+    rollout.samples("base")
+    worker.drain(0.3)
+    assert worker.ledger.head == 2  # no rollout acts on the scope yet: nothing to wait for
+    rollout.decide(lambda state: deployments.promote(state, "ops", "looks right", version=1))
+    rollout.samples("default-v1")
+    rollout.samples("default-v1")
+    worker.drain(0.3)
+    assert worker.ledger.head == 2 and len(worker.ledger.waiting) == 8  # v2 is one past stable: they wait
+    rollout.decide(lambda state: deployments.promote(state, "ops", "better", version=2))
+    worker.drain(0.3)
+    worker.close()
+    assert worker.ledger.head == 3 and len(worker.ledger.waiting) == 4  # one more, then it waits again
+    assert published(tmp_path)[3]["parent_version"] == 2 and "rebased" not in worker.ledger.counts
+
+
+def test_the_trainer_trains_on_from_the_stable_version_when_the_rollout_refused_the_rest(
+        base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path) -> None:
+    rollout = Rollout(base, store, sqlite_log)
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, max_ahead=1)
+    rollout.samples("base")
+    worker.drain(0.3)
+    rollout.decide(lambda state: deployments.promote(state, "ops", "looks right", version=1))
+    rollout.samples("default-v1")
+    worker.drain(0.3)
+    assert worker.ledger.head == 2
+    rollout.decide(lambda state: deployments.reject(state, 2, "controller", "collapse guard"))
+    worker.drain(0.3)  # nothing past the stable v1 is left to decide on: its weights again
+    assert worker.ledger.counts["rebased"] == 1 and worker.ledger.head == 2
+    v1 = Policy.load(tiny_model, rank=4, adapter=tmp_path / "adapters" / "default" / "000001", device="cpu")
+    for mine, theirs in zip(worker.policy.parameters(), v1.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    rollout.samples("default-v1")
+    worker.drain(0.3)
+    worker.close()
+    assert worker.ledger.counts["rebased"] == 1 and worker.ledger.head == 3
+    assert published(tmp_path)[3]["parent_version"] == 1
 
 
 def test_what_cannot_teach_is_turned_away_and_counted(base: Policy, tiny_model: Path, store: Store,
@@ -255,13 +315,13 @@ def test_settings_reach_the_trainer(base: Policy, tiny_model: Path, store: Store
     settings = Settings(data_dir=tmp_path, model=str(tiny_model), train_method="rl", trainer_opd_form="sampled",
                         trainer_teacher="policy", trainer_batch_size=2, trainer_steps_per_batch=3,
                         trainer_learning_rate=1e-4, trainer_lora_rank=2, trainer_kl_to_base=0.5,
-                        trainer_max_version_lag=1, trainer_standing_hints=1, trainer_holdout_every=0,
-                        trainer_keep_versions=2, trainer_device="cpu")
+                        trainer_max_version_lag=1, trainer_max_ahead=5, trainer_standing_hints=1,
+                        trainer_holdout_every=0, trainer_keep_versions=2, trainer_device="cpu")
     config = TrainerConfig.from_settings(settings)
     assert (config.method, config.opd_form, config.teacher, config.batch_size, config.steps_per_batch,
-            config.learning_rate, config.lora_rank, config.kl_to_base, config.max_version_lag, config.standing_hints,
-            config.holdout_every, config.keep_versions, config.device) == (
-        "rl", "sampled", "policy", 2, 3, 1e-4, 2, 0.5, 1, 1, 0, 2, "cpu")
+            config.learning_rate, config.lora_rank, config.kl_to_base, config.max_version_lag, config.max_ahead,
+            config.standing_hints, config.holdout_every, config.keep_versions, config.device) == (
+        "rl", "sampled", "policy", 2, 3, 1e-4, 2, 0.5, 1, 5, 1, 0, 2, "cpu")
     turns = [served(base, n) for n in range(2)]
     record(store, sqlite_log, *turns, signal(turns[0]), signal(turns[1], reward=None, hint="Answer in one word."))
     worker = TrainerWorker.from_settings(settings, sqlite_log, store)

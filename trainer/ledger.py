@@ -27,6 +27,8 @@ class Ledger:
     replay: list[str] = field(default_factory=list)  # held-out turn ids, newest last
     counts: dict[str, int] = field(default_factory=dict)
     publish_pending: int | None = None  # a step checkpointed but not yet published as a version
+    # [version, head]: the weights were reset to ``version`` (the stable one) when the head was ``head``
+    rebased: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -35,6 +37,30 @@ class Ledger:
     def from_json(cls, data: dict[str, Any]) -> Ledger:
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in data.items() if key in known})  # checkpoints also hold "meta"
+
+    def lag(self, version: int) -> int:
+        """How many versions the trainer's weights have moved on from ``version`` (0: the base model).
+
+        >>> ledger = Ledger(head=10)
+        >>> ledger.lag(7)
+        3
+        >>> ledger.rebased = [5, 10]  # reset to version 5's weights when the head was 10
+        >>> ledger.lag(5), ledger.lag(7)
+        (0, 3)
+        >>> ledger.head = 11
+        >>> ledger.lag(5), ledger.parent()
+        (1, 11)
+        """
+        if self.rebased is not None and version == self.rebased[0]:
+            return self.head - self.rebased[1]
+        return self.head - version
+
+    def parent(self) -> int:
+        """The version the trainer's weights come from (0: the base model): the head, or the version it was
+        reset to since."""
+        if self.rebased is not None and self.head == self.rebased[1]:
+            return self.rebased[0]
+        return self.head
 
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n

@@ -7,13 +7,14 @@ with the model's chat template. A sample without a hint of its own may be taught
 *standing hints*, the latest hints its tenant gave (a user's preferences persist).
 
 Admission (:func:`refusal`): a turn that failed, or that has no recorded logprobs, cannot be trained on;
-a turn served by a version more than ``max_lag`` versions behind the trainer's newest version is stale
-(its importance weights would be mostly cap). Both are counted by the trainer, never dropped silently.
+a turn served by a version more than ``max_lag`` versions behind the trainer's weights is stale (its
+importance weights would be mostly cap). Both are counted by the trainer, never dropped silently.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,16 +40,17 @@ class Sample:
     teacher_prompt_ids: list[int] | None  # the prompt with teacher_hint; None without one
 
 
-def refusal(turn: tables.Turn, *, scope: str, head: int, max_lag: int) -> str | None:
-    """Why a turn cannot be trained on now, or None.
+def refusal(turn: tables.Turn, *, scope: str, lag: Callable[[int], int], max_lag: int) -> str | None:
+    """Why a turn cannot be trained on now, or None. ``lag``: how far the trainer has moved on from a version
+    (:meth:`trainer.ledger.Ledger.lag`).
 
     >>> from datetime import UTC, datetime
     >>> now = datetime.now(UTC)
     >>> turn = tables.Turn(id="t", event_id="e", tenant="a", scope="default", session_id="s", model="m",
     ...     adapter_version="default-v3", messages=[], params={}, prompt_token_ids=[1], response_token_ids=[2],
     ...     response_logprobs=[-0.5], status="ok", latency_ms=1.0, started_at=now, finished_at=now)
-    >>> refusal(turn, scope="default", head=5, max_lag=2), refusal(turn, scope="default", head=6, max_lag=2)
-    (None, 'stale')
+    >>> [refusal(turn, scope="default", lag=lambda version: head - version, max_lag=2) for head in (5, 6)]
+    [None, 'stale']
     """
     if turn.status != "ok" or not turn.response_token_ids:
         return "failed"
@@ -60,7 +62,7 @@ def refusal(turn: tables.Turn, *, scope: str, head: int, max_lag: int) -> str | 
     served_scope, version = served
     if served_scope not in (None, scope):
         return "foreign_adapter"
-    if head - version > max_lag:
+    if lag(version) > max_lag:
         return "stale"
     return None
 

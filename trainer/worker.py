@@ -8,11 +8,22 @@ It consumes ``signals`` in the consumer group ``trainer-<scope>``. Order of oper
 2. resolve the waiting signals against the store: the signal row and its turn's token data (a turn the
    recorder has not stored yet keeps waiting). Refused samples (stale, failed, no logprobs) and held-out
    turns (the collapse guards' replay set) are done, and counted;
-3. when ``batch_size`` samples are ready: one update with the configured algorithm. If it took optimizer
-   steps: measure the collapse guards, write a checkpoint (adapter, optimizer, ledger, with the step marked
-   "publish pending"), publish the adapter as the next version (``meta.json`` names the step), then clear
-   the mark. An update without signal (every advantage zero) takes no step and publishes nothing;
+3. when ``batch_size`` samples are ready and the pacing allows (below): one update with the configured
+   algorithm. If it took optimizer steps: measure the collapse guards, write a checkpoint (adapter,
+   optimizer, ledger, with the step marked "publish pending"), publish the adapter as the next version
+   (``meta.json`` names the step), then clear the mark. An update without signal (every advantage zero)
+   takes no step and publishes nothing;
 4. save the ledger, then commit the offsets.
+
+**Pacing.** With ``max_ahead`` set and a rollout acting on the scope, the trainer publishes at most that
+many versions past the stable one, then waits (its signals wait with it) until the rollout promotes one. Samples
+that versions far behind the trainer served are off-policy: measured on the demo's offline loop, learning
+from samples served 1 version behind was as good as on-policy, 2 behind clearly worse, and 3 or more
+behind undid what was learnt (6 behind: every preference near 0 and diversity down to a sixth). A canary
+holds the stable version back by design, so without pacing the trainer runs ahead and learns from its own
+past. When every version past the stable one was rolled back, rejected or replaced, the trainer **rebases**:
+it resets its weights (and optimizer) to the stable version's and trains on from there, so that it neither
+builds on what the rollout refused nor waits forever; samples the stable version served then count as fresh.
 
 A crash before the checkpoint of 3 (a kill mid-step) loses only work: the trainer resumes from the last
 checkpoint, and the log redelivers what was polled after the last commit; the ledger knows which of those
@@ -39,6 +50,7 @@ from sqlmodel import col, select
 
 from nextturn import events, tables
 from nextturn.bus import BadRecordPolicy, EventLog
+from nextturn.deployments import Deployment
 from nextturn.errors import CommitFailed, ConfigError, EventLogUnavailable, StoreUnavailable
 from nextturn.events import SignalExtracted
 from nextturn.settings import Settings
@@ -54,6 +66,7 @@ from trainer.samples import Sample, build, held_out, refusal
 log = logging.getLogger(__name__)
 
 WEIGHTS = {"rl": (1.0, 0.0), "opd": (0.0, 1.0), "combined": (1.0, 1.0)}
+MAX_READY = 8  # batches of samples built and kept in memory while the trainer waits
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,7 @@ class TrainerConfig:
     lora_rank: int = 8
     kl_to_base: float = 0.0
     max_version_lag: int = 4
+    max_ahead: int = 2  # versions published past the stable one before waiting for the rollout; 0: no limit
     standing_hints: int = 3
     holdout_every: int = 16
     keep_versions: int = 10
@@ -86,7 +100,8 @@ class TrainerConfig:
             batch_size=settings.trainer_batch_size, steps_per_batch=settings.trainer_steps_per_batch,
             learning_rate=settings.trainer_learning_rate, lora_rank=settings.trainer_lora_rank,
             kl_to_base=settings.trainer_kl_to_base, max_version_lag=settings.trainer_max_version_lag,
-            standing_hints=settings.trainer_standing_hints, holdout_every=settings.trainer_holdout_every,
+            max_ahead=settings.trainer_max_ahead, standing_hints=settings.trainer_standing_hints,
+            holdout_every=settings.trainer_holdout_every,
             keep_versions=settings.trainer_keep_versions, device=settings.trainer_device,
         )
 
@@ -171,12 +186,14 @@ class TrainerWorker:
             if isinstance(item.event, SignalExtracted):
                 self._offer(item.event)
         try:
+            room = self._room()  # first: a rebase changes which samples are stale
             self._resolve()
+            while room and len(self._ready) >= self.config.batch_size:
+                self._update([self._ready[key] for key in list(self._ready)[: self.config.batch_size]])
+                room = self._room()
         except StoreUnavailable as exc:
-            log.warning("cannot read samples from the store (%s); trying again next round", exc)
+            log.warning("cannot read the store (%s); trying again next round", exc)
             self.ledger.count("store_retries")
-        while len(self._ready) >= self.config.batch_size:
-            self._update([self._ready[key] for key in list(self._ready)[: self.config.batch_size]])
         self._save_ledger()
         try:
             self._consumer.commit()
@@ -210,11 +227,13 @@ class TrainerWorker:
                  if e in signals and signals[e].turn_id in turns]  # the others wait for the recorder
         # In the order the turns were served: a tenant's hint becomes standing for the turns after it.
         for signal, turn, key in sorted(found, key=lambda item: (_aware(item[1].started_at), item[1].id)):
+            if len(self._ready) >= MAX_READY * self.config.batch_size:
+                break  # the trainer waits for the rollout: the rest wait in the ledger, not in memory
             if held_out(turn.id, self.config.holdout_every):
                 self.ledger.hold_out(key, signal.revision, turn.id)
                 self.ledger.count("held_out")
                 continue
-            why = refusal(turn, scope=self.scope, head=self.ledger.head, max_lag=self.config.max_version_lag)
+            why = refusal(turn, scope=self.scope, lag=self.ledger.lag, max_lag=self.config.max_version_lag)
             w_rl, w_opd = WEIGHTS[self.config.method]
             teaches = (signal.reward is not None and w_rl) or ((signal.hint or self._standing(turn.tenant)) and w_opd)
             if why is None and not teaches:
@@ -242,6 +261,37 @@ class TrainerWorker:
             raise StoreUnavailable(f"cannot read signals and turns from the store: {exc}") from exc
         return signals, turns
 
+    # -- pacing -----------------------------------------------------------------------------------------
+
+    def _room(self) -> bool:
+        """Whether the trainer may publish another version now (see Pacing in the module docstring)."""
+        if not self.config.max_ahead:
+            return True
+        state = Deployment.read(self._store, self.scope)
+        if state.last_event_id is None:
+            return True  # no rollout has acted on this scope: nothing to follow
+        stable = state.stable or 0
+        if self.ledger.head - stable < self.config.max_ahead or self.ledger.rebased == [stable, self.ledger.head]:
+            return True  # room ahead, or just reset to the stable version
+        statuses = self._store.adapter_statuses(self.scope)
+        # A version not in the store yet was just published: the rollout has yet to see it.
+        if any(statuses.get(version, "published") in ("published", "canary")
+               for version in range(stable + 1, self.ledger.head + 1)):
+            return False
+        self._rebase(state.stable)
+        return True
+
+    def _rebase(self, stable: int | None) -> None:
+        """Reset the weights and the optimizer to the stable version's (the base model's for None)."""
+        log.warning("every version after %s was rolled back, rejected or replaced: training on from it",
+                    events.adapter_name(self.scope, stable) if stable else events.BASE_VERSION)
+        self.policy = self._load_policy(self.shelf.path(stable) if stable else None)
+        self._optimizer = self._new_optimizer(self.policy)
+        self.ledger.rebased = [stable or 0, self.ledger.head]
+        self.ledger.count("rebased")
+        self._checkpoints.save(self._write_weights, self.ledger.to_json())
+        self._saved = json.dumps(self.ledger.to_json(), sort_keys=True)
+
     # -- an update ------------------------------------------------------------------------------------
 
     def _update(self, batch: list[Sample]) -> None:
@@ -249,7 +299,7 @@ class TrainerWorker:
         fresh = []
         for sample in batch:
             served = events.served_version(sample.adapter_version)
-            if served is not None and self.ledger.head - served[1] > self.config.max_version_lag:
+            if served is not None and self.ledger.lag(served[1]) > self.config.max_version_lag:
                 self._ready.pop(sample.signal_id)
                 self.ledger.finish(sample.signal_id, sample.revision, sample.reward, sample.hint)
                 self.ledger.count("refused_stale")
@@ -329,7 +379,7 @@ class TrainerWorker:
             else:
                 version = self.shelf.publish(
                     lambda target: _copy_adapter(checkpoint / ADAPTER, target),
-                    base_model=self.policy.base_model, parent_version=self.ledger.head or None,
+                    base_model=self.policy.base_model, parent_version=self.ledger.parent() or None,
                     meta=saved.get("meta", {"step": step}), event_log=self._log).version
         except EventLogUnavailable as exc:
             log.warning("published step %d, but cannot announce it (%s); trying again", step, exc)

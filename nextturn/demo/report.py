@@ -36,6 +36,7 @@ class MethodResult:
     # trainer had learnt by the end, whether or not the canary had caught up with it.
     newest: str = ""
     newest_held_out: dict[str, float] = field(default_factory=dict)
+    stopped_early: list[str] = field(default_factory=list)  # people whose client failed, and why
 
     def rolling(self, *, hard: bool | None = None) -> list[tuple[int, float]]:
         """(interaction, mean satisfaction of the last WINDOW fresh answers) after each fresh answer."""

@@ -50,25 +50,30 @@ def settings(data_dir: Path, model_dir: Path, method: str, port: int) -> Setting
       confidence with a 0.25 margin, each weight serving 4 canary turns first (defaults: 10% then 50%,
       30 turns, 95%, 0.05, 10), and a timeout of 120 s; replaced versions drain after 5 s. With ten
       rewards per arm, a canary as good as stable passes at 75% only with a margin near 0.25. The collapse
-      guard on distinct-n accepts 75% of the base model's (default 90%): the people's replay prompts are
-      few (4 to 9), and a version that learnt numbered lists writes "1." and a newline in every answer;
-      measured, it rejected versions at 79% to 86% of the base's distinct-1 whose diversity on unrelated
-      prompts was above the base model's;
-    * trainer: samples up to 8 versions behind the newest are admitted (default 4), since the canary
-      holds back what serves while the trainer moves on; no standing hints (default 3): this small base
-      model, shown a hint after a sum, copies the operands into its tool call wrongly about half the time,
-      so distilling its hinted distribution into answers that were already right (what standing hints do)
-      taught eli's tool calls wrong operands (measured offline: eli 0.5 → 0.06 with them, 0.58 without).
+      guard on distinct-n accepts 60% of the base model's (default 90%): the people's replay prompts are
+      few (4 to 9), and a version that learnt numbered lists or JSON writes "1." or brackets in every
+      answer; measured, 75% rejected the best version of a run (held-out satisfaction 0.78, at 75% of the
+      base's distinct-1; its diversity on unrelated prompts was above the base model's);
+    * trainer: unpaced (``trainer_max_ahead`` 0, default 2), admitting samples up to 8 versions behind
+      (default 4). Pacing keeps the trainer's samples near on-policy, which matters offline (see
+      :mod:`trainer.worker`), but a canary here decides every 15 to 30 s, and within 256 interactions a
+      paced trainer idles through each one: measured, one version ahead with 32-sample updates published
+      2 versions (serving: hard 0.00, easy 0.49), two ahead 5 (hard 0.04, easy 0.67, 80 samples trained),
+      unpaced 10 (hard 0.53, easy 0.67, 160 samples trained);
+    * no standing hints (default 3): this small base model, shown a hint after a sum, copies the operands
+      into its tool call wrongly about half the time, so distilling its hinted distribution into answers
+      that were already right (what standing hints do) taught eli's tool calls wrong operands (measured
+      offline: eli 0.5 → 0.06 with them, 0.58 without).
     """
     people = ",".join(f"{key}:{name}" for name, key in keys().items())
     return Settings(
         data_dir=data_dir, model=str(model_dir), port=port, api_keys=people, admin_key="sk-demo-admin",
         train_method=method,  # type: ignore[arg-type]
         signals_idle_timeout_s=5.0,
-        trainer_max_version_lag=8, trainer_standing_hints=0,
+        trainer_max_ahead=0, trainer_max_version_lag=8, trainer_standing_hints=0,
         rollout_schedule=[0.5], rollout_min_resolved=10, rollout_confidence=0.75, rollout_reward_margin=0.25,
         rollout_guard_min_turns=4, rollout_canary_timeout_s=120.0, rollout_check_interval_s=1.0,
-        rollout_drain_s=5.0, rollout_min_distinct=0.75,
+        rollout_drain_s=5.0, rollout_min_distinct=0.6,
     )
 
 
@@ -186,7 +191,7 @@ def _run_method(console: Console, out: Path, model_dir: Path, method: str, inter
     result = MethodResult(method=method, interactions=budget.used, curve=curve, decisions=decisions,
                           held_out=held_out, diversity=diversity, stable=stable.stable_name, seconds=seconds,
                           stages=stages, newest=f"v{newest.version}" if newest else "",
-                          newest_held_out=newest_held_out if newest else {})
+                          newest_held_out=newest_held_out if newest else {}, stopped_early=list(population.errors))
     console.print(f"{method}: serving {result.stable} at the end; held-out satisfaction "
                   + ", ".join(f"{name} {value:.2f}" for name, value in held_out.items())
                   + (f" (newest, {result.newest}: " + ", ".join(f"{name} {value:.2f}" for name, value

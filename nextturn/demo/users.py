@@ -71,6 +71,11 @@ class Budget:
             self.used += 1
             return self.used
 
+    def untake(self) -> None:
+        """An interaction taken but not had (the request was refused)."""
+        with self._lock:
+            self.used -= 1
+
 
 @dataclass
 class Population:
@@ -126,9 +131,15 @@ class Population:
             if text is not None:
                 time.sleep(self.think_s * rng.uniform(0.5, 1.5))  # reading the answer, typing the next message
                 messages.append({"role": "user", "content": text})
-            raw = client.chat.completions.with_raw_response.create(
-                model=model, messages=messages, tools=request.tools or openai.NOT_GIVEN,  # type: ignore[arg-type]
-                seed=rng.randrange(2**31))
+            try:
+                raw = client.chat.completions.with_raw_response.create(
+                    model=model, messages=messages, tools=request.tools or openai.NOT_GIVEN,  # type: ignore[arg-type]
+                    seed=rng.randrange(2**31))
+            except openai.BadRequestError as exc:
+                if exc.code == "context_length_exceeded":
+                    self.budget.untake()
+                    return True  # the conversation outgrew the small model's context: start a new one
+                raise
             adapter = raw.headers.get("x-nextturn-adapter", "?")
             message = raw.parse().choices[0].message
             calls = message.tool_calls or []
