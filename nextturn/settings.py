@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     trainer_learning_rate: float = Field(default=3e-3, gt=0, le=1.0)
     trainer_lora_rank: int = Field(default=8, ge=1, le=256)
     trainer_kl_to_base: float = Field(default=0.0, ge=0)  # weight of the KL-to-base anchor; 0: none
+    # A sample whose served logprobs are further than this (mean nats per token) from the trainer's policy
+    # keeps its hint but loses its reward: RL on answers the policy no longer gives undid learning; 0: off.
+    trainer_max_drift: float = Field(default=0.3, ge=0)
     # Samples from a version more than this many versions behind the newest one are refused (counted).
     trainer_max_version_lag: int = Field(default=4, ge=0)
     # Versions published past the stable one before the trainer waits for the rollout to promote one (and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -254,6 +255,30 @@ def test_a_batch_without_signal_takes_no_optimizer_step(tiny_model: Path, algori
     assert (result.steps, result.skipped) == (0, "no sample carries a non-zero advantage")
     assert optimizer.state_dict()["state"] == {}  # Adam never stepped: no momentum to move the weights later
     assert all(torch.equal(before[name], p) for name, p in policy.model.named_parameters())
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda m: m.__name__)
+def test_a_sample_the_policy_has_drifted_from_keeps_its_hint_and_loses_its_reward(tiny_model: Path,
+                                                                                  algorithm) -> None:
+    """Served when the policy gave that answer a nat per token less likely than it does now: its reward is
+    about a policy that is gone, and is dropped (unless max_drift is 0); its hint still teaches."""
+    policy = Policy.load(tiny_model, rank=4, device="cpu")
+
+    def stale(sample: Sample) -> Sample:
+        return replace(sample, behaviour_logprobs=[lp - 1.0 for lp in sample.behaviour_logprobs])
+
+    rewarded = [stale(_sample(policy, "Lotus.", reward=1.0))]
+    result = algorithm.update(policy, torch.optim.AdamW(policy.parameters(), lr=3e-3), rewarded,
+                              _objective(algorithm, w_opd=0.0))
+    assert (result.steps, result.skipped, result.stats["drifted"]) == (0, "no sample carries a non-zero advantage",
+                                                                      1.0)
+    kept = algorithm.update(policy, torch.optim.AdamW(policy.parameters(), lr=3e-3), rewarded,
+                            _objective(algorithm, w_opd=0.0, max_drift=0.0))
+    assert kept.steps > 0 and kept.stats["drifted"] == 0.0
+    hinted = [stale(_sample(policy, "Lotus.", reward=1.0, hint=HINT))]
+    taught = algorithm.update(policy, torch.optim.AdamW(policy.parameters(), lr=3e-3), hinted,
+                              _objective(algorithm, w_rl=0.0))
+    assert taught.steps > 0
 
 
 def test_the_teacher_teaches_up_to_its_first_disagreement(tiny_model: Path) -> None:

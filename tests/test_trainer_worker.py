@@ -315,13 +315,14 @@ def test_settings_reach_the_trainer(base: Policy, tiny_model: Path, store: Store
     settings = Settings(data_dir=tmp_path, model=str(tiny_model), train_method="rl", trainer_opd_form="sampled",
                         trainer_teacher="policy", trainer_batch_size=2, trainer_steps_per_batch=3,
                         trainer_learning_rate=1e-4, trainer_lora_rank=2, trainer_kl_to_base=0.5,
-                        trainer_max_version_lag=1, trainer_max_ahead=5, trainer_standing_hints=1,
+                        trainer_max_drift=0.7, trainer_max_version_lag=1, trainer_max_ahead=5, trainer_standing_hints=1,
                         trainer_holdout_every=0, trainer_keep_versions=2, trainer_device="cpu")
     config = TrainerConfig.from_settings(settings)
     assert (config.method, config.opd_form, config.teacher, config.batch_size, config.steps_per_batch,
-            config.learning_rate, config.lora_rank, config.kl_to_base, config.max_version_lag, config.max_ahead,
-            config.standing_hints, config.holdout_every, config.keep_versions, config.device) == (
-        "rl", "sampled", "policy", 2, 3, 1e-4, 2, 0.5, 1, 5, 1, 0, 2, "cpu")
+            config.learning_rate, config.lora_rank, config.kl_to_base, config.max_drift, config.max_version_lag,
+            config.max_ahead, config.standing_hints, config.holdout_every, config.keep_versions, config.device) == (
+        "rl", "sampled", "policy", 2, 3, 1e-4, 2, 0.5, 0.7, 1, 5, 1, 0, 2, "cpu")
+    assert config.objective().max_drift == 0.7
     turns = [served(base, n) for n in range(2)]
     record(store, sqlite_log, *turns, signal(turns[0]), signal(turns[1], reward=None, hint="Answer in one word."))
     worker = TrainerWorker.from_settings(settings, sqlite_log, store)

@@ -16,7 +16,9 @@ decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimizatio
 π_θ / π_behav; splitting it keeps PPO's trust region around the policy we step from (the behaviour policy
 may be versions behind) and puts staleness into a capped weight (truncated importance sampling, as in
 V-trace). The loss is the mean of ℓ_t over response tokens of samples that carry a signal; prompt tokens
-(which hold every tool result) and padding are masked out.
+(which hold every tool result) and padding are masked out. A sample the policy has drifted from (mean
+|log π_old − log π_behav| above ``max_drift``: :func:`trainer.packing.drifted`) has r dropped and keeps its
+hint: the cap alone did not stop RL on stale answers from undoing what was learnt.
 
 How it deviates from the papers it borrows from: no value function and no group baseline (the reward
 is an outside judgement of this very response, and traffic gives one response per prompt); the OPD term
@@ -36,7 +38,7 @@ from typing import Literal
 import torch
 from trl.trainer.utils import selective_log_softmax
 
-from trainer.packing import Update, pack, response_logits, response_values
+from trainer.packing import Update, drifted, pack, response_logits, response_values
 from trainer.policy import Policy
 from trainer.samples import Sample
 
@@ -51,6 +53,7 @@ class Objective:
     kl_to_base: float = 0.0  # β; 0 skips the base model's forward pass
     steps: int = 4  # optimizer steps on one batch
     teacher: Literal["base", "policy"] = "base"
+    max_drift: float = 0.3  # a sample further from the policy than this (nats per token) loses its reward
 
 
 def advantages(rewards: torch.Tensor, has_reward: torch.Tensor, teacher: torch.Tensor, behaviour: torch.Tensor,
@@ -103,6 +106,8 @@ def update(policy: Policy, optimizer: torch.optim.Optimizer, samples: Sequence[S
     policy.model.eval()
     with torch.no_grad():
         old = selective_log_softmax(response_logits(policy.model, student), student.response_ids)  # [B, R]
+        stale = drifted(old, behaviour, student.mask, objective.max_drift)  # [B]
+        has_reward = has_reward & ~stale
         teacher = behaviour.clone()  # without a hint the OPD term is off (has_hint), any value would do
         hinted = [i for i, s in enumerate(samples) if s.teacher_prompt_ids is not None]
         if hinted and objective.w_opd != 0:
@@ -122,7 +127,8 @@ def update(policy: Policy, optimizer: torch.optim.Optimizer, samples: Sequence[S
     advantage = advantages(rewards, has_reward, teacher, behaviour, has_hint, objective)  # [B, R]
     mask = student.mask * contributes(has_reward, has_hint, objective)[:, None]  # [B, R]
     result = Update(tokens=int(mask.sum()), stats={"advantage_abs": float((advantage.abs() * mask).sum()
-                                                                          / mask.sum().clamp(min=1))})
+                                                                          / mask.sum().clamp(min=1)),
+                                                    "drifted": float(stale.sum())})
     if not bool(((advantage != 0) & (mask > 0)).any()):
         # Adam's momentum would move the weights even at zero gradient: no signal, no step.
         result.skipped = "no sample carries a non-zero advantage"

@@ -39,7 +39,10 @@ A_t = w_rl · r. Per token:
   w_t = min(π_old(y_t) / π_behav(y_t), cap)
   ℓ_t = −w_t · min(ρ_t · A_t, clip(ρ_t, 1 − ε, 1 + ε) · A_t) + w_opd · w_t · D_t · [hint, t ≤ t*] + β · k3(π_θ ‖ π_base)
 
-and the loss is the mean of ℓ_t over response tokens of samples that carry a signal. A batch in which no
+and the loss is the mean of ℓ_t over response tokens of samples that carry a signal. A sample the policy has
+drifted from (mean |log π_old − log π_behav| above ``max_drift``: :func:`trainer.packing.drifted`) has r
+dropped and keeps its hint: RL on an answer the policy no longer gives pushes on a policy that is gone,
+while the teacher's distributions do not depend on who served the answer. A batch in which no
 token has a non-zero reward advantage and no hinted position has a teacher that disagrees takes no step.
 Deviation from top-k distillation as usually written (renormalised over the top-k): the tail bucket keeps
 the two distributions proper, so D_t ≥ 0 and it is 0 exactly when they agree on the buckets.
@@ -54,7 +57,7 @@ from typing import Literal
 import torch
 from trl.trainer.utils import selective_log_softmax
 
-from trainer.packing import Update, pack, response_logits, response_values
+from trainer.packing import Update, drifted, pack, response_logits, response_values
 from trainer.policy import Policy
 from trainer.samples import Sample
 
@@ -72,6 +75,7 @@ class Objective:
     teacher: Literal["base", "policy"] = "base"
     divergence: Literal["forward", "reverse"] = "forward"
     span: Literal["response", "to_divergence"] = "to_divergence"
+    max_drift: float = 0.3  # a sample further from the policy than this (nats per token) loses its reward
 
 
 def divergence(student: torch.Tensor, teacher: torch.Tensor, objective: Objective) -> torch.Tensor:
@@ -150,6 +154,8 @@ def update(policy: Policy, optimizer: torch.optim.Optimizer, samples: Sequence[S
     with torch.no_grad():
         start = response_logits(policy.model, student)  # [B, R, V]
         old = selective_log_softmax(start, student.response_ids)  # [B, R]
+        stale = drifted(old, behaviour, student.mask, objective.max_drift)  # [B]
+        has_reward = has_reward & ~stale
         teacher = start.clone()  # rows without a hint keep the student's own logits: D_t = 0 there
         hinted = [i for i, s in enumerate(samples) if s.teacher_prompt_ids is not None]
         if hinted and objective.w_opd != 0:
@@ -174,7 +180,8 @@ def update(policy: Policy, optimizer: torch.optim.Optimizer, samples: Sequence[S
     signal = ((rewards * has_reward != 0)[:, None] & (objective.w_rl != 0)) | \
              ((disagreement > 0) & (objective.w_opd != 0))  # [B, R]
     result = Update(tokens=int(mask.sum()), stats={"teacher_kl": float((disagreement * student.mask).sum()
-                                                                       / student.mask.sum())})
+                                                                       / student.mask.sum()),
+                                                    "drifted": float(stale.sum())})
     if not bool((signal & (mask > 0)).any()):
         # Adam's momentum would move the weights even at zero gradient: no signal, no step.
         result.skipped = "no sample carries a non-zero advantage"

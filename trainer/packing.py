@@ -60,6 +60,21 @@ def response_values(values: Sequence[Sequence[float]], like: torch.Tensor) -> to
     return out
 
 
+def drifted(old: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor, max_drift: float) -> torch.Tensor:
+    """[B] bool: the samples the policy has moved away from since a version served them, i.e. whose mean over
+    response tokens of |log π_old − log π_behav| is above ``max_drift`` nats (0: none). Both objectives drop
+    the reward of such a sample and keep its hint (see :class:`trainer.distillation.Objective`).
+
+    >>> old = torch.tensor([[-0.1, -0.2], [-3.0, -0.2]])
+    >>> drifted(old, torch.tensor([[-0.1, -0.2], [-0.1, -0.2]]), torch.ones(2, 2), 0.3).tolist()
+    [False, True]
+    """
+    if max_drift <= 0:
+        return torch.zeros(old.shape[0], dtype=torch.bool, device=old.device)
+    gap = ((old - behaviour).abs() * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
+    return gap > max_drift
+
+
 def response_logits(model: Any, packed: Packed) -> torch.Tensor:
     """[B, R, V] float32: at column j, the logits that predicted response token j."""
     logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,

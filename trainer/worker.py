@@ -81,6 +81,7 @@ class TrainerConfig:
     learning_rate: float = 3e-3
     lora_rank: int = 8
     kl_to_base: float = 0.0
+    max_drift: float = 0.3
     max_version_lag: int = 4
     max_ahead: int = 2  # versions published past the stable one before waiting for the rollout; 0: no limit
     standing_hints: int = 3
@@ -99,7 +100,8 @@ class TrainerConfig:
             teacher=settings.trainer_teacher,
             batch_size=settings.trainer_batch_size, steps_per_batch=settings.trainer_steps_per_batch,
             learning_rate=settings.trainer_learning_rate, lora_rank=settings.trainer_lora_rank,
-            kl_to_base=settings.trainer_kl_to_base, max_version_lag=settings.trainer_max_version_lag,
+            kl_to_base=settings.trainer_kl_to_base, max_drift=settings.trainer_max_drift,
+            max_version_lag=settings.trainer_max_version_lag,
             max_ahead=settings.trainer_max_ahead, standing_hints=settings.trainer_standing_hints,
             holdout_every=settings.trainer_holdout_every,
             keep_versions=settings.trainer_keep_versions, device=settings.trainer_device,
@@ -108,7 +110,7 @@ class TrainerConfig:
     def objective(self) -> combined.Objective | distillation.Objective:
         w_rl, w_opd = WEIGHTS[self.method]
         shared = {"w_rl": w_rl, "w_opd": w_opd, "kl_to_base": self.kl_to_base, "steps": self.steps_per_batch,
-                  "teacher": self.teacher}
+                  "teacher": self.teacher, "max_drift": self.max_drift}
         if self.opd_form == "sampled":
             return combined.Objective(**shared)  # type: ignore[arg-type]
         return distillation.Objective(**shared, divergence=self.divergence, span=self.span)  # type: ignore[arg-type]
