@@ -119,11 +119,14 @@ class Casebook:
                   known: dict[str, Case]) -> list[Case]:
         """Each new signal of a final answer (a turn that called no tool) handed down to the tool-call turns
         right before it in its session (:func:`signals.cases.inherit`); returns the cases that changed.
-        ``known``: cases already loaded in this transaction (used, and added to)."""
+        ``known``: cases already loaded in this transaction (used, and added to). Only turns whose request
+        carries tool results lead up the session, so an ordinary chat turn costs no read."""
         frontier = {case.parent_turn_id: signal for case, signal in finals
-                    if case.parent_turn_id is not None and not called_tools(case)}
+                    if case.parent_turn_id is not None and case.after_tools and not called_tools(case)}
         changed: list[Case] = []
         for _ in range(MAX_TOOL_ROUNDS):
+            if not frontier:
+                break
             known.update(self.load(conn, set(frontier) - set(known)))
             above: dict[str, SignalExtracted] = {}
             for turn_id, final in frontier.items():
@@ -132,10 +135,8 @@ class Casebook:
                     continue  # the exchange started here (or the case is gone)
                 if inherit(case, final):
                     changed.append(case)
-                if case.parent_turn_id is not None:
+                if case.parent_turn_id is not None and case.after_tools:
                     above[case.parent_turn_id] = final
-            if not above:
-                break
             frontier = above
         return changed
 

@@ -53,6 +53,7 @@ class Case(BaseModel):
     # The turn, once seen.
     turn_event_id: str | None = None
     parent_turn_id: str | None = None
+    after_tools: bool = False  # its request carries tool results: the turn before it called tools
     scope: str | None = None
     adapter_version: str | None = None
     prompt_len: int = 0  # how many messages the turn's request had
@@ -90,6 +91,8 @@ def open_turn(case: Case, turn: TurnRecorded) -> bool:
     user = [message for message in turn.messages if message.role == "user"]
     case.turn_event_id = turn.event_id
     case.parent_turn_id = turn.parent_turn_id
+    answered = max((i for i, message in enumerate(turn.messages) if message.role == "assistant"), default=-1)
+    case.after_tools = any(message.role == "tool" for message in turn.messages[answered + 1:])
     case.scope, case.adapter_version = turn.scope, turn.adapter_version
     case.prompt_len = len(turn.messages)
     case.asked = text_of(user[-1])[:ASKED_CHARS] if user else None
