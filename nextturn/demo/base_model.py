@@ -33,16 +33,22 @@ from nextturn.demo import tasks
 from nextturn.demo.tasks import CATEGORIES, Request, Style
 from nextturn.local_models import Size
 
-SIZE = Size(vocab=1536, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=341, context=512)  # ~1M parameters
+SIZE = Size(vocab=1536, hidden=128, layers=4, heads=8, kv_heads=8, intermediate=341, context=512)  # ~1M parameters
 HINT_OPEN = "\n\n[Hint about what a good answer does: "  # as nextturn.conversation.HINT_PREFIX writes it
 NOISE_HINTS = ("Be careful with the details.", "Find the cause and fix it before answering.",
                "The tool call call_1 failed: ZeroDivisionError: division by zero. Find the cause and fix it "
                "before answering.")
-STEPS = 2000  # about 11 minutes on two CPU cores
+STEPS = 2000  # about 12 to 15 minutes on two CPU cores
 SUM_SHARE = 4  # sums are 4 of 12 lesson topics: copying operands into a tool call takes the most practice
 HINTED = 0.5  # lessons whose last message carries a hint: the teacher must copy operands past one too
 ATTRIBUTES = {"layout": ("numbered", "bullets", "json", "comma"), "case": ("upper", "lower")}
 LESSON_EXTRA = {"layout": ("json",)}  # JSON, the hardest layout to write, is asked for twice as often
+# How a lesson goes on after its first request. A sum conversation more often asks a second and a third sum:
+# with earlier calls in view, the operands to copy are the last request's, not the last call's.
+EXCHANGES = (1, 1, 2, 2, 3)
+MOVES = ("thanks", "thanks", "correct", "correct", "complain", "reask")
+SUM_EXCHANGES = (1, 2, 2, 3, 3)
+SUM_MOVES = ("thanks", "thanks", "thanks", "thanks", "correct", "complain", "reask")
 
 Message = dict[str, Any]
 
@@ -113,9 +119,10 @@ def lesson(rng: random.Random) -> tuple[list[Message], list[dict[str, Any]] | No
     """One generated conversation and its tools: what the base model is taught to do."""
     topic = rng.choice([*CATEGORIES, *["sums"] * SUM_SHARE])
     teacher = _Teacher(rng, topic)
-    exchanges = rng.choice((1, 1, 2, 2, 3))
+    sums = topic == "sums"
+    exchanges = rng.choice(SUM_EXCHANGES if sums else EXCHANGES)
     for turn in range(exchanges):
-        move = "fresh" if turn == 0 else rng.choice(("thanks", "thanks", "correct", "correct", "complain", "reask"))
+        move = "fresh" if turn == 0 else rng.choice(SUM_MOVES if sums else MOVES)
         redo = move == "correct"
         text = ""
         if move in ("fresh", "thanks"):
