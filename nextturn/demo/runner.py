@@ -61,7 +61,7 @@ def settings(data_dir: Path, model_dir: Path, method: str, port: int) -> Setting
       2 versions (serving: hard 0.00, easy 0.49), two ahead 5 (hard 0.04, easy 0.67, 80 samples trained),
       unpaced 10 (hard 0.53, easy 0.67, 160 samples trained);
     * no standing hints (default 3): this small base model, shown a hint after a sum, copies the operands
-      into its tool call wrongly about half the time, so distilling its hinted distribution into answers
+      into its tool call wrongly most of the time, so distilling its hinted distribution into answers
       that were already right (what standing hints do) taught eli's tool calls wrong operands (measured
       offline: eli 0.5 → 0.06 with them, 0.58 without).
     """
