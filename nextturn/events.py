@@ -35,6 +35,9 @@ CLIENT_LEFT = "the client left before the stream ended"
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Reward = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
+# Where a signal's hint came from: the user's own words (a correction, a comment), what failed tool calls
+# reported, or the judge. Only the user's words say what the user wants of later answers (standing hints).
+HintSource = Literal["user", "tools", "judge"]
 # A sampled token has non-zero probability, so its logprob is finite; JSON could not carry -inf anyway.
 Logprob = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -238,6 +241,7 @@ class SignalExtracted(_Event):
     adapter_version: str = BASE_VERSION
     reward: Reward | None = None  # None: abstained, no RL sample
     hint: str | None = None
+    hint_source: HintSource | None = None  # None: no hint, or a signal written before sources were recorded
     confidence: Unit
     verdicts: list[Verdict] = []
     extractor_version: str

@@ -305,7 +305,7 @@ class Store:
             "id": signal.event_id, "signal_id": signal.signal_id, "revision": signal.revision,
             "tenant": signal.tenant, "scope": signal.scope, "session_id": signal.session_id,
             "turn_id": signal.turn_id, "adapter_version": signal.adapter_version, "reward": signal.reward,
-            "hint": signal.hint, "confidence": signal.confidence,
+            "hint": signal.hint, "hint_source": signal.hint_source, "confidence": signal.confidence,
             "verdicts": [verdict.model_dump() for verdict in signal.verdicts],
             "extractor_version": signal.extractor_version, "evidence": signal.evidence,
             "created_at": signal.occurred_at,

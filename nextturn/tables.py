@@ -132,6 +132,7 @@ class Signal(SQLModel, table=True):
     adapter_version: str = Field(index=True)
     reward: float | None = None
     hint: str | None = _text(default=None)
+    hint_source: str | None = None  # nextturn.events.HintSource; None before migration 0005
     confidence: float
     verdicts: list[dict[str, Any]] = _json()
     extractor_version: str

@@ -259,7 +259,7 @@ class Casebook:
         return [SignalExtracted(
             event_id=row.id, signal_id=row.signal_id, revision=row.revision, tenant=row.tenant, scope=row.scope,
             session_id=row.session_id, turn_id=row.turn_id, adapter_version=row.adapter_version,
-            reward=row.reward, hint=row.hint, confidence=row.confidence,
+            reward=row.reward, hint=row.hint, hint_source=row.hint_source, confidence=row.confidence,
             verdicts=[Verdict.model_validate(v) for v in row.verdicts], extractor_version=row.extractor_version,
             evidence=list(row.evidence), occurred_at=row.created_at,
         ) for row in rows]
@@ -280,7 +280,8 @@ def _signal_row(signal: SignalExtracted) -> dict[str, object]:
         "id": signal.event_id, "signal_id": signal.signal_id, "revision": signal.revision, "tenant": signal.tenant,
         "scope": signal.scope, "session_id": signal.session_id, "turn_id": signal.turn_id,
         "adapter_version": signal.adapter_version, "reward": signal.reward, "hint": signal.hint,
-        "confidence": signal.confidence, "verdicts": [verdict.model_dump() for verdict in signal.verdicts],
+        "hint_source": signal.hint_source, "confidence": signal.confidence,
+        "verdicts": [verdict.model_dump() for verdict in signal.verdicts],
         "extractor_version": signal.extractor_version, "evidence": signal.evidence, "published": False,
         "created_at": signal.occurred_at,
     }

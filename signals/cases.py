@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from nextturn.events import ChatMessage, FeedbackReceived, SignalExtracted, TurnRecorded, Verdict
+from nextturn.events import ChatMessage, FeedbackReceived, HintSource, SignalExtracted, TurnRecorded, Verdict
 from signals import composition, hints, rewards
 from signals.tool_results import text_of
 
@@ -204,13 +204,14 @@ def extract(case: Case) -> SignalExtracted:
     ) if verdict is not None]
     composite = composition.compose(verdicts)
     criticised = any(v.source == "rules" and v.score is not None and v.score < 0 for v in verdicts)
-    hint = _best_hint(case.feedback, next_state, next_user, criticised, case.judge_hint)
+    hint, source = _best_hint(case.feedback, next_state, next_user, criticised, case.judge_hint)
     revision = case.revision + 1
     sid = signal_id(case.turn_id)
     return SignalExtracted(
         event_id=f"{sid}.{revision}", signal_id=sid, revision=revision, tenant=case.tenant,
         scope=case.scope or "default", session_id=case.session_id, turn_id=case.turn_id,
         adapter_version=case.adapter_version or "base", reward=composite.reward, hint=hint,
+        hint_source=source,
         confidence=composite.confidence, verdicts=verdicts, extractor_version=EXTRACTOR_VERSION,
         evidence=evidence(case),
     )
@@ -234,11 +235,16 @@ def _comment(item: FeedbackReceived) -> Verdict | None:
 
 
 def _best_hint(feedback: Sequence[FeedbackReceived], next_state: Sequence[ChatMessage], next_user: str | None,
-               criticised: bool, judge_hint: str | None) -> str | None:
-    """Directive evidence in order of trust: the user's own correction (explicit, or a next message the rules
-    read as criticism), then a comment that says what to do, then what the tools reported, then the judge."""
+               criticised: bool, judge_hint: str | None) -> tuple[str | None, HintSource | None]:
+    """Directive evidence in order of trust, and where it came from: the user's own correction (explicit, or
+    a next message the rules read as criticism), then a comment that says what to do, then what the tools
+    reported, then the judge."""
     comments = [item.text for item in feedback if item.kind == "comment" and item.text]
-    return (hints.from_correction(feedback, next_user, corrected=criticised)
-            or next((text for text in reversed(comments) if hints.is_directive(text)), None)
-            or hints.from_tools(feedback, next_state)
-            or judge_hint)
+    said = (hints.from_correction(feedback, next_user, corrected=criticised)
+            or next((text for text in reversed(comments) if hints.is_directive(text)), None))
+    if said:
+        return said, "user"
+    reported = hints.from_tools(feedback, next_state)
+    if reported:
+        return reported, "tools"
+    return (judge_hint, "judge") if judge_hint else (None, None)

@@ -55,9 +55,10 @@ def test_realistic_next_states(after: list[ChatMessage], sign: int, hint_word: s
     assert signal.reward is not None
     assert (signal.reward > 0) - (signal.reward < 0) == sign
     if hint_word is None:
-        assert signal.hint is None
+        assert (signal.hint, signal.hint_source) == (None, None)
     else:
         assert signal.hint is not None and hint_word in signal.hint
+        assert signal.hint_source == ("tools" if calls else "user")
 
 
 def test_an_explicit_rating_beats_what_the_rules_read() -> None:
@@ -130,6 +131,7 @@ def test_a_failed_tool_call_keeps_its_own_verdict_whatever_the_exchange_said() -
     assert not c.inherit(call, c.extract(answer))
     signal = c.extract(call)
     assert signal.reward == -1.0 and signal.hint is not None and "ZeroDivisionError" in signal.hint
+    assert signal.hint_source == "tools"
 
 
 def test_an_abstaining_final_answer_is_no_news_to_its_tool_calls() -> None:

@@ -88,7 +88,8 @@ def latest(store: Store) -> dict[str, events.SignalExtracted]:
     return {row.turn_id: events.SignalExtracted(
         event_id=row.id, signal_id=row.signal_id, revision=row.revision, tenant=row.tenant,
         session_id=row.session_id, turn_id=row.turn_id, reward=row.reward, hint=row.hint,
-        confidence=row.confidence, verdicts=row.verdicts, extractor_version=row.extractor_version,
+        hint_source=row.hint_source, confidence=row.confidence, verdicts=row.verdicts,
+        extractor_version=row.extractor_version,
         adapter_version=row.adapter_version, evidence=row.evidence) for row in rows}
 
 
@@ -126,7 +127,7 @@ def test_the_majority_of_votes_decides_and_ties_or_unreadable_votes_abstain(
     # and the longest directive hint among the majority's votes is the hint.
     hello = signals[turns["hello"].turn_id]
     assert hello.reward == -1.0
-    assert hello.hint == "Answer in French, as the user asked in the first message."
+    assert (hello.hint, hello.hint_source) == ("Answer in French, as the user asked in the first message.", "judge")
     assert signals[turns["maybe"].turn_id].reward == pytest.approx(0.2)  # the judge abstained; the rules speak
     assert sum(asked.values()) == 4 * 3
 

@@ -89,8 +89,9 @@ def test_a_session_resolves_each_turn_by_what_came_next(sqlite_log: EventLog, st
     signals = latest(store)
     assert signals[first.turn_id].reward is not None and signals[first.turn_id].reward < 0
     assert signals[first.turn_id].hint == "I meant in Fahrenheit, please use Fahrenheit."
+    assert signals[first.turn_id].hint_source == "user"
     assert signals[second.turn_id].reward is not None and signals[second.turn_id].reward > 0
-    assert signals[second.turn_id].hint is None
+    assert (signals[second.turn_id].hint, signals[second.turn_id].hint_source) == (None, None)
     assert signals[third.turn_id].reward == 1.0  # the rating; the session has said nothing after it yet
     assert signals[first.turn_id].evidence == sorted([first.event_id, second.event_id])
     on_topic = {signal.event_id for signal in published(sqlite_log)}
@@ -115,6 +116,7 @@ def test_parallel_tool_results_resolve_the_turn_that_called_the_tools(sqlite_log
     signal = latest(store)[asking.turn_id]
     assert signal.reward == 0.0  # one of two calls failed
     assert signal.hint is not None and "call_2" in signal.hint and "ImportError" in signal.hint
+    assert signal.hint_source == "tools"
 
 
 def calculator_exchange(session: str, rounds: int) -> list[events.TurnRecorded]:

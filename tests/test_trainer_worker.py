@@ -209,14 +209,17 @@ def test_standing_hints_teach_a_tenants_later_samples(base: Policy, tiny_model: 
                                                       sqlite_log: EventLog, tmp_path: Path) -> None:
     hinted = served(base, 0)
     thanked = [served(base, n) for n in range(1, 4)]
+    call = events.ToolCall(id="call_1", function=events.ToolCallFunction(name="calculator", arguments='{"a": 1}'))
+    called = served(base, 5).model_copy(update={"response": events.ChatMessage(role="assistant", tool_calls=[call])})
     other = served(base, 4, tenant="globex")
     record(store, sqlite_log, hinted, signal(hinted, reward=None, hint="Answer with one word."))
-    record(store, sqlite_log, *thanked, other, *(signal(t) for t in [*thanked, other]))
-    worker = trainer(sqlite_log, store, tiny_model, tmp_path, batch_size=5)
+    record(store, sqlite_log, *thanked, called, other, *(signal(t) for t in [*thanked, called, other]))
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, batch_size=6)
     worker.drain(0.3)
     worker.close()
     data = published(tmp_path)[1]["data"]
-    assert (data["hints"], data["standing_hints"]) == (1, 3)  # acme's thanked answers; not globex's
+    # acme's thanked answers; not its tool call (its arguments come from its own request), not globex's
+    assert (data["hints"], data["standing_hints"]) == (1, 3)
     assert worker.ledger.standing == {"acme": ["Answer with one word."]}
 
 
@@ -230,6 +233,20 @@ def test_without_standing_hints_a_reward_less_sample_teaches_nothing(
         worker.drain(0.3)
         worker.close()
         assert worker.ledger.counts.get("refused_no_signal", 0) == refused
+
+
+@pytest.mark.parametrize("source", ["tools", "judge"])
+def test_only_the_users_own_words_become_standing_hints(source: events.HintSource, base: Policy, tiny_model: Path,
+                                                        store: Store, sqlite_log: EventLog, tmp_path: Path) -> None:
+    hinted, later = served(base, 0), served(base, 1)
+    record(store, sqlite_log, hinted, later,
+           signal(hinted, reward=-1.0, hint="The tool call call_1 failed: division by zero. Fix it.",
+                  hint_source=source),
+           signal(later, reward=None))
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, standing_hints=3, method="opd")
+    worker.drain(0.3)
+    worker.close()
+    assert worker.ledger.standing == {} and worker.ledger.counts["refused_no_signal"] == 1
 
 
 def test_held_out_turns_are_kept_for_the_collapse_guards(base: Policy, tiny_model: Path, store: Store,

@@ -47,12 +47,13 @@ def served(policy: Policy, n: int, *, adapter_version: str = events.BASE_VERSION
 
 
 def signal(turn: events.TurnRecorded, *, reward: float | None = 1.0, hint: str | None = None,
-           revision: int = 0) -> events.SignalExtracted:
+           revision: int = 0, hint_source: events.HintSource = "user") -> events.SignalExtracted:
     signal_id = f"{turn.turn_id}:extractor-v1"
     return events.SignalExtracted(
         event_id=f"{signal_id}.{revision}", signal_id=signal_id, revision=revision, tenant=turn.tenant,
         scope=turn.scope, session_id=turn.session_id, turn_id=turn.turn_id, adapter_version=turn.adapter_version,
-        reward=reward, hint=hint, confidence=1.0, extractor_version="extractor-v1")
+        reward=reward, hint=hint, hint_source=hint_source if hint else None, confidence=1.0,
+        extractor_version="extractor-v1")
 
 
 def record(store: Store, log: EventLog, *items: events.Event) -> None:

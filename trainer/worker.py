@@ -61,7 +61,7 @@ from trainer.checkpoint import ADAPTER, OPTIMIZER, Checkpoints
 from trainer.ledger import REPLAY_LIMIT, Ledger, event_id_of
 from trainer.packing import Update
 from trainer.policy import Policy
-from trainer.samples import Sample, build, held_out, refusal
+from trainer.samples import Sample, build, held_out, refusal, standing_applies
 
 log = logging.getLogger(__name__)
 
@@ -237,20 +237,24 @@ class TrainerWorker:
                 continue
             why = refusal(turn, scope=self.scope, lag=self.ledger.lag, max_lag=self.config.max_version_lag)
             w_rl, w_opd = WEIGHTS[self.config.method]
-            teaches = (signal.reward is not None and w_rl) or ((signal.hint or self._standing(turn.tenant)) and w_opd)
+            standing = [] if signal.hint else self._standing(turn)
+            teaches = (signal.reward is not None and w_rl) or ((signal.hint or standing) and w_opd)
             if why is None and not teaches:
                 why = "no_signal"  # nothing this method learns from (rl: no reward; opd: no hint)
             if why is not None:
                 self.ledger.finish(key, signal.revision, signal.reward, signal.hint)
                 self.ledger.count(f"refused_{why}")
                 continue
-            if signal.hint:
+            if signal.hint and signal.hint_source in (None, "user"):
+                # Only the user's own words become standing: a failed tool call's report, or the judge's hint,
+                # is about that turn (a "division by zero" note made the teacher garble later sums).
                 self.ledger.remember_hint(turn.tenant, signal.hint, self.config.standing_hints)
-            standing = [] if signal.hint else self._standing(turn.tenant)
             self._ready[key] = build(signal, turn, self.policy.tokenizer, standing)
 
-    def _standing(self, tenant: str) -> list[str]:
-        return self.ledger.standing.get(tenant, []) if self.config.standing_hints else []
+    def _standing(self, turn: tables.Turn) -> list[str]:
+        if not self.config.standing_hints or not standing_applies(turn):
+            return []
+        return self.ledger.standing.get(turn.tenant, [])
 
     def _rows(self, event_ids: list[str]) -> tuple[dict[str, tables.Signal], dict[str, tables.Turn]]:
         try:

@@ -60,10 +60,14 @@ def settings(data_dir: Path, model_dir: Path, method: str, port: int) -> Setting
       paced trainer idles through each one: measured, one version ahead with 32-sample updates published
       2 versions (serving: hard 0.00, easy 0.49), two ahead 5 (hard 0.04, easy 0.67, 80 samples trained),
       unpaced 10 (hard 0.53, easy 0.67, 160 samples trained);
-    * no standing hints (default 3): this small base model, shown a hint after a sum, copies the operands
-      into its tool call wrongly most of the time, so distilling its hinted distribution into answers
-      that were already right (what standing hints do) taught eli's tool calls wrong operands (measured
-      offline: eli 0.5 → 0.06 with them, 0.58 without).
+    * no standing hints (default 3). This small base model, shown a hint after a sum, copies the operands
+      into its tool call wrongly three times in four; standing hints no longer teach tool calls
+      (:func:`trainer.samples.standing_applies`) nor stand for a failed tool's report, and with those rules
+      they helped offline (OPD alone, mean of three seeds over the five people, 0.69 → 0.80), but in the
+      loop two runs (one with the first rule only) did worse than the run without them (combined, hard /
+      easy serving: 0.26 / 0.65 and 0.12 / 0.46 against 0.57 / 0.88): the people are told apart only by
+      their topics, and a standing "use JSON arrays" on every one of caro's turns taught JSON to
+      everyone's lists (OPD alone, version 12 of one run: caro 0.72, ana and ben 0.06 and 0.00).
     """
     people = ",".join(f"{key}:{name}" for name, key in keys().items())
     return Settings(
