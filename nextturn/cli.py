@@ -44,6 +44,8 @@ app.add_typer(trainer_app, name="trainer")
 rollout_app = typer.Typer(help="Rollouts: each published version behind a canary that promotes or rolls back.",
                           no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
+vllm_app = typer.Typer(help="A vLLM server for NEXTTURN_ENGINE=vllm.", no_args_is_help=True)
+app.add_typer(vllm_app, name="vllm")
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -119,6 +121,28 @@ def serve(ctx: typer.Context) -> None:
     settings = _settings(ctx)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
                 access_log=settings.access_log)
+
+
+@vllm_app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def vllm_serve(
+    ctx: typer.Context,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for vLLM to become healthy.", min=1)] = 600.0,
+) -> None:
+    """Start vLLM on NEXTTURN_MODEL at NEXTTURN_VLLM_URL with what the gateway needs (runtime LoRA loading);
+    arguments after -- go to vLLM. Runs until Ctrl-C."""
+    from nextturn.vllm_server import VllmServer
+
+    settings = _settings(ctx)
+    server = VllmServer.from_settings(settings, extra=ctx.args, echo=sys.stderr)
+    typer.echo(f"starting vLLM: {' '.join(server.command())}", err=True)
+    try:
+        server.start(timeout_s=timeout)
+    except KeyboardInterrupt:
+        server.stop()
+        raise typer.Exit(130) from None
+    typer.echo(f"vLLM serves {settings.model_path.name} at {server.url}; NEXTTURN_ENGINE=vllm "
+               f"NEXTTURN_MODEL={settings.model_path} NEXTTURN_VLLM_URL={server.url} for the gateway", err=True)
+    raise typer.Exit(server.wait())
 
 
 @model_app.command("init")

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     model: str | None = None  # a local model directory (embedded, vllm) or the upstream's model name
     upstream_url: str | None = None  # engine=openai: the upstream's base URL, e.g. https://host/v1
     upstream_api_key: str | None = None
+    # engine=vllm: the vLLM server's base URL (what `nextturn vllm serve` starts), and how it is started.
+    vllm_url: str = "http://127.0.0.1:8001"
+    vllm_api_key: str | None = None
+    vllm_python: str | None = None  # the Python of vLLM's environment; default: the one running nextturn
+    vllm_max_loras: int = Field(default=4, ge=1)  # adapters served at once: stable, canary, draining ones
+    vllm_max_lora_rank: int = Field(default=16, ge=1)  # must be at least trainer_lora_rank
     # How long the gateway waits on a model server: for a connection, and for each piece of its answer.
     engine_connect_timeout_s: float = Field(default=10.0, gt=0)
     engine_read_timeout_s: float = Field(default=120.0, gt=0)
@@ -170,6 +176,9 @@ class Settings(BaseSettings):
                 "NEXTTURN_ENGINE=openai needs NEXTTURN_UPSTREAM_URL (the upstream's /v1 URL) and NEXTTURN_MODEL "
                 "(the model name to ask it for)"
             )
+        if self.engine == "vllm" and self.vllm_max_lora_rank < self.trainer_lora_rank:
+            raise ValueError(f"NEXTTURN_VLLM_MAX_LORA_RANK ({self.vllm_max_lora_rank}) is below the rank the trainer "
+                             f"writes (NEXTTURN_TRAINER_LORA_RANK={self.trainer_lora_rank}): vLLM would refuse them")
         if self.judge_url and not self.judge_model:
             raise ValueError("NEXTTURN_JUDGE_URL needs NEXTTURN_JUDGE_MODEL (the model to ask at that endpoint)")
         _ = self.tenant_keys  # parses NEXTTURN_API_KEYS, so that a malformed value fails at start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -29,9 +30,10 @@ def reference_logprobs(model_dir: Path, adapter: Path | None, prompt: list[int],
     return logprobs.gather(-1, torch.tensor(response)[:, None])[:, 0].tolist()
 
 
-def taught_adapter(model_dir: Path, out: Path, answer: str, *, steps: int = 80, seed: int = 0) -> Path:
-    """A LoRA adapter trained to answer ``answer`` (then end) to any short question: "" gives an adapter
-    whose answers are empty, a word gives one whose greedy answers contain it."""
+def taught_adapter(model_dir: Path, out: Path, answer: str, *, steps: int = 80, seed: int = 0,
+                   learning_rate: float = 1e-2, tools: list[dict[str, Any]] | None = None) -> Path:
+    """A LoRA adapter trained to answer ``answer`` (then end) to any short question (asked with ``tools``):
+    "" gives an adapter whose answers are empty, a word gives one whose greedy answers contain it."""
     from transformers import AutoTokenizer
 
     from nextturn.conversation import prompt_token_ids
@@ -44,13 +46,13 @@ def taught_adapter(model_dir: Path, out: Path, answer: str, *, steps: int = 80, 
     target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     rows = []
     for n in range(16):
-        prompt = prompt_token_ids(tokenizer, [ChatMessage(role="user", content=f"question {n}: what now?")], None)
+        prompt = prompt_token_ids(tokenizer, [ChatMessage(role="user", content=f"question {n}: what now?")], tools)
         rows.append((prompt + target, [-100] * len(prompt) + target))
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row, _ in rows])
     labels = torch.tensor([label + [-100] * (width - len(label)) for _, label in rows])
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row, _ in rows])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
     model.train()
     for _ in range(steps):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss

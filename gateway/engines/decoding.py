@@ -12,15 +12,76 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from gateway.engines import Delta
+from gateway.engines import Delta, Generation
+from gateway.errors import InvalidRequest
+from gateway.schemas import ChatCompletionRequest
 from nextturn import events
+from nextturn.conversation import prompt_token_ids
 from nextturn.local_models import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 
 class Detokenizer(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class Tokenizer(Detokenizer, Protocol):
+    eos_token_id: int | None
+
+
+# A sampled token, its logprob, and why generation ended after it (None: it goes on). A step with no token
+# only says why generation ended (a server may send the reason after the last token).
+Step = tuple[int | None, float, str | None]
+
+
+def render(tokenizer: Any, request: ChatCompletionRequest, context: int) -> tuple[list[int], int]:
+    """The prompt's token ids (the chat template, as the trainer renders it) and the completion's token budget.
+    A request the template cannot render, or one that does not fit in ``context``, is refused here."""
+    try:
+        prompt = prompt_token_ids(tokenizer, request.messages, request.tool_definitions())
+    except Exception as exc:  # jinja2 errors: the template cannot render these messages
+        raise InvalidRequest(f"the model's chat template cannot render these messages: {exc}",
+                             param="messages") from exc
+    wanted = request.sampling().max_tokens or max(context - len(prompt), 1)
+    if len(prompt) + wanted > context:
+        raise InvalidRequest(
+            f"this model's context is {context} tokens; the request needs {len(prompt) + wanted} "
+            f"({len(prompt)} in the messages, {wanted} in the completion)",
+            param="messages", code="context_length_exceeded")
+    return prompt, wanted
+
+
+async def generation(steps: AsyncIterator[Step], tokenizer: Tokenizer, request: ChatCompletionRequest,
+                     prompt: list[int]) -> AsyncIterator[Delta | Generation]:
+    """What a client sees of sampled tokens: deltas as they decode, then the :class:`Generation` that
+    records exactly those tokens. Every engine that samples token by token ends here, so that a turn is
+    split into content and tool calls the same way whatever sampled it. A stop string ends the steps
+    early (the caller's iterator is closed, which stops its generation)."""
+    decoder = TextDecoder(tokenizer, stop=request.sampling().stop, tools=bool(request.tools))
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    finish: str | None = None
+    async for token, logprob, finish in steps:
+        if token is None:
+            continue
+        tokens.append(token)
+        logprobs.append(logprob)
+        if token != tokenizer.eos_token_id:
+            for delta in decoder.feed(token):
+                yield delta
+        if decoder.stopped:
+            finish = "stop"
+            break
+    for delta in decoder.finish():
+        yield delta
+    message = decoder.message()
+    yield Generation(
+        message=message, finish_reason="tool_calls" if message.tool_calls and finish == "stop" else finish or "stop",
+        prompt_tokens=len(prompt), completion_tokens=len(tokens),
+        prompt_token_ids=prompt, response_token_ids=tokens, response_logprobs=logprobs,
+    )
 
 
 class TextDecoder:

@@ -39,11 +39,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from gateway.engines import Delta, Generation
-from gateway.engines.decoding import TextDecoder
+from gateway.engines.decoding import Step, generation, render
 from gateway.errors import EngineUnavailable, InvalidRequest, NotFound
 from gateway.schemas import ChatCompletionRequest
 from nextturn import events
-from nextturn.conversation import prompt_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -211,49 +210,30 @@ class EmbeddedEngine:
     async def _generate(
         self, request: ChatCompletionRequest, sequence: _Sequence, inbox: asyncio.Queue[Any]
     ) -> AsyncIterator[Delta | Generation]:
-        eos = self._tokenizer.eos_token_id
-        decoder = TextDecoder(self._tokenizer, stop=request.sampling().stop, tools=bool(request.tools))
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        finish: str | None = None
         try:
-            while finish is None:
-                item = await inbox.get()
-                if isinstance(item, BaseException):
-                    raise EngineUnavailable(f"the model failed: {item!r}") from item
-                token, logprob, finish = item
-                tokens.append(token)
-                logprobs.append(logprob)
-                if token != eos:
-                    for delta in decoder.feed(token):
-                        yield delta
-                if decoder.stopped:
-                    finish = "stop"
-            for delta in decoder.finish():
-                yield delta
+            async with aclosing(generation(self._steps(inbox), self._tokenizer, request, sequence.prompt)) as items:
+                async for item in items:
+                    yield item
         finally:
             sequence.cancelled = True  # a no-op when it finished; otherwise frees its row at the next step
-        message = decoder.message()
-        yield Generation(
-            message=message, finish_reason="tool_calls" if message.tool_calls and finish == "stop" else finish,
-            prompt_tokens=len(sequence.prompt), completion_tokens=len(tokens),
-            prompt_token_ids=sequence.prompt, response_token_ids=tokens, response_logprobs=logprobs,
-        )
+
+    @staticmethod
+    async def _steps(inbox: asyncio.Queue[Any]) -> AsyncIterator[Step]:
+        finish: str | None = None
+        while finish is None:
+            item = await inbox.get()
+            if isinstance(item, BaseException):
+                raise EngineUnavailable(f"the model failed: {item!r}") from item
+            token, logprob, finish = item
+            yield token, logprob, finish
 
     def _submit(self, request: ChatCompletionRequest, adapter: str) -> tuple[_Sequence, asyncio.Queue[Any]]:
         if self.failure is not None or self._thread is None or not self._thread.is_alive():
             raise EngineUnavailable("the embedded engine is not running; see /healthz")
         if adapter != events.BASE_VERSION and adapter not in self._available:
             raise NotFound(f"no adapter {adapter!r} is loaded", code="model_not_found")
-        prompt = self._render(request)
-        context = int(self._model.config.max_position_embeddings)
+        prompt, wanted = render(self._tokenizer, request, int(self._model.config.max_position_embeddings))
         params = request.sampling()
-        wanted = params.max_tokens or max(context - len(prompt), 1)
-        if len(prompt) + wanted > context:
-            raise InvalidRequest(
-                f"this model's context is {context} tokens; the request needs {len(prompt) + wanted} "
-                f"({len(prompt)} in the messages, {wanted} in the completion)",
-                param="messages", code="context_length_exceeded")
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         generator = None
@@ -267,13 +247,6 @@ class EmbeddedEngine:
         )
         self._inbox.put(sequence)
         return sequence, inbox
-
-    def _render(self, request: ChatCompletionRequest) -> list[int]:
-        try:
-            return prompt_token_ids(self._tokenizer, request.messages, request.tool_definitions())
-        except Exception as exc:  # jinja2 errors: the template cannot render these messages
-            raise InvalidRequest(f"the model's chat template cannot render these messages: {exc}",
-                                 param="messages") from exc
 
     async def _command(self, command: _Command) -> None:
         if self.failure is not None:

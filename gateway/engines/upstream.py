@@ -92,7 +92,7 @@ class UpstreamEngine:
         calls: dict[int, dict[str, Any]] = {}
         finish_reason = "stop"
         try:
-            async for line in _lines(response):
+            async for line in sse_lines(response):
                 if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
@@ -119,7 +119,7 @@ class UpstreamEngine:
         yield generation
 
 
-async def _lines(response: StreamedResponse) -> AsyncIterator[bytes]:
+async def sse_lines(response: StreamedResponse) -> AsyncIterator[bytes]:
     """The body's lines as they arrive (server-sent events are lines)."""
     pending = b""
     async for piece in response:

@@ -1,0 +1,286 @@
+"""The ``vllm`` engine: a vLLM OpenAI-compatible server samples; the gateway renders and decodes.
+
+How a request goes: the gateway renders the chat template into token ids itself (the function the trainer
+renders teacher prompts with, :func:`nextturn.conversation.prompt_token_ids`), sends them to vLLM's
+``/v1/completions`` as a token-id prompt with ``return_token_ids`` and ``logprobs: 0``, always streaming,
+and turns the token ids that come back into content and tool calls with the same decoder as the embedded
+engine (:func:`gateway.engines.decoding.generation`). Why not vLLM's ``/v1/chat/completions``:
+
+* the recorded prompt is exactly the ids the trainer computes, not vLLM's rendering of the template;
+* every sampled token comes back with its id and logprob, in streams too, and tool calls are parsed from
+  those ids: nothing depends on a vLLM tool-call parser (its plugin interface is internal to vLLM and
+  changes between releases) or on what a parser holds back mid-stream;
+* a stop string is found in the decoded ids, where the embedded engine finds it; the stream to vLLM is
+  then closed, which aborts the request there.
+
+The logprobs are vLLM's default ``raw_logprobs``: the model's own distribution, before temperature and
+top-p, as the embedded engine records them (the tests check the two agree on the same tokens).
+
+Adapters: ``add_adapter`` calls ``/v1/load_lora_adapter`` under the version's name, never in place; a
+version vLLM already holds from the same path (another gateway replica loaded it, or this one before a
+restart) counts as loaded. ``remove_adapter`` stops routing to the version at once and unloads it once
+the requests running on it here have finished. The directory must be readable by the vLLM server at the
+same path (one machine, or a shared volume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+from gateway.engines import Delta, Generation
+from gateway.engines.decoding import Step, generation, render
+from gateway.engines.origin import Origin, OriginError, OriginTimeout, StreamedResponse
+from gateway.engines.upstream import sse_lines
+from gateway.errors import EngineTimeout, EngineUnavailable, GatewayError, InvalidRequest, NotFound
+from gateway.schemas import ChatCompletionRequest
+from nextturn import events
+
+RESERVED = (events.BASE_VERSION,)
+
+
+class VllmEngine:
+    name = "engine"
+    failure: BaseException | None = None  # no thread of its own: vLLM's health shows in the requests
+
+    def __init__(self, base_url: str, model_dir: str | Path, *, served_model: str | None = None,
+                 api_key: str | None = None, connect_timeout_s: float = 10.0, read_timeout_s: float = 120.0) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._dir = Path(model_dir)
+        self._served = served_model or self._dir.name
+        self._headers = [("Authorization", f"Bearer {api_key}")] if api_key else []
+        self._timeouts = {"connect_timeout_s": connect_timeout_s, "read_timeout_s": read_timeout_s}
+        self._origin: Origin | None = None
+        self._tokenizer: Any = None
+        self._context = 0
+        self._available: dict[str, str] = {}  # version -> the path vLLM loaded it from
+        self._running: Counter[str] = Counter()  # requests running here, per adapter version
+        self._idle = asyncio.Condition()
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+
+        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._dir)
+        self._origin = Origin(self._base_url, self._headers, **self._timeouts)
+        served = await self._models()
+        if self._served not in served:
+            raise EngineUnavailable(f"vLLM at {self._base_url} serves {', '.join(served) or 'nothing'}, not "
+                                    f"{self._served!r}; start it with `nextturn vllm serve` on {self._dir}")
+        base = served[self._served]
+        self._context = int(base.get("max_model_len") or 0) or self._config_context()
+        self._available = {name: str(model.get("root") or "") for name, model in served.items()
+                           if model.get("parent") == self._served}
+
+    async def close(self) -> None:
+        if self._origin is not None:
+            await self._origin.close()
+
+    def models(self) -> list[str]:
+        return [self._served, *sorted(self._available)]
+
+    def adapter_for(self, model: str) -> str | None:
+        if model == self._served:
+            return events.BASE_VERSION
+        return model if model in self._available else None
+
+    # --- adapters --------------------------------------------------------------------------------------
+
+    async def add_adapter(self, version: str, path: str | Path) -> None:
+        if version in (*RESERVED, self._served):
+            raise InvalidRequest(f"{version!r} is reserved; name the adapter by its version", param="version")
+        if version in self._available:
+            raise InvalidRequest(f"an adapter {version!r} is already loaded", code="adapter_exists")
+        body = {"lora_name": version, "lora_path": str(path)}
+        status, text = await self._post("/v1/load_lora_adapter", body, "loading an adapter")
+        if status >= 400:
+            held = (await self._models()).get(version)
+            if held is not None and held.get("root") == str(path):
+                self._available[version] = str(path)  # loaded already, from this path: by another replica
+                return
+            if held is not None:
+                raise InvalidRequest(f"vLLM already holds an adapter {version!r}, from {held.get('root')}",
+                                     code="adapter_exists")
+            raise InvalidRequest(f"cannot load the adapter {version!r} from {path}: {_message(text)}")
+        self._available[version] = str(path)
+
+    async def remove_adapter(self, version: str) -> None:
+        """Stop sending new requests to ``version``; unload it once the last one running on it here finished."""
+        if version not in self._available:
+            raise NotFound(f"no adapter {version!r} is loaded", code="adapter_not_found")
+        del self._available[version]
+        async with self._idle:
+            await self._idle.wait_for(lambda: not self._running[version])
+        status, text = await self._post("/v1/unload_lora_adapter", {"lora_name": version}, "unloading an adapter")
+        if status >= 400 and status != 404:
+            raise EngineUnavailable(f"vLLM would not unload {version!r}: {_message(text)}")
+
+    # --- generation ------------------------------------------------------------------------------------
+
+    async def complete(self, request: ChatCompletionRequest, adapter: str) -> Generation:
+        async with aclosing(await self.stream(request, adapter)) as items:
+            async for item in items:
+                if isinstance(item, Generation):
+                    return item
+        raise EngineUnavailable("vLLM ended a generation without a result")  # not reached
+
+    async def stream(self, request: ChatCompletionRequest, adapter: str) -> AsyncIterator[Delta | Generation]:
+        assert self._origin is not None, "start() the engine first"
+        if adapter != events.BASE_VERSION and adapter not in self._available:
+            raise NotFound(f"no adapter {adapter!r} is loaded", code="model_not_found")
+        prompt, wanted = render(self._tokenizer, request, self._context)
+        self._running[adapter] += 1  # before any await: the version cannot be unloaded under this request
+        try:
+            response = await self._send(request, adapter, prompt, wanted)
+        except BaseException:
+            await self._finished(adapter)
+            raise
+        async def release() -> None:
+            try:
+                await response.aclose()  # mid-answer (a stop string, a client that left): vLLM aborts the request
+            finally:
+                await self._finished(adapter)
+
+        items = generation(self._steps(response), self._tokenizer, request, prompt)
+        return _Stream(items, release)
+
+    async def _send(self, request: ChatCompletionRequest, adapter: str, prompt: list[int],
+                    wanted: int) -> StreamedResponse:
+        assert self._origin is not None
+        params = request.sampling()
+        body: dict[str, Any] = {
+            "model": self._served if adapter == events.BASE_VERSION else adapter, "prompt": prompt,
+            "max_tokens": wanted, "temperature": 1.0 if params.temperature is None else params.temperature,
+            "top_p": 1.0 if params.top_p is None else params.top_p, "stream": True,
+            "logprobs": 0, "return_token_ids": True, "add_special_tokens": False,
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        try:
+            response = await self._origin.stream("POST", "/v1/completions", json.dumps(body).encode())
+            if response.status >= 400:
+                text = (await response.read()).decode(errors="replace")
+                if response.status == 404:
+                    raise NotFound(f"vLLM does not serve {body['model']!r}: {_message(text)}",
+                                   code="model_not_found")
+                if response.status < 500:
+                    raise InvalidRequest(f"vLLM refused the request: {_message(text)}")
+                raise EngineUnavailable(f"vLLM failed ({response.status}): {_message(text)}")
+        except OriginError as exc:
+            raise _translate(exc, "vLLM is unreachable") from exc
+        return response
+
+    @staticmethod
+    async def _steps(response: StreamedResponse) -> AsyncIterator[Step]:
+        """Each sampled token, its logprob, and (with the last one) why generation ended."""
+        finish: str | None = None
+        try:
+            async for line in sse_lines(response):
+                if line.strip() == b"data: [DONE]" and finish is not None:
+                    return  # read to the end, so that the connection can serve the next request
+                if not line.startswith(b"data:") or finish is not None:
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    raise EngineUnavailable(f"vLLM failed mid-answer: {_message(json.dumps(chunk))}")
+                choice = chunk["choices"][0]
+                tokens = choice.get("token_ids") or []
+                logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
+                if len(logprobs) != len(tokens):
+                    raise EngineUnavailable(f"vLLM sent {len(tokens)} token ids with {len(logprobs)} logprobs")
+                finish = choice.get("finish_reason")
+                for n, (token, logprob) in enumerate(zip(tokens, logprobs, strict=True)):
+                    yield int(token), float(logprob), finish if n == len(tokens) - 1 else None
+                if finish is not None and not tokens:
+                    yield None, 0.0, finish
+        except OriginError as exc:
+            raise _translate(exc, "vLLM failed mid-answer") from exc
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise EngineUnavailable(f"vLLM streamed something that is not a completion: {exc!r}") from exc
+        raise EngineUnavailable("vLLM ended the stream before the completion finished")
+
+    async def _finished(self, adapter: str) -> None:
+        async with self._idle:
+            self._running[adapter] -= 1
+            if not self._running[adapter]:
+                del self._running[adapter]
+                self._idle.notify_all()
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    async def _models(self) -> dict[str, dict[str, Any]]:
+        assert self._origin is not None
+        try:
+            response = await self._origin.get("/v1/models")
+        except OriginError as exc:
+            raise _translate(exc, f"vLLM at {self._base_url} is unreachable (start it with `nextturn vllm serve`)"
+                             ) from exc
+        if response.status >= 400:
+            raise EngineUnavailable(f"vLLM's /v1/models failed ({response.status}): {_message(response.body)}")
+        try:
+            return {str(model["id"]): model for model in json.loads(response.body)["data"]}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EngineUnavailable(f"vLLM's /v1/models answered something else: {exc!r}") from exc
+
+    async def _post(self, path: str, body: dict[str, Any], what: str) -> tuple[int, bytes]:
+        assert self._origin is not None
+        try:
+            response = await self._origin.post(path, json.dumps(body).encode())
+        except OriginError as exc:
+            raise _translate(exc, f"vLLM is unreachable while {what}") from exc
+        return response.status, response.body
+
+    def _config_context(self) -> int:
+        config = json.loads((self._dir / "config.json").read_text())
+        return int(config["max_position_embeddings"])
+
+
+class _Stream:
+    """The engine's answer as an async iterator that releases its request (the connection to vLLM, and the
+    adapter's count of running requests) once the answer is complete, or on ``aclose`` even when nobody
+    started iterating (an async generator closed before its first step never runs its ``finally``)."""
+
+    def __init__(self, items: AsyncIterator[Delta | Generation], release: Callable[[], Awaitable[None]]) -> None:
+        self._items = items
+        self._release = release
+        self._released = False
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> Delta | Generation:
+        try:
+            item = await self._items.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+        if isinstance(item, Generation):  # the last item: release now, whether or not the caller closes
+            await self.aclose()
+        return item
+
+    async def aclose(self) -> None:
+        try:
+            await self._items.aclose()  # type: ignore[attr-defined]
+        finally:
+            if not self._released:
+                self._released = True
+                await self._release()
+
+
+def _translate(error: OriginError, what: str) -> GatewayError:
+    if isinstance(error, OriginTimeout):
+        return EngineTimeout(f"vLLM did not answer in time: {error}")
+    return EngineUnavailable(f"{what}: {error}")
+
+
+def _message(text: str | bytes) -> str:
+    """vLLM's error message, from an OpenAI-style error body or the body itself."""
+    try:
+        found = json.loads(text)["error"]["message"]
+        return str(found)
+    except (ValueError, KeyError, TypeError):
+        return (text.decode(errors="replace") if isinstance(text, bytes) else text)[:500]
