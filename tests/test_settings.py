@@ -98,3 +98,32 @@ def test_malformed_api_keys_fail_at_start(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("NEXTTURN_API_KEYS", "sk-a:acme,oops")
     with pytest.raises(ConfigError, match="entries look like key:tenant, not 'oops'"):
         Settings.load()
+
+
+def test_the_vllm_settings_decide_how_vllm_is_started(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from nextturn.vllm_server import VllmServer
+
+    monkeypatch.setenv("NEXTTURN_ENGINE", "vllm")
+    monkeypatch.setenv("NEXTTURN_MODEL", str(tmp_path / "base"))
+    monkeypatch.setenv("NEXTTURN_VLLM_URL", "http://10.0.0.5:9001")
+    monkeypatch.setenv("NEXTTURN_VLLM_PYTHON", "/opt/vllm/bin/python")
+    monkeypatch.setenv("NEXTTURN_VLLM_MAX_LORAS", "6")
+    monkeypatch.setenv("NEXTTURN_VLLM_MAX_LORA_RANK", "32")
+    monkeypatch.setenv("NEXTTURN_VLLM_API_KEY", "sk-vllm")
+    command = VllmServer.from_settings(Settings.load(), extra=["--enforce-eager"]).command()
+    assert command == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model",
+                       str(tmp_path / "base"), "--served-model-name", "base", "--host", "10.0.0.5", "--port", "9001",
+                       "--enable-lora", "--max-loras", "6", "--max-lora-rank", "32", "--api-key", "sk-vllm",
+                       "--enforce-eager"]
+    monkeypatch.setenv("NEXTTURN_VLLM_URL", "https://vllm.example:443")
+    with pytest.raises(ConfigError, match="http://"):
+        VllmServer.from_settings(Settings.load())
+
+
+def test_vllm_must_take_adapters_of_the_trainers_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEXTTURN_ENGINE", "vllm")
+    monkeypatch.setenv("NEXTTURN_TRAINER_LORA_RANK", "32")
+    with pytest.raises(ConfigError, match="NEXTTURN_VLLM_MAX_LORA_RANK"):
+        Settings.load()
+    monkeypatch.setenv("NEXTTURN_VLLM_MAX_LORA_RANK", "32")
+    assert Settings.load().vllm_max_lora_rank == 32

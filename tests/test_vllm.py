@@ -50,10 +50,10 @@ def vllm_python() -> str:
     return python
 
 
-def start_vllm(model: Path) -> VllmServer:
+def start_vllm(model: Path, api_key: str | None = None) -> VllmServer:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is sized for real models
     server = VllmServer(python=vllm_python(), model_dir=model, host="127.0.0.1", port=free_port(), max_loras=4,
-                        max_lora_rank=16, extra=["--enforce-eager"])  # no torch.compile: starts in seconds
+                        max_lora_rank=16, api_key=api_key, extra=["--enforce-eager"])  # no torch.compile
     server.start(timeout_s=300)
     return server
 
@@ -328,15 +328,16 @@ def test_versions_swap_under_load_on_vllm_without_a_failed_request(
 
 
 def test_vllm_killed_mid_answer_gives_a_clean_error_and_a_failed_turn(small_model: Path, tmp_path: Path) -> None:
-    doomed = start_vllm(small_model)
+    doomed = start_vllm(small_model, api_key="sk-vllm")  # a vLLM that wants a key: the gateway sends it
     settings = Settings(data_dir=tmp_path, engine="vllm", model=str(small_model), vllm_url=doomed.url,
-                        api_keys="sk-acme:acme", admin_key="sk-admin")
+                        vllm_api_key="sk-vllm", api_keys="sk-acme:acme", admin_key="sk-admin")
     try:
         with Uvicorn(create_app(settings)) as server, \
                 openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-acme", max_retries=0) as client:
             stream = client.chat.completions.create(model="small", messages=[{"role": "user", "content": "go"}],
                                                     max_tokens=1500, stream=True)
             first = next(iter(stream))
+            assert httpx.get(f"{doomed.url}/v1/models").status_code == 401  # the key is needed, and was sent
             doomed.kill()
             with pytest.raises(openai.APIError, match="vLLM"):
                 for _ in stream:
@@ -354,8 +355,14 @@ def test_vllm_killed_mid_answer_gives_a_clean_error_and_a_failed_turn(small_mode
 
 
 def test_vllm_serve_says_what_is_wrong(small_model: Path, tmp_path: Path) -> None:
+    import subprocess
     import sys
 
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("NEXTTURN_")}
+    environment |= {"NEXTTURN_MODEL": str(small_model), "NEXTTURN_VLLM_PYTHON": sys.executable}
+    command = subprocess.run([sys.executable, "-m", "nextturn", "vllm", "serve", "--timeout", "60"],
+                             env=environment, capture_output=True, text=True, timeout=120)
+    assert command.returncode == 1 and "nextturn: error: vLLM is not installed for" in command.stderr
     missing = VllmServer(python=sys.executable, model_dir=small_model, host="127.0.0.1", port=free_port(),
                          max_loras=1, max_lora_rank=8)
     with pytest.raises(VllmFailed, match="vLLM is not installed"):

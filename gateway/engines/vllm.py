@@ -4,7 +4,9 @@ How a request goes: the gateway renders the chat template into token ids itself 
 renders teacher prompts with, :func:`nextturn.conversation.prompt_token_ids`), sends them to vLLM's
 ``/v1/completions`` as a token-id prompt with ``return_token_ids`` and ``logprobs: 0``, always streaming,
 and turns the token ids that come back into content and tool calls with the same decoder as the embedded
-engine (:func:`gateway.engines.decoding.generation`). Why not vLLM's ``/v1/chat/completions``:
+engine (:func:`gateway.engines.decoding.generation`). A whole answer is asked for whole (streaming it costs
+vLLM and the gateway about 1 ms a token on two cores), unless a stop string may cut it short. Why not
+vLLM's ``/v1/chat/completions``:
 
 * the recorded prompt is exactly the ids the trainer computes, not vLLM's rendering of the template;
 * every sampled token comes back with its id and logprob, in streams too, and tool calls are parsed from
@@ -122,40 +124,48 @@ class VllmEngine:
     # --- generation ------------------------------------------------------------------------------------
 
     async def complete(self, request: ChatCompletionRequest, adapter: str) -> Generation:
-        async with aclosing(await self.stream(request, adapter)) as items:
+        """Whole: one answer from vLLM, decoded at once; streamed from vLLM when a stop string may cut it
+        short (the gateway finds stop strings in the decoded ids, and closing the stream aborts the rest)."""
+        stream = bool(request.sampling().stop)
+        async with aclosing(await self._start(request, adapter, stream=stream)) as items:
             async for item in items:
                 if isinstance(item, Generation):
                     return item
         raise EngineUnavailable("vLLM ended a generation without a result")  # not reached
 
     async def stream(self, request: ChatCompletionRequest, adapter: str) -> AsyncIterator[Delta | Generation]:
+        return await self._start(request, adapter, stream=True)
+
+    async def _start(self, request: ChatCompletionRequest, adapter: str, *,
+                     stream: bool) -> AsyncIterator[Delta | Generation]:
         assert self._origin is not None, "start() the engine first"
         if adapter != events.BASE_VERSION and adapter not in self._available:
             raise NotFound(f"no adapter {adapter!r} is loaded", code="model_not_found")
         prompt, wanted = render(self._tokenizer, request, self._context)
         self._running[adapter] += 1  # before any await: the version cannot be unloaded under this request
         try:
-            response = await self._send(request, adapter, prompt, wanted)
+            response = await self._send(request, adapter, prompt, wanted, stream=stream)
         except BaseException:
             await self._finished(adapter)
             raise
+
         async def release() -> None:
             try:
                 await response.aclose()  # mid-answer (a stop string, a client that left): vLLM aborts the request
             finally:
                 await self._finished(adapter)
 
-        items = generation(self._steps(response), self._tokenizer, request, prompt)
-        return _Stream(items, release)
+        steps = self._steps(response) if stream else self._whole(response)
+        return _Stream(generation(steps, self._tokenizer, request, prompt), release)
 
-    async def _send(self, request: ChatCompletionRequest, adapter: str, prompt: list[int],
-                    wanted: int) -> StreamedResponse:
+    async def _send(self, request: ChatCompletionRequest, adapter: str, prompt: list[int], wanted: int, *,
+                    stream: bool) -> StreamedResponse:
         assert self._origin is not None
         params = request.sampling()
         body: dict[str, Any] = {
             "model": self._served if adapter == events.BASE_VERSION else adapter, "prompt": prompt,
             "max_tokens": wanted, "temperature": 1.0 if params.temperature is None else params.temperature,
-            "top_p": 1.0 if params.top_p is None else params.top_p, "stream": True,
+            "top_p": 1.0 if params.top_p is None else params.top_p, "stream": stream,
             "logprobs": 0, "return_token_ids": True, "add_special_tokens": False,
         }
         if params.seed is not None:
@@ -173,6 +183,25 @@ class VllmEngine:
         except OriginError as exc:
             raise _translate(exc, "vLLM is unreachable") from exc
         return response
+
+    @staticmethod
+    async def _whole(response: StreamedResponse) -> AsyncIterator[Step]:
+        """The steps of a whole (non-streamed) answer."""
+        try:
+            choice = json.loads(await response.read())["choices"][0]
+            tokens = [int(token) for token in choice["token_ids"]]
+            logprobs = [float(logprob) for logprob in choice["logprobs"]["token_logprobs"]]
+        except OriginError as exc:
+            raise _translate(exc, "vLLM failed mid-answer") from exc
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise EngineUnavailable(f"vLLM answered something that is not a completion: {exc!r}") from exc
+        if len(logprobs) != len(tokens):
+            raise EngineUnavailable(f"vLLM sent {len(tokens)} token ids with {len(logprobs)} logprobs")
+        finish = choice.get("finish_reason") or "stop"
+        for n, (token, logprob) in enumerate(zip(tokens, logprobs, strict=True)):
+            yield token, logprob, finish if n == len(tokens) - 1 else None
+        if not tokens:
+            yield None, 0.0, finish
 
     @staticmethod
     async def _steps(response: StreamedResponse) -> AsyncIterator[Step]:
