@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import openai
 from nextturn import events
 from nextturn.bus import EventLog
 from nextturn.deployments import Deployment
+from nextturn.settings import Settings
 from nextturn.store import Store
 from trainer.rollout import RolloutController
 
@@ -155,3 +157,60 @@ class ControllerThread:
 
 def deployment(store: Store) -> Deployment:
     return Deployment.read(store, events.DEFAULT_SCOPE)
+
+
+def swap_under_load(gateway_url: str, client: openai.OpenAI, data_dir: Path, model: str,
+                    versions: dict[int, Path]) -> tuple[Counter[str], list[BaseException]]:
+    """Four clients ask all along (whole and streamed in turn) while versions 1 and 2 are published and an
+    operator promotes 1, promotes 2 and rolls back to 1. Returns what each version served and every failure."""
+    served: Counter[str] = Counter()
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                raw = client.chat.completions.with_raw_response.create(
+                    model=model, messages=[{"role": "user", "content": f"worker {worker} asks {n}"}],
+                    max_tokens=6, stream=n % 2 == 0)
+                if n % 2 == 0:
+                    for _ in raw.parse():
+                        pass
+                else:
+                    raw.parse()
+                served[raw.headers["X-Nextturn-Adapter"]] += 1
+            except BaseException as exc:  # noqa: BLE001  # every failure is kept and asserted on
+                failures.append(exc)
+
+    def until_served(version: str, count: int = 5) -> None:
+        target = served[version] + count
+        deadline = time.monotonic() + 60
+        while served[version] < target and time.monotonic() < deadline and not failures:
+            time.sleep(0.01)
+
+    def act(action: str, version: int | None = None) -> None:
+        response = httpx.post(f"{gateway_url}/v1/admin/rollout/{action}", headers=ADMIN, timeout=60,
+                              json={"actor": "test", "reason": "swap under load", "version": version})
+        assert response.status_code == 200, response.text
+
+    workers = [threading.Thread(target=load, args=(worker,)) for worker in range(4)]
+    for worker in workers:
+        worker.start()
+    store = Store.from_settings(Settings(data_dir=data_dir))
+    store.apply([events.AdapterPublished(version=n, base_model=model, path=str(path)) for n, path in versions.items()])
+    store.close()
+    try:
+        until_served("base")
+        act("promote", 1)  # loaded, then served; nothing is unloaded: base drains
+        until_served("default-v1")
+        act("promote", 2)
+        until_served("default-v2")
+        act("rollback")  # back to v1; v2 is unloaded once its last request finished
+        until_served("default-v1")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    return served, failures

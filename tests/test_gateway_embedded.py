@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +11,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
-from nextturn import events
 from nextturn.settings import Settings
-from nextturn.store import Store
 
 from logs import recorded
+from rolling import swap_under_load
 from services import Uvicorn
 
 ADMIN = {"Authorization": "Bearer sk-admin"}
@@ -62,58 +58,8 @@ def test_streamed_and_whole_answers_are_recorded_with_their_tokens(client: opena
 def test_versions_swap_under_load_without_a_failed_request(
     client: openai.OpenAI, gateway: Uvicorn, tiny_adapters: dict[str, Path], data_dir: Path
 ) -> None:
-    served: Counter[str] = Counter()
-    failures: list[BaseException] = []
-    stop = threading.Event()
-
-    def load(worker: int) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                raw = client.chat.completions.with_raw_response.create(
-                    model="tiny", messages=[{"role": "user", "content": f"worker {worker} asks {n}"}],
-                    max_tokens=6, stream=n % 2 == 0)
-                if n % 2 == 0:
-                    for _ in raw.parse():
-                        pass
-                else:
-                    raw.parse()
-                served[raw.headers["X-Nextturn-Adapter"]] += 1
-            except BaseException as exc:  # noqa: BLE001  # every failure is kept and asserted on
-                failures.append(exc)
-
-    def until_served(version: str, count: int = 5) -> None:
-        target = served[version] + count
-        deadline = time.monotonic() + 60
-        while served[version] < target and time.monotonic() < deadline and not failures:
-            time.sleep(0.01)
-
-    workers = [threading.Thread(target=load, args=(worker,)) for worker in range(4)]
-    for worker in workers:
-        worker.start()
-    store = Store.from_settings(Settings(data_dir=data_dir))
-    store.apply([events.AdapterPublished(version=n, base_model="tiny", path=str(tiny_adapters[name]))
-                 for n, name in ((1, "a1"), (2, "a2"))])
-    store.close()
-
-    def act(action: str, version: int | None = None) -> None:
-        response = httpx.post(f"{gateway.url}/v1/admin/rollout/{action}", headers=ADMIN, timeout=60,
-                              json={"actor": "test", "reason": "swap under load", "version": version})
-        assert response.status_code == 200, response.text
-
-    try:
-        until_served("base")
-        act("promote", 1)  # loaded, then served; nothing is unloaded: base drains
-        until_served("default-v1")
-        act("promote", 2)
-        until_served("default-v2")
-        act("rollback")  # back to v1; v2 is unloaded once its last request finished
-        until_served("default-v1")
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join()
+    served, failures = swap_under_load(gateway.url, client, data_dir, "tiny", {1: tiny_adapters["a1"],
+                                                                               2: tiny_adapters["a2"]})
     assert failures == []
     assert set(served) == {"base", "default-v1", "default-v2"}
     assert httpx.get(f"{gateway.url}/v1/admin/adapters", headers=ADMIN).json() == {

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,17 +22,15 @@ from gateway.engines import Delta, Generation
 from gateway.engines.vllm import VllmEngine
 from gateway.errors import InvalidRequest, NotFound
 from gateway.schemas import ChatCompletionRequest
-from nextturn import events
 from nextturn.conversation import prompt_token_ids
 from nextturn.settings import Settings
-from nextturn.store import Store
 from nextturn.vllm_server import VllmFailed, VllmServer
 
 from adapters import random_adapter, reference_logprobs, taught_adapter
 from logs import recorded
+from rolling import swap_under_load
 from services import Uvicorn, free_port
 
-ADMIN = {"Authorization": "Bearer sk-admin"}
 # vLLM's CPU kernels and transformers' float32 forward pass differ by up to about 5e-3 nats per token here
 # (measured: 4.6e-3 on a 30-token prompt; 1e-6 on a 4-token one): a policy ratio within 0.5% of 1.
 LOGPROB_TOLERANCE = 1e-2
@@ -258,69 +254,17 @@ def test_the_gateway_on_vllm_records_what_the_openai_sdk_was_sent(gateway: tuple
 
 
 def test_versions_swap_under_load_on_vllm_without_a_failed_request(
-    gateway: tuple[Uvicorn, Path], small_adapters: dict[str, Path]
+    gateway: tuple[Uvicorn, Path], vllm: VllmServer, small_adapters: dict[str, Path]
 ) -> None:
     server, data_dir = gateway
-    served: Counter[str] = Counter()
-    failures: list[BaseException] = []
-    stop = threading.Event()
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-acme", max_retries=0)
-
-    def load(worker: int) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                raw = client.chat.completions.with_raw_response.create(
-                    model="small", messages=[{"role": "user", "content": f"worker {worker} asks {n}"}],
-                    max_tokens=6, stream=n % 2 == 0)
-                if n % 2 == 0:
-                    for _ in raw.parse():
-                        pass
-                else:
-                    raw.parse()
-                served[raw.headers["X-Nextturn-Adapter"]] += 1
-            except BaseException as exc:  # noqa: BLE001  # every failure is kept and asserted on
-                failures.append(exc)
-
-    def until_served(version: str, count: int = 5) -> None:
-        target = served[version] + count
-        deadline = time.monotonic() + 60
-        while served[version] < target and time.monotonic() < deadline and not failures:
-            time.sleep(0.01)
-
-    workers = [threading.Thread(target=load, args=(worker,)) for worker in range(4)]
-    for worker in workers:
-        worker.start()
-    store = Store.from_settings(Settings(data_dir=data_dir))
-    store.apply([events.AdapterPublished(version=n, base_model="small", path=str(small_adapters[name]))
-                 for n, name in ((1, "a1"), (2, "a2"))])
-    store.close()
-
-    def act(action: str, version: int | None = None) -> None:
-        response = httpx.post(f"{server.url}/v1/admin/rollout/{action}", headers=ADMIN, timeout=60,
-                              json={"actor": "test", "reason": "swap under load on vLLM", "version": version})
-        assert response.status_code == 200, response.text
-
-    try:
-        until_served("base")
-        act("promote", 1)
-        until_served("default-v1")
-        act("promote", 2)
-        until_served("default-v2")
-        act("rollback")  # back to v1; v2 is unloaded from vLLM once its last request finished
-        until_served("default-v1")
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join()
-        client.close()
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-acme", max_retries=0) as client:
+        served, failures = swap_under_load(server.url, client, data_dir, "small", {1: small_adapters["a1"],
+                                                                                   2: small_adapters["a2"]})
     assert failures == []
     assert set(served) == {"base", "default-v1", "default-v2"}
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        held = sorted(model["id"] for model in httpx.get(f"{server.url}/v1/models",
-                                                          headers={"Authorization": "Bearer sk-acme"}).json()["data"])
+    while time.monotonic() < deadline:  # vLLM itself no longer holds v2, once its last request finished
+        held = sorted(model["id"] for model in httpx.get(f"{vllm.url}/v1/models").json()["data"])
         if held == ["default-v1", "small"]:
             break
         time.sleep(0.2)
