@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +205,32 @@ def test_the_decoder_parses_back_what_the_template_renders(tiny_model: Path, con
     streamed = [call for delta in deltas for call in delta.tool_calls or []]
     assert [(call["index"], call["function"]["name"]) for call in streamed] == [
         (i, name) for i, (name, _) in enumerate(tool_calls)]
+
+
+def test_an_answer_releases_its_request_once_whether_closed_unstarted_or_finished() -> None:
+    """A client may leave before the first token: closing the answer then must still free its request
+    (an async generator closed before its first step never runs its ``finally``)."""
+    from gateway.engines.decoding import Answer
+
+    released: list[str] = []
+    message = events.ChatMessage(role="assistant", content="ok")
+
+    async def items() -> AsyncIterator[Delta | Generation]:
+        yield Delta(content="ok")
+        yield Generation(message=message, finish_reason="stop")
+
+    def release(name: str) -> Callable[[], Awaitable[None]]:
+        async def done() -> None:
+            released.append(name)
+        return done
+
+    async def main() -> None:
+        unstarted = Answer(items(), release("unstarted"))
+        await unstarted.aclose()
+        finished = Answer(items(), release("finished"))
+        got = [item async for item in finished]  # released with the Generation, before the caller closes
+        assert released == ["unstarted", "finished"] and isinstance(got[-1], Generation)
+        await finished.aclose()
+
+    asyncio.run(main())
+    assert released == ["unstarted", "finished"]  # once each

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from gateway.engines import Delta, Generation
@@ -82,6 +82,39 @@ async def generation(steps: AsyncIterator[Step], tokenizer: Tokenizer, request: 
         prompt_tokens=len(prompt), completion_tokens=len(tokens),
         prompt_token_ids=prompt, response_token_ids=tokens, response_logprobs=logprobs,
     )
+
+
+class Answer:
+    """An engine's answer as an async iterator that releases its request (a row of the batch, a connection
+    to the model server, an adapter's count of running requests) once the answer is complete, or on
+    ``aclose`` even when nobody started iterating: an async generator closed before its first step never
+    runs its ``finally``, and a client may leave before the first token."""
+
+    def __init__(self, items: AsyncIterator[Delta | Generation], release: Callable[[], Awaitable[None]]) -> None:
+        self._items = items
+        self._release = release
+        self._released = False
+
+    def __aiter__(self) -> Answer:
+        return self
+
+    async def __anext__(self) -> Delta | Generation:
+        try:
+            item = await self._items.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+        if isinstance(item, Generation):  # the last item: release now, whether or not the caller closes
+            await self.aclose()
+        return item
+
+    async def aclose(self) -> None:
+        try:
+            await self._items.aclose()  # type: ignore[attr-defined]
+        finally:
+            if not self._released:
+                self._released = True
+                await self._release()
 
 
 class TextDecoder:

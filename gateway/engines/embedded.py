@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from gateway.engines import Delta, Generation
-from gateway.engines.decoding import Step, generation, render
+from gateway.engines.decoding import Answer, Step, generation, render
 from gateway.errors import EngineUnavailable, InvalidRequest, NotFound
 from gateway.schemas import ChatCompletionRequest
 from nextturn import events
@@ -205,17 +205,11 @@ class EmbeddedEngine:
 
     async def stream(self, request: ChatCompletionRequest, adapter: str) -> AsyncIterator[Delta | Generation]:
         sequence, inbox = self._submit(request, adapter)  # a bad request fails here, before any chunk is sent
-        return self._generate(request, sequence, inbox)
 
-    async def _generate(
-        self, request: ChatCompletionRequest, sequence: _Sequence, inbox: asyncio.Queue[Any]
-    ) -> AsyncIterator[Delta | Generation]:
-        try:
-            async with aclosing(generation(self._steps(inbox), self._tokenizer, request, sequence.prompt)) as items:
-                async for item in items:
-                    yield item
-        finally:
+        async def release() -> None:
             sequence.cancelled = True  # a no-op when it finished; otherwise frees its row at the next step
+
+        return Answer(generation(self._steps(inbox), self._tokenizer, request, sequence.prompt), release)
 
     @staticmethod
     async def _steps(inbox: asyncio.Queue[Any]) -> AsyncIterator[Step]:

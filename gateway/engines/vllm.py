@@ -30,13 +30,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 from gateway.engines import Delta, Generation
-from gateway.engines.decoding import Step, generation, render
+from gateway.engines.decoding import Answer, Step, generation, render
 from gateway.engines.origin import Origin, OriginError, OriginTimeout, StreamedResponse
 from gateway.engines.upstream import sse_lines
 from gateway.errors import EngineTimeout, EngineUnavailable, GatewayError, InvalidRequest, NotFound
@@ -156,7 +156,7 @@ class VllmEngine:
                 await self._finished(adapter)
 
         steps = self._steps(response) if stream else self._whole(response)
-        return _Stream(generation(steps, self._tokenizer, request, prompt), release)
+        return Answer(generation(steps, self._tokenizer, request, prompt), release)
 
     async def _send(self, request: ChatCompletionRequest, adapter: str, prompt: list[int], wanted: int, *,
                     stream: bool) -> StreamedResponse:
@@ -266,38 +266,6 @@ class VllmEngine:
     def _config_context(self) -> int:
         config = json.loads((self._dir / "config.json").read_text())
         return int(config["max_position_embeddings"])
-
-
-class _Stream:
-    """The engine's answer as an async iterator that releases its request (the connection to vLLM, and the
-    adapter's count of running requests) once the answer is complete, or on ``aclose`` even when nobody
-    started iterating (an async generator closed before its first step never runs its ``finally``)."""
-
-    def __init__(self, items: AsyncIterator[Delta | Generation], release: Callable[[], Awaitable[None]]) -> None:
-        self._items = items
-        self._release = release
-        self._released = False
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> Delta | Generation:
-        try:
-            item = await self._items.__anext__()
-        except BaseException:
-            await self.aclose()
-            raise
-        if isinstance(item, Generation):  # the last item: release now, whether or not the caller closes
-            await self.aclose()
-        return item
-
-    async def aclose(self) -> None:
-        try:
-            await self._items.aclose()  # type: ignore[attr-defined]
-        finally:
-            if not self._released:
-                self._released = True
-                await self._release()
 
 
 def _translate(error: OriginError, what: str) -> GatewayError:
