@@ -149,6 +149,8 @@ def build_tokenizer(vocab_size: int, seed: int, corpus: list[str] | None = None)
         pad_token="<|pad|>",
         chat_template=CHAT_TEMPLATE,
         model_max_length=max(size.context for size in SIZES.values()),
+        # A Llama model takes no token_type_ids; transformers 4 would return them, and generate() refuses them.
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 

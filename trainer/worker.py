@@ -161,7 +161,9 @@ class TrainerWorker:
             assert path is not None
             policy = self._load_policy(path / ADAPTER)
             optimizer = self._new_optimizer(policy)
-            optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location=policy.device))
+            # Tensors and numbers only: no pickled code runs (torch 2.6 made this the default, earlier ones warn).
+            state = torch.load(path / OPTIMIZER, map_location=policy.device, weights_only=True)
+            optimizer.load_state_dict(state)
             return Ledger.from_json(saved), policy, optimizer
         latest = self.shelf.latest()
         policy = self._load_policy(self.shelf.path(latest) if latest is not None else None)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import logging
 import queue
 import threading
@@ -122,7 +123,7 @@ class _Batch:
         self.next_tokens = self.next_tokens.index_select(0, index)
         self.cache = None
 
-    def step_inputs(self) -> dict[str, Any]:
+    def step_inputs(self, cache_keyword: str) -> dict[str, Any]:
         if self.cache is None:
             self.cache = DynamicCache()
             for layer, (k, v) in enumerate(self.kv):
@@ -130,7 +131,7 @@ class _Batch:
         ones = torch.ones(len(self.rows), 1, dtype=torch.long, device=self.mask.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
         inputs = {"input_ids": self.next_tokens[:, None], "attention_mask": self.mask,
-                  "position_ids": self.positions[:, None], "past_key_values": self.cache}
+                  "position_ids": self.positions[:, None], cache_keyword: self.cache}
         self.positions = self.positions + 1
         return inputs
 
@@ -155,6 +156,7 @@ class EmbeddedEngine:
         self.failure: BaseException | None = None
         self._load_now = 0  # requests running or waiting, as the generation thread last counted
         self._model: Any = None
+        self._cache_keyword = "cache"  # set from the model's forward when it is loaded
         self._peft: Any = None
         self._tokenizer: Any = None
 
@@ -253,6 +255,7 @@ class EmbeddedEngine:
     def _load(self) -> None:
         self._tokenizer = AutoTokenizer.from_pretrained(self._dir)
         self._model = AutoModelForCausalLM.from_pretrained(self._dir).to(self._device).eval()
+        self._cache_keyword = cache_keyword(self._model)
 
     def _run(self) -> None:
         batch = _Batch()
@@ -345,7 +348,7 @@ class EmbeddedEngine:
         try:
             cache = DynamicCache()
             prompt = torch.tensor([sequence.prompt], device=self._device)
-            logits = self._forward([sequence.adapter], input_ids=prompt, past_key_values=cache)
+            logits = self._forward([sequence.adapter], input_ids=prompt, **{self._cache_keyword: cache})
             (token,) = self._sample(logits, [sequence])
         except Exception as exc:
             log.exception("prefill failed")
@@ -359,7 +362,7 @@ class EmbeddedEngine:
         if not batch.rows:
             return
         try:
-            logits = self._forward([row.adapter for row in batch.rows], **batch.step_inputs())
+            logits = self._forward([row.adapter for row in batch.rows], **batch.step_inputs(self._cache_keyword))
             sampled = self._sample(logits, batch.rows)
         except Exception as exc:
             log.exception("a decode step failed; failing the requests in it")
@@ -411,6 +414,15 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
     """Zero-pad a [batch, heads, length, dim] cache tensor on the left of its length."""
     return F.pad(tensor, (0, 0, length - tensor.shape[2], 0))
+
+
+def cache_keyword(model: Any) -> str:
+    """The name under which the model's forward takes a KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache``; the old name warns until 5.40 removes it.
+    Earlier releases know only ``past_key_values``. The decorators on ``forward`` keep its signature.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _cache_tensors(cache: Any) -> KV:
