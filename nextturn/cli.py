@@ -443,12 +443,13 @@ def up(ctx: typer.Context) -> None:
     from rich.live import Live
 
     from nextturn.errors import StoreUnavailable
-    from nextturn.stack import Activity, Stack, activity, describe, status_table
+    from nextturn.stack import Activity, Stack, activity, describe, log_library_output, status_table
     from nextturn.store import Store
 
     settings = _settings(ctx)
     console = Console(stderr=True)
     stack = Stack(settings)
+    log_library_output(stack.logs / "up.log")
     console.print(f"starting {', '.join(c.component.name for c in stack.children)} "
                   f"(engine {settings.engine}, event log {settings.bus}); logs in {stack.logs}")
     stack.start()
@@ -497,6 +498,7 @@ def demo(
 ) -> None:
     """The whole loop on this machine, learning from simulated people; writes a table and a learning curve."""
     from nextturn.demo.runner import METHODS, run
+    from nextturn.stack import log_library_output
 
     if method is not None and method not in METHODS:
         raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
@@ -508,7 +510,9 @@ def demo(
     chosen = ("combined",) if quick else (method,) if method is not None else METHODS
     # SIGTERM as Ctrl-C: the running stack is stopped on the way out, not left behind as orphans.
     os_signal.signal(os_signal.SIGTERM, os_signal.default_int_handler)
-    run(out or settings.data_dir / "demo", methods=chosen, seed=seed, interactions=interactions)
+    out = out or settings.data_dir / "demo"
+    log_library_output(out / "demo.log")  # the live progress stays readable; warnings are in the log
+    run(out, methods=chosen, seed=seed, interactions=interactions)
 
 
 def main() -> None:

@@ -17,11 +17,13 @@ vLLM when Settings say so.
 * **Stop**: Ctrl-C (or SIGTERM) stops the gateway first (no new turns), then the workers, each with
   SIGTERM and up to ``STOP_GRACE_S`` to finish its round before SIGKILL.
 * **Status**: :func:`activity` reads the figures a person watching the loop wants from the store:
-  requests, resolved turns, rewards, hints, adapter versions, the canary. ``up`` shows them live.
+  requests, resolved turns, rewards, hints, adapter versions, the canary. ``up`` shows them live, and
+  :func:`log_library_output` keeps library warnings out of that view.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal as os_signal
 import subprocess
@@ -31,6 +33,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import IO, Any
 
 import httpx
@@ -45,6 +48,20 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 30.0
 HEALTH_TIMEOUT_S = 120.0
+
+
+def log_library_output(path: Path) -> None:
+    """Send this process's warnings and log records to ``path`` instead of the terminal.
+
+    A live view redraws the terminal, and a library's FutureWarning printed into it breaks the display.
+    Python reports a warning once per place that raises it (its default filters), so the log holds each
+    once. The components ``up`` starts write their own output to their own logs already.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.captureWarnings(True)  # warnings become records of the py.warnings logger, which reach the root's
+    logging.getLogger().addHandler(handler)
 
 
 @dataclass(frozen=True)

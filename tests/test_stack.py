@@ -142,3 +142,28 @@ def test_a_clean_stop_reports_every_component(tmp_path: Path, tiny_model: Path) 
     assert set(statuses) == {"gateway", "signals", "rollout"}
     assert all(code in (0, -signal.SIGTERM) for code in statuses.values()), statuses
     assert [child.state for child in stack.children] == ["stopped"] * 3
+
+
+def test_library_warnings_go_to_the_log_once_and_never_to_the_terminal(tmp_path: Path) -> None:
+    """What `up` and `demo` do before their live views: a FutureWarning a library raises on every call (peft
+    on transformers 5 does, loading an adapter) lands in the log once; the terminal shows only our output."""
+    log = tmp_path / "logs" / "demo.log"
+    program = (
+        "import logging, warnings\n"
+        "from pathlib import Path\n"
+        "from nextturn.stack import log_library_output\n"
+        f"log_library_output(Path({str(log)!r}))\n"
+        "def library_call():\n"
+        "    warnings.warn('`is_gradient_checkpointing` is deprecated', FutureWarning, stacklevel=2)\n"
+        "for _ in range(3):\n"
+        "    library_call()\n"
+        "logging.getLogger('somelibrary').warning('a record for the log')\n"
+        "print('progress 3/3')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("progress 3/3\n", "")
+    written = log.read_text()
+    assert written.count("`is_gradient_checkpointing` is deprecated") == 1, written
+    assert "FutureWarning" in written and "a record for the log" in written
