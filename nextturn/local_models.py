@@ -123,7 +123,7 @@ def init_model(directory: Path, *, size: str = "tiny", seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     spec = SIZES[size]
     tokenizer = build_tokenizer(spec.vocab, seed)
-    tokenizer.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
     _build_weights(spec, len(tokenizer), tokenizer, seed).save_pretrained(directory)
     return directory
 
@@ -152,6 +152,19 @@ def build_tokenizer(vocab_size: int, seed: int, corpus: list[str] | None = None)
         # A Llama model takes no token_type_ids; transformers 4 would return them, and generate() refuses them.
         model_input_names=["input_ids", "attention_mask"],
     )
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:  # type: ignore[no-untyped-def]
+    """Save a tokenizer that transformers 4 and 5 both load.
+
+    transformers 5 names the class ``TokenizersBackend`` in tokenizer_config.json, which transformers 4
+    cannot load; ``PreTrainedTokenizerFast``, the same tokenizer under its older name, is known to both.
+    """
+    tokenizer.save_pretrained(directory)
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _build_weights(spec: Size, vocab: int, tokenizer, seed: int):  # type: ignore[no-untyped-def]

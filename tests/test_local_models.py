@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,12 @@ def test_refuses_a_non_empty_directory_and_unknown_sizes(tmp_path: Path) -> None
         init_model(tmp_path / "taken")
     with pytest.raises(NextturnError, match="unknown model size 'huge'"):
         init_model(tmp_path / "new", size="huge")
+
+
+def test_the_tokenizer_names_a_class_transformers_4_and_5_both_load(tiny_model: Path, tokenizer: Any) -> None:
+    """A model built on one side of transformers 5 is served or trained on the other (``make test-lowest``
+    loads the demo's cached base model); transformers 5 would write a class name that 4 does not know."""
+    config = json.loads((tiny_model / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["model_input_names"] == ["input_ids", "attention_mask"]
+    assert list(tokenizer("hi")) == ["input_ids", "attention_mask"]  # no token_type_ids for a Llama model

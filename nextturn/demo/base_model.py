@@ -228,7 +228,7 @@ def build(directory: Path, *, seed: int = 0, steps: int = STEPS, batch: int = 32
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from nextturn.local_models import _build_weights, build_tokenizer
+    from nextturn.local_models import _build_weights, build_tokenizer, save_tokenizer
 
     transformers_logging.disable_progress_bar()
     rng = random.Random(seed)
@@ -264,7 +264,7 @@ def build(directory: Path, *, seed: int = 0, steps: int = STEPS, batch: int = 32
         if progress is not None:
             progress(step + 1, steps, float(loss.detach()))
     model.eval()
-    tokenizer.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
     model.save_pretrained(directory)
     (directory / "demo.json").write_text(json.dumps({"seed": seed, "steps": steps, "batch": batch,
                                                      "seconds": round(time.monotonic() - started, 1),
