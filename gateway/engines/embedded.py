@@ -426,7 +426,5 @@ def cache_keyword(model: Any) -> str:
 
 
 def _cache_tensors(cache: Any) -> KV:
-    """The keys and values a DynamicCache holds (transformers ≥ 4.56 keeps them in ``layers``)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+    """The keys and values a DynamicCache holds, layer by layer."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
