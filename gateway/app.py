@@ -22,7 +22,6 @@ from pydantic import BaseModel, Field
 
 from gateway.auth import Keyring
 from gateway.completions import ChatCompletionsRoute
-from gateway.deployments import DeploymentWatcher
 from gateway.engines import Engine
 from gateway.errors import Conflict, install_error_handlers
 from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
@@ -31,6 +30,7 @@ from gateway.metrics import CONTENT_TYPE, CountRequests, Metrics
 from gateway.publisher import Publisher
 from gateway.sessions import SessionLinker
 from gateway.turns import TurnService
+from gateway.watcher import DeploymentWatcher
 from nextturn import deployments, events
 from nextturn.bus import open_event_log
 from nextturn.errors import ConfigError, DeploymentError
@@ -101,8 +101,9 @@ def create_app(settings: Settings) -> FastAPI:
         event_log = open_event_log(settings)
         publisher = Publisher(event_log, settings.spool_path)
         publisher.start()
-        recorder = RecorderProcess(settings)
-        recorder.start()
+        recorder = RecorderProcess(settings) if settings.gateway_recorder else None
+        if recorder is not None:
+            recorder.start()
         await engine.start()
         service = TurnService(engine, SessionLinker(lookup=store.find_link), publisher, metrics)
         watcher = DeploymentWatcher(service.router, engine, store, event_log, metrics,
@@ -112,13 +113,14 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.watcher = watcher
         metrics.watch(lambda: publisher.queued, lambda: len(publisher.spool))
         app.state.store = store
-        app.state.background = [publisher, recorder, engine, watcher]
+        app.state.background = [task for task in (publisher, recorder, engine, watcher) if task is not None]
         try:
             yield
         finally:
             await watcher.close()
             await engine.close()
-            recorder.stop()
+            if recorder is not None:
+                recorder.stop()
             publisher.stop()
             event_log.close()
             store.close()

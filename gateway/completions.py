@@ -1,6 +1,6 @@
 """``POST /v1/chat/completions``: the hot path, served as plain ASGI in front of FastAPI.
 
-Every request the gateway proxies passes here, and the budget for what the gateway adds is 1 ms at
+Every request the gateway proxies passes here, and the budget for what the gateway adds is 0.5 ms at
 p50 (DESIGN). FastAPI's routing, dependency injection and response classes cost a sizeable share of
 that (bench/gateway_overhead.py), and Starlette's StreamingResponse adds a task group per stream. This
 route does the same work directly: the body limit and the request counter still wrap it (they are
@@ -112,7 +112,7 @@ async def _body(receive: Receive) -> bytes:
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientLeft()
+            raise _ClientLeft("the client left before its request body arrived")
         parts.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(parts)

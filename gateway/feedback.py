@@ -44,7 +44,7 @@ def owner_session(turns: TurnService, store: Store, tenant: str, turn_id: str) -
 
 def feedback_event(tenant: str, session_id: str, body: FeedbackRequest, key: str | None) -> events.FeedbackReceived:
     key = key or body.idempotency_key
-    identity = {"event_id": uuid.uuid5(_IDEMPOTENCY, f"{tenant}\x00{key}").hex} if key else {}
+    identity: dict[str, Any] = {"event_id": uuid.uuid5(_IDEMPOTENCY, f"{tenant}\x00{key}").hex} if key else {}
     try:
         return events.FeedbackReceived(
             tenant=tenant, session_id=session_id, turn_id=body.turn_id, kind=body.kind, value=body.value,

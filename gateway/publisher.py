@@ -133,7 +133,7 @@ class Publisher:
 
     def publish(self, event: events.Event) -> None:
         """Hand an event over; returns at once (raises PublisherStopped if the thread is not running)."""
-        if not self._thread.is_alive():
+        if self._failure is not None or not self._thread.is_alive():
             raise PublisherStopped("the event publisher is not running") from self._failure
         try:
             self._queue.put_nowait(event)

@@ -15,7 +15,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.engines import Delta, Engine, Generation
+from gateway.engines import Delta, Engine, Generation, Stream
 from gateway.errors import GatewayError, error_body
 from gateway.metrics import Metrics
 from gateway.publisher import Publisher
@@ -89,7 +89,7 @@ class TurnService:
             raise
         return self._events(turn, items)
 
-    async def _events(self, turn: Turn, items: AsyncIterator[Delta | Generation]) -> AsyncIterator[str]:
+    async def _events(self, turn: Turn, items: Stream) -> AsyncIterator[str]:
         """Server-sent events: a role chunk, the deltas as they come, a finish chunk, ``[DONE]``."""
         # Every chunk shares its head: rendered once, so that a chunk costs one small json.dumps.
         head = (f'data: {{"id": {json.dumps(turn.turn_id)}, "object": "chat.completion.chunk", '

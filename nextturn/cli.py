@@ -16,7 +16,7 @@ import typer
 from nextturn import events
 from nextturn.bus import Record, open_event_log
 from nextturn.bus.log import check_topics
-from nextturn.errors import EventError, NextturnError
+from nextturn.errors import ConfigError, EventError, NextturnError
 from nextturn.settings import Settings
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def vllm_serve(
 ) -> None:
     """Start vLLM on NEXTTURN_MODEL at NEXTTURN_VLLM_URL with what the gateway needs (runtime LoRA loading);
     arguments after -- go to vLLM. Runs until Ctrl-C."""
-    from nextturn.vllm_server import VllmServer
+    from gateway.engines.vllm_server import VllmServer
 
     settings = _settings(ctx)
     server = VllmServer.from_settings(settings, extra=ctx.args, echo=sys.stderr)
@@ -197,6 +197,20 @@ def _open_store(settings: Settings) -> Store:
         upgrade(settings.store_url)  # the embedded default migrates itself, as the gateway does
     store.check_schema()
     return store
+
+
+@app.command()
+def record(ctx: typer.Context) -> None:
+    """Copy events from the event log into the store until Ctrl-C (with NEXTTURN_GATEWAY_RECORDER=false,
+    recorders run apart from the gateways; any number share the work)."""
+    from nextturn.recorder import record as run_recorder
+
+    settings = _settings(ctx)
+    _open_store(settings).close()  # migrated (SQLite) and checked before the first batch
+    stop = _stop_on_interrupt()
+    typer.echo(f"recorder running (event log: {settings.bus}); Ctrl-C stops it", err=True)
+    run_recorder(settings, stop)
+    typer.echo("recorder stopped", err=True)
 
 
 @signals_app.command("run")
@@ -318,8 +332,8 @@ def trainer_status(
 @rollout_app.command("run")
 def rollout_run(ctx: typer.Context, scope: ScopeOption = events.DEFAULT_SCOPE) -> None:
     """Canary each published version; step it up, promote it or roll it back by the gates, until Ctrl-C."""
-    from trainer.gates import GatePolicy
-    from trainer.rollout import RolloutController
+    from rollout.controller import RolloutController
+    from rollout.gates import GatePolicy
 
     settings = _settings(ctx)
     store = _open_store(settings)
@@ -344,7 +358,7 @@ def rollout_status(
 ) -> None:
     """What serves now, each arm's evidence, what the gates would decide, and the latest changes."""
     from nextturn.deployments import Deployment, arms, status
-    from trainer.gates import GatePolicy, decide
+    from rollout.gates import GatePolicy, decide
 
     settings = _settings(ctx)
     store = _open_store(settings)
@@ -497,14 +511,21 @@ def demo(
     out: Annotated[Path | None, typer.Option(help="Where results go (default <data dir>/demo).")] = None,
 ) -> None:
     """The whole loop on this machine, learning from simulated people; writes a table and a learning curve."""
-    from nextturn.demo.runner import METHODS, run
-    from nextturn.stack import log_library_output
+    from demo import METHODS  # the package alone: cheap, and it needs none of the demo extra
 
     if method is not None and method not in METHODS:
         raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
     if sum((compare, quick, method is not None)) > 1:
         raise typer.BadParameter("choose one of --compare, --quick and --method", param_hint="--quick")
+    try:
+        from demo.runner import run
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("openai", "matplotlib", "torch", "transformers", "peft", "trl"):
+            raise
+        raise ConfigError(f"the demo needs {exc.name}: pip install 'nextturn[ml,demo]'") from exc
     import signal as os_signal
+
+    from nextturn.stack import log_library_output
 
     settings = _settings(ctx)
     chosen = ("combined",) if quick else (method,) if method is not None else METHODS

@@ -128,7 +128,7 @@ def init_model(directory: Path, *, size: str = "tiny", seed: int = 0) -> Path:
     return directory
 
 
-def build_tokenizer(vocab_size: int, seed: int, corpus: list[str] | None = None):  # type: ignore[no-untyped-def]
+def build_tokenizer(vocab_size: int, seed: int, corpus: list[str] | None = None):
     """A byte-level BPE tokenizer (a PreTrainedTokenizerFast) trained on ``corpus``, by default a generated one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -154,7 +154,7 @@ def build_tokenizer(vocab_size: int, seed: int, corpus: list[str] | None = None)
     )
 
 
-def save_tokenizer(tokenizer, directory: Path) -> None:  # type: ignore[no-untyped-def]
+def save_tokenizer(tokenizer, directory: Path) -> None:
     """Save a tokenizer that transformers 4 and 5 both load.
 
     transformers 5 names the class ``TokenizersBackend`` in tokenizer_config.json, which transformers 4
@@ -167,7 +167,7 @@ def save_tokenizer(tokenizer, directory: Path) -> None:  # type: ignore[no-untyp
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def _build_weights(spec: Size, vocab: int, tokenizer, seed: int):  # type: ignore[no-untyped-def]
+def _build_weights(spec: Size, vocab: int, tokenizer, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -8,7 +8,7 @@ Order of operations, for each batch:
 A crash before 3 redelivers the batch, and step 2 makes the second write a no-op: every event is stored
 exactly once.
 
-The gateway runs a recorder in a child process (:class:`RecorderProcess`), not a thread: decoding events
+Each gateway runs a recorder in a child process (:class:`RecorderProcess`), not a thread: decoding events
 and writing the store would otherwise hold the interpreter lock while requests wait for it, which cost
 about 1.2 ms at p50 and most of the p99 tail of the gateway's added latency (bench/gateway_overhead.py).
 Several recorders (one per gateway replica) share the work as members of one consumer group.
@@ -65,22 +65,25 @@ class Recorder:
             new += batch.new
         return new
 
-    def run(self, stop: threading.Event | ProcessEvent) -> None:
+    def run(self, stop: threading.Event | ProcessEvent, *, child: bool = False) -> None:
+        """Record until ``stop`` is set; a ``child`` also stops when its parent dies (it outlives no killed
+        gateway)."""
         parent = os.getppid()
-        while not stop.is_set() and os.getppid() == parent:  # a child outlives no killed parent
+        while not stop.is_set() and (not child or os.getppid() == parent):
             self.run_once(timeout_s=0.5)
 
     def close(self) -> None:
         self._consumer.close()
 
 
-def record(settings: Settings, stop: threading.Event | ProcessEvent) -> None:
-    """Run a recorder on the configured event log and store until ``stop`` is set."""
+def record(settings: Settings, stop: threading.Event | ProcessEvent, *, child: bool = False) -> None:
+    """Run a recorder on the configured event log and store until ``stop`` is set (``nextturn record``, or a
+    gateway's child process)."""
     event_log = open_event_log(settings)
     store = Store.from_settings(settings)
     recorder = Recorder(event_log, store)
     try:
-        recorder.run(stop)
+        recorder.run(stop, child=child)
     finally:
         recorder.close()
         event_log.close()
@@ -97,8 +100,8 @@ class RecorderProcess:
     def __init__(self, settings: Settings) -> None:
         context = multiprocessing.get_context("spawn")
         self._stop = context.Event()
-        self._process = context.Process(target=record, args=(settings, self._stop), name="nextturn-recorder",
-                                        daemon=True)
+        self._process = context.Process(target=record, args=(settings, self._stop), kwargs={"child": True},
+                                        name="nextturn-recorder", daemon=True)
 
     def start(self) -> None:
         self._process.start()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # The largest request body the gateway reads (413 above). A turn event must stay under the event
     # log's 16 MiB per event, and it carries the request's messages plus the response.
     max_request_bytes: int = Field(default=8 * 2**20, ge=1024, le=12 * 2**20)
+    # Each gateway runs a recorder (event log → store) in a child process. Off: recorders run on their own
+    # (`nextturn record`), scaled apart from the gateways; their consumer group shares the work either way.
+    gateway_recorder: bool = True
 
     # The signals worker: a turn whose session stays quiet this long is resolved with no next state; at most
     # this many turns wait open (the oldest are resolved early beyond it); a worker's record of a turn is
@@ -103,7 +106,7 @@ class Settings(BaseSettings):
     trainer_keep_versions: int = Field(default=10, ge=1)  # versions kept on disk, besides those deployed
     trainer_device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA (bf16) when available
 
-    # The rollout (DESIGN, Rollout controller; README, Rollouts). A new version serves this share of new
+    # The rollout (DESIGN, Rollout controller; docs/rollouts.md). A new version serves this share of new
     # sessions, then the next, and is promoted after the last; a JSON list in the environment: [0.1, 0.5].
     rollout_schedule: list[float] = Field(default=[0.1, 0.5], min_length=1)
     # Resolved turns (turns with a reward) each arm needs before the canary may step up or be promoted.
@@ -138,7 +141,7 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
     @classmethod
-    def load(cls, config_file: Path | None = None, **overrides: object) -> Settings:
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
         """Build Settings from the environment and an optional TOML file; errors become ConfigError."""
         source: type[Settings] = cls
         if config_file is not None:

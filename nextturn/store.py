@@ -133,7 +133,7 @@ class Store:
                   session_id: str | None) -> tuple[str, str, str, str] | None:
         """(turn id, session id, key, adapter version) of the tenant's turn that continues the longest of
         ``keys`` (longest first; the latest turn when several share a key), optionally within one session."""
-        table = tables.Turn.__table__
+        table = tables.table_of(tables.Turn)
         query = (sa_select(table.c.id, table.c.session_id, table.c.link_hash, table.c.adapter_version)
                  .where(table.c.tenant == tenant, table.c.link_hash.in_(list(keys)))
                  .order_by(table.c.started_at.desc()))
@@ -161,7 +161,7 @@ class Store:
         """Write a change made on the state whose last change was ``expected`` (None: no state yet); raise
         DeploymentConflict when the state moved on since. Applying the same event later is a no-op."""
         state = _deployment_state(change)
-        table = tables.Deployment.__table__
+        table = tables.table_of(tables.Deployment)
         try:
             with self.engine.begin() as conn:
                 if expected is None:
@@ -183,7 +183,7 @@ class Store:
                                 .order_by(tables.DeploymentChange.changed_at.desc()).limit(limit)))  # type: ignore[attr-defined]
 
     def adapter_statuses(self, scope: str) -> dict[int, str]:
-        table = tables.Adapter.__table__
+        table = tables.table_of(tables.Adapter)
         return {row.version: row.status for row in self._read(
             sa_select(table.c.version, table.c.status).where(table.c.scope == scope))}
 
@@ -196,7 +196,7 @@ class Store:
     def served_turns(self, versions: Sequence[str], since: datetime, step_since: datetime) -> list[Any]:
         """(adapter_version, flaw, turns, of them since ``step_since``) of the turns these versions served
         since ``since``, counted by the database."""
-        table = tables.Turn.__table__
+        table = tables.table_of(tables.Turn)
         recent = func.sum(case((table.c.started_at >= step_since, 1), else_=0))
         return self._read(sa_select(table.c.adapter_version, table.c.flaw, func.count(), recent)
                           .where(table.c.adapter_version.in_(list(versions)), table.c.started_at >= since)
@@ -204,7 +204,7 @@ class Store:
 
     def latencies(self, version: str, since: datetime, limit: int) -> list[float]:
         """The latency of the latest ``limit`` turns ``version`` served since ``since``."""
-        table = tables.Turn.__table__
+        table = tables.table_of(tables.Turn)
         return [row[0] for row in self._read(
             sa_select(table.c.latency_ms).where(table.c.adapter_version == version, table.c.started_at >= since)
             .order_by(table.c.started_at.desc()).limit(limit))]
@@ -212,7 +212,7 @@ class Store:
     def rewards(self, versions: Sequence[str], since: datetime) -> list[tuple[str, float]]:
         """(adapter_version, reward) of the turns these versions served since ``since`` whose latest signal
         revision carries a reward."""
-        signals, turns = tables.Signal.__table__, tables.Turn.__table__
+        signals, turns = tables.table_of(tables.Signal), tables.table_of(tables.Turn)
         rows = self._read(
             sa_select(signals.c.adapter_version, signals.c.signal_id, signals.c.revision, signals.c.reward)
             .join(turns, turns.c.id == signals.c.turn_id)
@@ -226,7 +226,7 @@ class Store:
     def loop_counts(self, scope: str, recent: int) -> dict[str, Any]:
         """What a live status shows: the scope's turns (and failed ones), turns with a signal, with a reward,
         with a hint (counted once per signal, over its revisions), the latest ``recent`` rewards, versions."""
-        turns, signals, adapters = tables.Turn.__table__, tables.Signal.__table__, tables.Adapter.__table__
+        turns, signals, adapters = (tables.table_of(model) for model in (tables.Turn, tables.Signal, tables.Adapter))
         ours = signals.c.scope == scope
         distinct = func.count(func.distinct(signals.c.signal_id))
         (total, failed), = self._read(sa_select(func.count(), func.sum(case((turns.c.status != "ok", 1), else_=0)))
@@ -281,7 +281,7 @@ class Store:
         return int(new)
 
     def _touch_session(self, conn: Connection, turn: events.TurnRecorded) -> None:
-        table = tables.Session.__table__
+        table = tables.table_of(tables.Session)
         statement = self._dialect.insert(tables.Session).values(
             id=turn.session_id, tenant=turn.tenant, scope=turn.scope,
             started_at=turn.started_at, last_turn_at=turn.finished_at,
@@ -322,7 +322,7 @@ class Store:
         new = self._record_change(conn, change)
         if new:
             state = _deployment_state(change)
-            table = tables.Deployment.__table__
+            table = tables.table_of(tables.Deployment)
             statement = self._dialect.insert(tables.Deployment).values(scope=change.scope, **state)
             # Changes may be applied out of order (a replay, a second recorder): the latest one wins.
             conn.execute(statement.on_conflict_do_update(
@@ -340,7 +340,7 @@ class Store:
             **state,
         })
         if new and change.subject_version is not None:
-            table = tables.Adapter.__table__
+            table = tables.table_of(tables.Adapter)
             ours = table.c.scope == change.scope
 
             def mark(status: str, *where: Any) -> None:

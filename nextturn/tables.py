@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, LargeBinary, MetaData, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Index, LargeBinary, MetaData, Table, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # Named constraints, so that SQLite and Postgres agree and migrations can drop what they created.
@@ -25,16 +25,22 @@ SQLModel.metadata.naming_convention = {
 metadata: MetaData = SQLModel.metadata
 
 
+def table_of(model: type[SQLModel]) -> Table:
+    """The table behind a table model, for SQLAlchemy Core queries (SQLModel's class attribute is untyped)."""
+    table: Table = getattr(model, "__table__")  # noqa: B009
+    return table
+
+
 def _when(**kwargs: Any) -> Any:
-    return Field(sa_type=DateTime(timezone=True), **kwargs)  # type: ignore[call-overload]
+    return Field(sa_type=DateTime(timezone=True), **kwargs)
 
 
 def _json(**kwargs: Any) -> Any:
-    return Field(sa_type=JSON, **kwargs)  # type: ignore[call-overload]
+    return Field(sa_type=JSON, **kwargs)
 
 
 def _text(**kwargs: Any) -> Any:
-    return Field(sa_type=Text, **kwargs)  # type: ignore[call-overload]
+    return Field(sa_type=Text, **kwargs)
 
 
 class Tenant(SQLModel, table=True):
@@ -220,6 +226,6 @@ class DeadLetter(SQLModel, table=True):
     partition: int
     offset: int
     key: str | None = None
-    payload: bytes = Field(sa_type=LargeBinary)  # type: ignore[call-overload]
+    payload: bytes = Field(sa_type=LargeBinary)
     reason: str = _text()
     created_at: datetime = _when()

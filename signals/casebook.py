@@ -35,10 +35,10 @@ from signals.cases import (
     signal_id,
 )
 
-_CASES = tables.SignalCase.__table__
-_SIGNALS = tables.Signal.__table__
-_TURNS = tables.Turn.__table__
-_FEEDBACK = tables.Feedback.__table__
+_CASES = tables.table_of(tables.SignalCase)
+_SIGNALS = tables.table_of(tables.Signal)
+_TURNS = tables.table_of(tables.Turn)
+_FEEDBACK = tables.table_of(tables.Feedback)
 _LOCK_BASE = 0x6E74_0000  # advisory lock keys: this base plus a bucket of sessions
 _LOCK_BUCKETS = 1024
 MAX_TOOL_ROUNDS = 64  # how far back an exchange's outcome is handed down: tool-call turns in a row

@@ -25,7 +25,7 @@ from nextturn.store import Store
 from signals import cases as c
 from signals.casebook import Casebook
 
-_TURNS = tables.Turn.__table__
+_TURNS = tables.table_of(tables.Turn)
 
 
 @dataclass(frozen=True)

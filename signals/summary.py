@@ -27,8 +27,8 @@ from nextturn.store import Store
 from signals.cases import EXTRACTOR_VERSION
 from signals.composition import DECISIVE, PRECEDENCE
 
-_SIGNALS = tables.Signal.__table__
-_TURNS = tables.Turn.__table__
+_SIGNALS = tables.table_of(tables.Signal)
+_TURNS = tables.table_of(tables.Turn)
 
 
 def summarize(store: Store, *, since: datetime | None = None, extractor_version: str = EXTRACTOR_VERSION) -> dict[
@@ -38,11 +38,11 @@ def summarize(store: Store, *, since: datetime | None = None, extractor_version:
         query = query.where(_SIGNALS.c.created_at >= since)
     with store.engine.connect() as conn:
         rows = conn.execute(query).all()
-        finished = dict(conn.execute(
+        finished: dict[str, Any] = dict(conn.execute(
             select(_TURNS.c.id, _TURNS.c.finished_at).where(_TURNS.c.id.in_({row.turn_id for row in rows}))
         ).all()) if rows else {}
         open_cases = conn.execute(select(func.count()).select_from(tables.SignalCase)
-                                  .where(tables.SignalCase.__table__.c.state == "open")).scalar_one()
+                                  .where(tables.table_of(tables.SignalCase).c.state == "open")).scalar_one()
         dead_letters = conn.execute(select(func.count()).select_from(tables.DeadLetter)).scalar_one()
     latest: dict[str, Any] = {}
     first: dict[str, Any] = {}

@@ -13,8 +13,16 @@ import pytest
 from nextturn.bus import EventLog
 from nextturn.store import Store, upgrade
 
-from logs import open_log
-from services import PostgresCluster, Tansu, Uvicorn
+from support.event_logs import open_log
+from support.services import PostgresCluster, Tansu, Uvicorn
+
+SLOW_TIERS = ("demo_model", "vllm")  # each implies slow: `make check` runs -m "not slow"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in SLOW_TIERS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +97,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two LoRA adapters for the tiny model, with random (non-zero) weights, so each changes its outputs."""
-    from adapters import random_adapter
+    from support.adapters import random_adapter
 
     root = tmp_path_factory.mktemp("adapters")
     return {name: random_adapter(tiny_model, root / name, seed=seed) for seed, name in enumerate(("a1", "a2"), 1)}
@@ -98,7 +106,7 @@ def tiny_adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Uvicorn]:
     """The scripted OpenAI-compatible upstream (tests/upstream.py) on loopback."""
-    from upstream import create_upstream
+    from support.upstream import create_upstream
 
     with Uvicorn(create_upstream()) as server:
         yield server

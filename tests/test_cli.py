@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,17 +17,10 @@ from nextturn.bus.sqlite import SqliteEventLog
 from nextturn.store import Store
 from nextturn.tables import ApiKey
 
-from factories import turn
-from services import Uvicorn, free_port, wait_for_port
-
-
-def nextturn(*args: str, data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NEXTTURN_")}
-    return subprocess.run(
-        [sys.executable, "-m", "nextturn", *args],
-        capture_output=True, text=True, timeout=120,
-        env={**clean, "NEXTTURN_DATA_DIR": str(data_dir), **env},
-    )
+from support.cli import nextturn
+from support.eventually import eventually
+from support.factories import turn
+from support.services import Uvicorn, free_port, wait_for_port
 
 
 def test_help_lists_the_commands(tmp_path: Path) -> None:
@@ -91,8 +83,8 @@ def test_keys_create_prints_a_key_the_gateway_accepts_for_its_tenant(tmp_path: P
     from gateway.app import create_app
     from nextturn.settings import Settings
 
-    from services import Uvicorn
-    from upstream import MODEL, create_upstream
+    from support.services import Uvicorn
+    from support.upstream import MODEL, create_upstream
 
     created = [nextturn("keys", "create", "--tenant", "acme", *extra, data_dir=tmp_path) for extra in ([], ["--admin"])]
     assert all(result.returncode == 0 for result in created), [result.stderr for result in created]
@@ -121,12 +113,8 @@ def test_keys_create_prints_a_key_the_gateway_accepts_for_its_tenant(tmp_path: P
         assert call("/v1/admin/adapters", key).status_code == 403
         assert call("/v1/admin/adapters", admin_key).status_code == 200
         turn_id = answered.json()["id"]
-        for _ in range(200):
-            stored = call(f"/v1/turns/{turn_id}", key)
-            if stored.status_code == 200:
-                break
-            time.sleep(0.05)
-        assert stored.status_code == 200  # a turn is found only with a key of the tenant that made it
+        # the turn is found with a key of the tenant that made it, once recorded
+        eventually(lambda: call(f"/v1/turns/{turn_id}", key).status_code == 200, "the turn to be recorded")
     finally:
         server.stop()
         upstream.stop()
@@ -152,3 +140,33 @@ def test_serve_runs_the_gateway_and_logs_requests_only_when_asked(
     assert server.returncode == 0, output
     assert "Application startup complete" in output
     assert ('"GET /healthz HTTP/1.1" 200' in output) is access_log
+
+
+def test_record_stores_what_gateways_without_a_recorder_publish(upstream: Uvicorn, tmp_path: Path) -> None:
+    """With NEXTTURN_GATEWAY_RECORDER=false the gateways only publish; `nextturn record`, run on its own,
+    copies their turns into the store, and stops cleanly on Ctrl-C."""
+    from gateway.app import create_app
+    from nextturn.settings import Settings
+
+    from support.event_logs import recorded
+    from support.upstream import MODEL
+
+    app = create_app(Settings(data_dir=tmp_path, engine="openai", upstream_url=f"{upstream.url}/v1", model=MODEL,
+                              gateway_recorder=False))
+    with Uvicorn(app) as gateway:
+        assert [task.name for task in app.state.background] == ["publisher", "engine", "deployments"]
+        answered = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=10,
+                              json={"model": MODEL, "messages": [{"role": "user", "content": "who records?"}]})
+        turn_id = answered.json()["id"]
+        recorded(tmp_path, turn_id)  # on the event log, and no recorder of the gateway's will store it
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("NEXTTURN_")}
+        recorder = subprocess.Popen([sys.executable, "-m", "nextturn", "record"], stderr=subprocess.PIPE, text=True,
+                                    env={**clean, "NEXTTURN_DATA_DIR": str(tmp_path)})
+        try:
+            eventually(lambda: httpx.get(f"{gateway.url}/v1/turns/{turn_id}").status_code == 200,
+                       "the recorder to store the turn", timeout_s=60)
+        finally:
+            recorder.send_signal(signal.SIGINT)
+            _, stderr = recorder.communicate(timeout=60)
+    assert recorder.returncode == 0, stderr
+    assert "recorder stopped" in stderr

@@ -16,14 +16,18 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
-from nextturn.demo import base_model, evaluation, tasks
-from nextturn.demo.runner import run
+from demo import base_model, evaluation, tasks
+from demo.runner import run
 from signals.hints import from_correction
 from signals.rewards import follow_up
 
+from support.eventually import eventually
 
+
+@pytest.mark.demo_model
 def test_the_quick_demo_learns_from_people_through_every_stage(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     figures = run(out, methods=("combined",), interactions=256, seed=0, console=Console(file=io.StringIO()))
@@ -47,6 +51,7 @@ def test_the_quick_demo_learns_from_people_through_every_stage(tmp_path: Path) -
     assert json.loads((out / "results.json").read_text())["methods"]["combined"]["stages"] == stages
 
 
+@pytest.mark.demo_model
 def test_sigterm_stops_the_demo_and_the_stack_it_started(tmp_path: Path) -> None:
     """Killed the way a service manager stops things, the demo stops its stack's processes on the way out
     instead of leaving them running. (The base model is cached by now: the test above built it.)"""
@@ -54,26 +59,23 @@ def test_sigterm_stops_the_demo_and_the_stack_it_started(tmp_path: Path) -> None
                              "--out", str(tmp_path / "out")], env={**os.environ, "NEXTTURN_DATA_DIR": str(tmp_path)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while len(children := _children(demo.pid)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert len(children) >= 3, children  # the gateway, the signals worker, the rollout controller
+        # the gateway, the signals worker, the rollout controller
+        children = eventually(lambda: _children(demo.pid) if len(_children(demo.pid)) >= 3 else None,
+                              "the demo's stack", timeout_s=120, interval_s=0.5)
         time.sleep(2)
         demo.send_signal(signal.SIGTERM)
         demo.wait(timeout=120)
     finally:
         demo.kill()
-    deadline = time.monotonic() + 10
-    while (running := [pid for pid in children if _running(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert running == []
+    eventually(lambda: not [pid for pid in children if _running(pid)], "the stack's processes to stop", timeout_s=10)
 
 
+@pytest.mark.demo_model
 def test_the_base_model_copies_the_last_requests_operands_into_its_call() -> None:
     """eli's preference (the calculator) is an easy one only if a call the model makes is the right call: the
     people ask sum after sum in one conversation, and a base model that copied an earlier request's operands
-    (or garbled them) made eli's satisfaction a matter of luck whatever the loop learnt. Measured on the
-    previous base model (4 heads sharing 2 key/value heads, fewer sum-after-sum lessons): 29 of these 64."""
+    (or garbled them) made eli's satisfaction a matter of luck whatever the loop learnt (docs/experiments.md:
+    the base model's calculator calls)."""
     sampler = evaluation.Sampler.load(base_model.cached_model(0))
     rng = random.Random(7)
     conversations, tools, wanted = [], [], []

@@ -20,7 +20,7 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.schemas import ChatCompletionRequest
 from nextturn import events
 
-from adapters import reference_logprobs
+from support.adapters import reference_logprobs
 
 
 def ask(text: str, **params: Any) -> ChatCompletionRequest:

@@ -15,10 +15,9 @@ from nextturn.bus.kafka import KafkaEventLog
 from nextturn.bus.sqlite import SqliteEventLog
 from nextturn.errors import EventLogUnavailable
 
-from factories import sequence_of, turn
-from logs import open_log
-from services import Tansu
-from test_event_log_contract import poll_until
+from support.event_logs import open_log, poll_until
+from support.factories import sequence_of, turn
+from support.services import Tansu
 
 TESTS = Path(__file__).parent
 
@@ -54,8 +53,8 @@ def test_kafka_down_is_a_clear_error(tansu: Tansu) -> None:
 
 WRITER = """
 import sys
-from factories import turn
-from logs import open_log
+from support.factories import turn
+from support.event_logs import open_log
 log = open_log("sqlite", sys.argv[1])
 for n in range(200):
     log.append([turn("writer-" + sys.argv[2], n)])

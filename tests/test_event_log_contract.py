@@ -15,22 +15,15 @@ from pathlib import Path
 import pytest
 
 from nextturn import events
-from nextturn.bus import Consumer, Crash, Delivery, EventLog
+from nextturn.bus import Crash, Delivery, EventLog
 from nextturn.bus.log import MAX_EVENT_BYTES
 from nextturn.errors import CommitFailed, EventTooLarge, UndecodableRecord, UnknownTopic
 
-from factories import sequence_of, turn
+from support.event_logs import poll_until
+from support.eventually import eventually
+from support.factories import sequence_of, turn
 
 TESTS = Path(__file__).parent
-
-
-def poll_until(consumer: Consumer, count: int, timeout_s: float = 20.0) -> list[Delivery]:
-    """Poll until ``count`` deliveries arrived or the time is up (returns what arrived)."""
-    got: list[Delivery] = []
-    deadline = time.monotonic() + timeout_s
-    while len(got) < count and time.monotonic() < deadline:
-        got.extend(consumer.poll(max_records=100, timeout_s=0.2))
-    return got
 
 
 def ids(deliveries: list[Delivery]) -> list[str]:
@@ -55,7 +48,7 @@ def test_events_with_one_key_arrive_in_order(event_log: EventLog) -> None:
 
 CHILD = """
 import sys, time
-from logs import open_log
+from support.event_logs import open_log
 log = open_log(sys.argv[1], sys.argv[2])
 consumer = log.consumer("survivors", ["turns"])
 got = 0
@@ -119,18 +112,18 @@ def test_two_consumers_in_a_group_split_the_work(event_log: EventLog) -> None:
 
     def work(name: str) -> None:
         consumer = event_log.consumer("split", [events.TURNS])
+
+        def all_seen() -> bool:
+            received[name].extend(consumer.poll(max_records=20, timeout_s=0.2))
+            try:
+                consumer.commit()
+            except CommitFailed:
+                pass  # a rebalance: the batch comes again to the partition's new owner
+            seen = {d.event.event_id for each in received.values() for d in each}
+            return producing_done.is_set() and len(seen) == len(sent)
+
         try:
-            deadline = time.monotonic() + 40
-            while time.monotonic() < deadline:
-                batch = consumer.poll(max_records=20, timeout_s=0.2)
-                received[name].extend(batch)
-                try:
-                    consumer.commit()
-                except CommitFailed:
-                    pass  # a rebalance: the batch comes again to the partition's new owner
-                seen = {d.event.event_id for name in received for d in received[name]}
-                if producing_done.is_set() and len(seen) == len(sent):
-                    break
+            eventually(all_seen, "every event, between the two", timeout_s=40, interval_s=0)
         except BaseException as exc:  # surfaced by the assertion below
             errors.append(exc)
         finally:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from nextturn import events
 from nextturn.errors import MalformedEvent, UnknownEventType, UnsupportedSchemaVersion
 
-from factories import turn
+from support.factories import turn
 
 EXAMPLES: list[events.Event] = [
     turn("s1", 3),

@@ -17,9 +17,10 @@ import pytest
 from gateway.app import create_app
 from nextturn.settings import Settings
 
-from logs import recorded
-from services import Uvicorn
-from upstream import CALLS, MODEL
+from support.event_logs import recorded
+from support.eventually import eventually
+from support.services import Uvicorn
+from support.upstream import CALLS, MODEL
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +176,11 @@ def api(gateway: Uvicorn, method: str, path: str, key: str = "sk-acme", **kwargs
 
 def stored_turn(gateway: Uvicorn, turn_id: str, until: str = "", timeout_s: float = 20) -> dict:
     """GET /v1/turns/{id} once the recorder has stored the turn (and ``until`` holds, e.g. feedback)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def found() -> dict | None:
         response = api(gateway, "GET", f"/v1/turns/{turn_id}")
-        if response.status_code == 200 and (not until or response.json()[until]):
-            return response.json()
-        time.sleep(0.1)
-    raise AssertionError(f"{turn_id} was not stored: {response.status_code} {response.text}")
+        return response.json() if response.status_code == 200 and (not until or response.json()[until]) else None
+
+    return eventually(found, f"{turn_id} to be stored", timeout_s=timeout_s, interval_s=0.1)
 
 
 def test_feedback_reaches_the_turn_once_even_when_retried(client: openai.OpenAI, gateway: Uvicorn) -> None:
@@ -197,10 +196,8 @@ def test_feedback_reaches_the_turn_once_even_when_retried(client: openai.OpenAI,
             "tool": {"name": "pytest", "call_id": "call_a", "exit_code": 1, "passed": False, "output": "1 failed"}}
     assert api(gateway, "POST", "/v1/feedback", json=tool).status_code == 200
 
-    turn = stored_turn(gateway, completion.id, until="feedback")
-    deadline = time.monotonic() + 20
-    while len(turn["feedback"]) < 2 and time.monotonic() < deadline:
-        turn = stored_turn(gateway, completion.id)
+    turn = eventually(lambda: stored_turn(gateway, completion.id), "both pieces of feedback",
+                      until=lambda t: len(t["feedback"]) >= 2)
     assert sorted(f["kind"] for f in turn["feedback"]) == ["rating", "tool_result"]  # the retry counted once
     assert (turn["id"], turn["status"], turn["adapter_version"]) == (completion.id, "ok", "base")
     assert turn["response"]["content"] == "echo: rate me" and turn["signals"] == []
@@ -262,9 +259,8 @@ def test_a_slow_upstream_is_a_504_and_a_failed_turn_and_a_dead_recorder_shows_on
 
         recorder = next(part for part in app.state.background if part.name == "recorder")
         os.kill(recorder.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while (health := httpx.get(f"{gateway.url}/healthz")).status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        health = eventually(lambda: httpx.get(f"{gateway.url}/healthz"), "/healthz to notice",
+                            until=lambda r: r.status_code != 200)
         assert (health.status_code, health.json()) == (503, {"status": "degraded", "dead": "recorder"})
 
 

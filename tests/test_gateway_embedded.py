@@ -13,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import create_app
 from nextturn.settings import Settings
 
-from logs import recorded
-from rolling import swap_under_load
-from services import Uvicorn
+from support.event_logs import recorded
+from support.rolling import swap_under_load
+from support.services import Uvicorn
 
 ADMIN = {"Authorization": "Bearer sk-admin"}
 

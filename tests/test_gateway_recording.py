@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,9 +12,10 @@ from gateway.app import create_app
 from nextturn import events
 from nextturn.settings import Settings
 
-from logs import open_log
-from services import Tansu, Uvicorn
-from upstream import MODEL
+from support.event_logs import open_log
+from support.eventually import eventually
+from support.services import Tansu, Uvicorn
+from support.upstream import MODEL
 
 
 def turns_in(backend: str, where: str, count: int, timeout_s: float = 60) -> list[events.TurnRecorded]:
@@ -23,10 +23,13 @@ def turns_in(backend: str, where: str, count: int, timeout_s: float = 60) -> lis
     log = open_log(backend, where)
     reader = log.consumer(None, [events.TURNS], start="beginning")
     found: list[events.TurnRecorded] = []
-    deadline = time.monotonic() + timeout_s
+
+    def enough() -> bool:
+        found.extend(d.event for d in reader.poll(timeout_s=0.2) if isinstance(d.event, events.TurnRecorded))
+        return len(found) >= count
+
     try:
-        while len(found) < count and time.monotonic() < deadline:
-            found += [d.event for d in reader.poll(timeout_s=0.2) if isinstance(d.event, events.TurnRecorded)]
+        eventually(enough, f"{count} turns on the log", timeout_s=timeout_s, interval_s=0)
         # a little longer: a duplicate would show up now
         found += [d.event for d in reader.poll(timeout_s=1.0) if isinstance(d.event, events.TurnRecorded)]
         return found

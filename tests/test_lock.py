@@ -16,6 +16,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -69,6 +70,7 @@ def test_every_package_nextturn_needs_is_installed_at_its_locked_version() -> No
     assert {"fastapi", "transformers", "peft", "trl", "openai", "pytest"} <= set(installed)
 
 
+@pytest.mark.vllm
 def test_the_vllm_environment_is_its_lock() -> None:
     vllm_python = os.environ.get("VLLM_CPU_PYTHON")
     assert vllm_python, "VLLM_CPU_PYTHON names the vLLM tests' environment: `make test` builds one and sets it"

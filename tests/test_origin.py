@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from gateway.engines.origin import ConnectFailed, ConnectionBroken, Origin, OriginTimeout
 
-from services import Uvicorn, free_port
+from support.services import Uvicorn, free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -14,9 +13,10 @@ from nextturn.bus import Consumer, EventLog
 from nextturn.bus.kafka import KafkaEventLog
 from nextturn.bus.sqlite import SqliteEventLog
 
-from factories import sequence_of, turn
-from services import Tansu
-from test_event_log_contract import poll_until
+from support.event_logs import poll_until
+from support.eventually import eventually
+from support.factories import sequence_of, turn
+from support.services import Tansu
 
 
 def arrived(log: EventLog, count: int, timeout_s: float = 60) -> list[int]:
@@ -27,9 +27,7 @@ def arrived(log: EventLog, count: int, timeout_s: float = 60) -> list[int]:
 
 
 def wait_until_spool_is_empty(publisher: Publisher, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while len(publisher.spool) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: len(publisher.spool) == 0, "the spool to be replayed", timeout_s=timeout_s)
 
 
 def test_events_reach_the_log_in_order(tmp_path: Path) -> None:
@@ -77,10 +75,7 @@ def test_while_the_log_is_down_events_spool_and_then_arrive_once_in_order(tansu:
     tansu.stop()
     for n in range(1, 31):
         publisher.publish(turn("s", n))  # returns at once: the request path never waits on the log
-    deadline = time.monotonic() + 30
-    while len(publisher.spool) < 30 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(publisher.spool) == 30
+    eventually(lambda: len(publisher.spool) == 30, "30 events in the spool")
 
     tansu.start()  # an empty broker on the same port: everything spooled must arrive now
     wait_until_spool_is_empty(publisher)
@@ -148,7 +143,7 @@ def test_a_dead_publisher_says_so_instead_of_looking_idle(tmp_path: Path) -> Non
     publisher = Publisher(_Broken(), tmp_path / "spool.jsonl")  # type: ignore[arg-type]
     publisher.start()
     publisher.publish(turn("s", 0))
-    publisher._thread.join(timeout=10)
+    eventually(lambda: publisher.failure, "the publisher to fail")
     with pytest.raises(PublisherStopped) as raised:
         publisher.publish(turn("s", 1))
     assert isinstance(raised.value.__cause__, RuntimeError)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 from nextturn import events, tables
 from nextturn.bus import EventLog
 from nextturn.recorder import GROUP, RECORDED_TOPICS, Recorder
 from nextturn.store import Store
 
-from factories import turn
+from support.event_logs import poll_until
+from support.eventually import eventually
+from support.factories import turn
 
 
 def test_a_crash_between_write_and_commit_stores_nothing_twice(event_log: EventLog, store: Store) -> None:
@@ -19,9 +19,7 @@ def test_a_crash_between_write_and_commit_stores_nothing_twice(event_log: EventL
 
     # A recorder that wrote what it polled durably and died before committing its offsets.
     doomed = event_log.consumer(GROUP, RECORDED_TOPICS)
-    written = []
-    while len(written) < 25:
-        written.extend(doomed.poll(max_records=100, timeout_s=0.5))
+    written = poll_until(doomed, 25)
     written_by_doomed = store.apply([d.event for d in written])
     assert written_by_doomed == len(written)
     doomed.close()
@@ -30,13 +28,15 @@ def test_a_crash_between_write_and_commit_stores_nothing_twice(event_log: EventL
     # saw the corrupt record, so it was dead-lettered twice, under one derived event id.
     recorder = Recorder(event_log, store)
     written_by_successor, polled = 0, 0
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def caught_up() -> bool:
+        nonlocal written_by_successor, polled
         batch = recorder.run_once(timeout_s=0.5)
         written_by_successor += batch.new
         polled += batch.polled
-        if batch.polled == 0 and store.count(tables.Turn) == 25 and store.count(tables.DeadLetter) == 1:
-            break
+        return batch.polled == 0 and store.count(tables.Turn) == 25 and store.count(tables.DeadLetter) == 1
+
+    eventually(caught_up, "the successor to record everything", timeout_s=60, interval_s=0)
     recorder.close()
     assert (store.count(tables.Turn), store.count(tables.DeadLetter), polled) >= (25, 1, 25), "stalled"
     assert written_by_doomed + written_by_successor == 26

@@ -22,12 +22,24 @@ from nextturn.bus import EventLog, open_event_log
 from nextturn.deployments import bucket, rollback
 from nextturn.settings import Settings
 from nextturn.store import Store
+from rollout.gates import GatePolicy
 from signals.worker import from_settings as signals_worker
-from trainer.gates import GatePolicy
 
-from adapters import random_adapter, taught_adapter
-from rolling import ADMIN, ANSWER, ControllerThread, Conversation, Traffic, actions, deployment, publish, wait_for
-from services import Uvicorn
+from support.adapters import random_adapter, taught_adapter
+from support.eventually import eventually
+from support.rolling import (
+    ADMIN,
+    ANSWER,
+    ControllerThread,
+    Conversation,
+    Traffic,
+    actions,
+    deployment,
+    publish,
+)
+from support.services import Uvicorn
+
+pytestmark = pytest.mark.slow  # a gateway, a controller and traffic, end to end
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +88,11 @@ def test_a_broken_version_is_rolled_back_and_only_canary_sessions_saw_it(
     controller = ControllerThread(event_log, store, policy=policy(settings))
     try:
         with Traffic(gateway.url) as traffic:
-            wait_for(lambda: len(traffic.served) >= 10, "traffic on the base model")
+            eventually(lambda: len(traffic.served) >= 10, "traffic on the base model", timeout_s=120)
             publish(event_log, 1, taught["empty"])
-            wait_for(lambda: "rollback" in actions(store, 1), "the broken version to be rolled back")
+            eventually(lambda: "rollback" in actions(store, 1), "the broken version to be rolled back", timeout_s=120)
             rolled_back = time.monotonic()
-            wait_for(lambda: len(traffic.since(rolled_back + 0.5)) >= 10, "traffic after the rollback")
+            eventually(lambda: len(traffic.since(rolled_back + 0.5)) >= 10, "traffic after the rollback", timeout_s=120)
     finally:
         controller.stop()
     assert traffic.failures == []
@@ -92,8 +104,8 @@ def test_a_broken_version_is_rolled_back_and_only_canary_sessions_saw_it(
     assert broken and all(item.content == "" for item in broken)
     assert all(bucket("acme", item.session) < 0.3 for item in broken)  # only sessions hashed to the canary
     assert {item.adapter for item in traffic.since(rolled_back + 0.5)} == {"base"}  # its sessions moved at once
-    wait_for(lambda: "default-v1" not in httpx.get(f"{gateway.url}/v1/admin/adapters", headers=ADMIN).json()[
-        "adapters"], "the gateway to unload it")
+    eventually(lambda: "default-v1" not in httpx.get(f"{gateway.url}/v1/admin/adapters", headers=ADMIN).json()[
+        "adapters"], "the gateway to unload it", timeout_s=120)
 
 
 def test_a_better_version_is_promoted_and_a_restarted_controller_goes_on(
@@ -105,20 +117,20 @@ def test_a_better_version_is_promoted_and_a_restarted_controller_goes_on(
     assert [before.say(), before.say()] == ["base", "base"]
     with Traffic(gateway.url) as traffic:
         publish(event_log, 2, taught["better"])
-        wait_for(lambda: deployment(store).canary == 2, "the canary")
+        eventually(lambda: deployment(store).canary == 2, "the canary", timeout_s=120)
         during = [Conversation(gateway.url, f"begun during {n}") for n in range(20)]
         first = [conversation.say() for conversation in during]
         assert set(first) == {"base", "default-v2"}, first  # a share of new sessions on each version
-        wait_for(lambda: "step" in actions(store, 2), "the next weight")
+        eventually(lambda: "step" in actions(store, 2), "the next weight", timeout_s=120)
         assert [conversation.say() for conversation in during] == first  # sessions keep their version
         controller.stop()  # in the middle of the rollout: the next controller reads where it was from the store
         controller = ControllerThread(event_log, store, policy=policy(settings))
         try:
-            wait_for(lambda: deployment(store).stable == 2, "the better version to be promoted")
+            eventually(lambda: deployment(store).stable == 2, "the better version to be promoted", timeout_s=120)
         finally:
             controller.stop()
         promoted = time.monotonic()
-        wait_for(lambda: len(traffic.since(promoted + 0.5)) >= 10, "traffic after the promotion")
+        eventually(lambda: len(traffic.since(promoted + 0.5)) >= 10, "traffic after the promotion", timeout_s=120)
         metrics = _metrics(gateway.url)
     assert traffic.failures == []
     assert actions(store, 2) == ["canary", "step", "promote"]
@@ -143,7 +155,7 @@ def test_operators_promote_pause_and_roll_back_with_who_and_why(
     publish(event_log, 3, random_adapter(tiny_model, tmp_path / "v3", seed=3))
     controller = ControllerThread(event_log, store, policy=policy(settings))
     try:
-        wait_for(lambda: deployment(store).canary == 3, "the canary")
+        eventually(lambda: deployment(store).canary == 3, "the canary", timeout_s=120)
         act = _admin(gateway.url)
         paused = act("pause", actor="ops-alice", reason="looking at the canary")
         assert paused["paused"] is True and paused["canary"] == "default-v3"
@@ -153,11 +165,11 @@ def test_operators_promote_pause_and_roll_back_with_who_and_why(
         assert (promoted["stable"], promoted["canary"]) == ("default-v3", None)
         assert promoted["replica"]["stable"] == "default-v3"  # the replica that answered routes by it already
         with Traffic(gateway.url, workers=2) as traffic:
-            wait_for(lambda: [s for s in traffic.served if s.adapter == "default-v3"], "v3 serving")
+            eventually(lambda: [s for s in traffic.served if s.adapter == "default-v3"], "v3 serving", timeout_s=120)
             rolled = _cli(settings, "rollout", "rollback", "--reason", "users complain", "--actor", "ops-bob")
             assert "rollback 3 by ops-bob: stable 2" in rolled.stdout
             after = time.monotonic()
-            wait_for(lambda: len(traffic.since(after + 1.0)) >= 5, "traffic after the rollback")
+            eventually(lambda: len(traffic.since(after + 1.0)) >= 5, "traffic after the rollback", timeout_s=120)
         assert traffic.failures == []
         assert {item.adapter for item in traffic.since(after + 1.0)} == {"default-v2"}
         assert _cli(settings, "rollout", "resume", "--reason", "done", "--actor", "ops-alice").returncode == 0
@@ -180,8 +192,9 @@ def test_replicas_see_a_change_without_its_event(settings: Settings, parts: tupl
     assert state.stable == 2
     store.change_deployment(rollback(state, "ops-carol", "written to the store only", back_to=None),
                             expected=state.last_event_id)
-    wait_for(lambda: httpx.get(f"{gateway.url}/v1/admin/rollout", headers=ADMIN).json()["replica"]["stable"] == "base",
-             "the replica to route by the change")
+    replica = f"{gateway.url}/v1/admin/rollout"
+    eventually(lambda: httpx.get(replica, headers=ADMIN).json()["replica"]["stable"] == "base",
+               "the replica to route by the change", timeout_s=120)
 
 
 def _admin(url: str):  # type: ignore[no-untyped-def]

@@ -15,12 +15,12 @@ from nextturn.deployments import Deployment
 from nextturn.errors import DeploymentConflict, InvalidChange
 from nextturn.settings import Settings
 from nextturn.store import Store
-from trainer.gates import GatePolicy
-from trainer.rollout import RolloutController
+from rollout.controller import RolloutController
+from rollout.gates import GatePolicy
 
-from factories import turn
-from logs import open_log
-from rolling import publish
+from support.event_logs import open_log
+from support.factories import turn
+from support.rolling import publish
 
 POLICY = GatePolicy(schedule=(0.2, 0.5), min_resolved=10, guard_min_turns=10, timeout_s=600.0)
 GUARDS_BASE = {"entropy": 2.0, "distinct_1": 0.5, "distinct_2": 0.8, "length": 20.0}

@@ -101,7 +101,7 @@ def test_malformed_api_keys_fail_at_start(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_the_vllm_settings_decide_how_vllm_is_started(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from nextturn.vllm_server import VllmServer
+    from gateway.engines.vllm_server import VllmServer
 
     monkeypatch.setenv("NEXTTURN_ENGINE", "vllm")
     monkeypatch.setenv("NEXTTURN_MODEL", str(tmp_path / "base"))

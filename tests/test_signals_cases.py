@@ -10,7 +10,7 @@ from nextturn import events
 from nextturn.events import ChatMessage
 from signals import cases as c
 
-from factories import feedback, follow, says, turn
+from support.factories import feedback, follow, says, turn
 
 CALLS = [events.ToolCall(id=f"call_{n}", function=events.ToolCallFunction(name="shell", arguments="{}"))
          for n in (1, 2)]

@@ -7,15 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-from test_cli import nextturn
 
 from nextturn.bus.sqlite import SqliteEventLog
 from nextturn.store import Store, upgrade
 
-from factories import feedback, follow, says, turn
+from support.cli import nextturn, read_status
+from support.eventually import eventually
+from support.factories import feedback, follow, says, turn
 
 
 def test_signals_run_resolves_turns_until_interrupted(tmp_path: Path) -> None:
@@ -28,15 +27,8 @@ def test_signals_run_resolves_turns_until_interrupted(tmp_path: Path) -> None:
     worker = subprocess.Popen([sys.executable, "-m", "nextturn", "signals", "run"],
                               env={**env, "NEXTTURN_DATA_DIR": str(tmp_path)}, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        status: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            result = nextturn("signals", "status", "--json", data_dir=tmp_path)
-            assert result.returncode == 0, result.stderr
-            status = json.loads(result.stdout)
-            if status["resolved_turns"] == 2:
-                break
-            time.sleep(0.3)
+        status = eventually(lambda: read_status("signals", tmp_path), "two resolved turns", timeout_s=60,
+                            interval_s=0.3, until=lambda s: s["resolved_turns"] == 2)
     finally:
         worker.send_signal(signal.SIGINT)
         _, stderr = worker.communicate(timeout=30)

@@ -21,9 +21,9 @@ from signals.judge_client import JudgeClient, Question
 from signals.summary import summarize
 from signals.worker import from_settings
 
-from factories import feedback, follow, says, turn
-from logs import open_log, recorded
-from services import Uvicorn, free_port
+from support.event_logs import open_log, recorded
+from support.factories import feedback, follow, says, turn
+from support.services import Uvicorn, free_port
 
 # What the scripted judge answers, by a word in the reply it is asked about: one answer per vote, in turn.
 SCRIPT = {

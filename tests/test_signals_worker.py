@@ -23,9 +23,10 @@ from signals.cases import IDLE
 from signals.relabel import relabel
 from signals.worker import SignalsWorker, from_settings
 
-from crashing import run_until_crash
-from factories import feedback, follow, says, turn
-from logs import SESSION_TIMEOUT_S, open_log
+from support.crashing import run_until_crash
+from support.event_logs import SESSION_TIMEOUT_S, open_log
+from support.eventually import eventually
+from support.factories import feedback, follow, says, turn
 
 
 class Clock:
@@ -188,6 +189,7 @@ def test_relabel_hands_an_exchange_down_once(sqlite_log: EventLog, store_url: st
     assert (once.written, again.written) == (3, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["before-publish", "before-commit"])
 def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
         log_spec: tuple[str, str], store_url: str, stage: str) -> None:
@@ -213,9 +215,13 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
         return all(first.turn_id in signals and late_rating.event_id in signals[first.turn_id].evidence
                    and third.turn_id in signals for (first, _, third, _), late_rating in pairs)
 
-    deadline = time.monotonic() + 90
-    while not complete() and time.monotonic() < deadline:
+    def worked() -> bool:
+        if complete():
+            return True
         worker.run_once(0.5)  # waits out the dead member's session first
+        return False
+
+    eventually(worked, "every first turn signalled with its late rating", timeout_s=90, interval_s=0)
     worker.drain(1.0)
     worker.close()
 
@@ -377,12 +383,13 @@ def test_workers_in_one_group_share_the_sessions(sqlite_log: EventLog, store_url
         thread.start()
     time.sleep(SESSION_TIMEOUT_S)  # both members join and split the partitions before there is work
     sqlite_log.append([event for session in sessions for event in session])
-    deadline = time.monotonic() + 60
-    while len(signal_rows(store)) < 24 * 3 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    stop.set()
-    for thread in threads:
-        thread.join()
+    try:
+        eventually(lambda: len(signal_rows(store)) >= 24 * 3, "a signal for every resolved turn", timeout_s=60,
+                   interval_s=0.2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
     for worker in workers:
         worker.close()
     assert len(signal_rows(store)) == 24 * 3
@@ -392,7 +399,7 @@ def test_workers_in_one_group_share_the_sessions(sqlite_log: EventLog, store_url
 
 @pytest.mark.postgres
 def test_the_worker_on_postgres(sqlite_log: EventLog, postgres: object) -> None:
-    from services import PostgresCluster
+    from support.services import PostgresCluster
 
     assert isinstance(postgres, PostgresCluster)
     url = postgres.create_database(f"signals_{time.monotonic_ns()}")

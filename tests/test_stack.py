@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import openai
@@ -14,11 +13,11 @@ import pytest
 
 from nextturn.errors import ConfigError
 from nextturn.settings import Settings, child_environment
-from nextturn.stack import Component, Stack, StackFailed, _Child, activity, components
+from nextturn.stack import Component, Stack, StackFailed, activity, components
 from nextturn.store import Store
 
-from rolling import wait_for
-from services import free_port
+from support.eventually import eventually
+from support.services import free_port
 
 
 def test_a_child_builds_exactly_the_parents_settings(tmp_path: Path) -> None:
@@ -46,20 +45,14 @@ def test_up_refuses_to_start_without_a_model(tmp_path: Path) -> None:
 
 
 def test_a_component_that_keeps_failing_stops_the_stack_with_its_log(tmp_path: Path, tiny_model: Path) -> None:
-    stack = Stack(Settings(data_dir=tmp_path, model=str(tiny_model)), backoff_s=0.01)
-    stack.prepare()
-    stack.logs.mkdir(parents=True)
-    stack.children = [_Child(Component("broken", ("no-such-command",)))]
-    stack._spawn(stack.children[0])
-    deadline = time.monotonic() + 60
+    stack = Stack(Settings(data_dir=tmp_path, model=str(tiny_model)), backoff_s=0.01,
+                  parts=[Component("broken", ("no-such-command",))])
     with pytest.raises(StackFailed, match=r"broken exited 5 times(.|\n)*No such command"):
-        while time.monotonic() < deadline:
-            stack.check()
-            time.sleep(0.01)
+        stack.start(health_timeout_s=60)
     assert stack.children[0].restarts == 4
-    stack.stop()
 
 
+@pytest.mark.slow
 def test_up_runs_the_loop_restarts_a_killed_worker_and_stops_cleanly_on_ctrl_c(tmp_path: Path,
                                                                                  tiny_model: Path) -> None:
     port = free_port()
@@ -71,21 +64,22 @@ def test_up_runs_the_loop_restarts_a_killed_worker_and_stops_cleanly_on_ctrl_c(t
     store = Store(Settings(data_dir=tmp_path).store_url)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-acme", max_retries=0)
-        model = wait_for(lambda: _models(client), "the gateway", timeout_s=120)[0]
+        model = eventually(lambda: _models(client), "the gateway", timeout_s=120)[0]
         ask = [{"role": "user", "content": "Name a flower."}]
         first = client.chat.completions.create(model=model, messages=ask, max_tokens=4)  # type: ignore[arg-type]
         # The signals worker resolves the turn once the session is quiet: the loop runs end to end.
-        wait_for(lambda: activity(store).resolved >= 1, "a signal for the first turn")
+        eventually(lambda: activity(store).resolved >= 1, "a signal for the first turn", timeout_s=120)
 
         workers = _children(up.pid)
         signals_pid = next(pid for pid, argv in workers.items() if "signals" in argv)
         os.kill(signals_pid, signal.SIGKILL)
-        wait_for(lambda: any("signals" in argv and pid != signals_pid for pid, argv in _children(up.pid).items()),
-                 "the supervisor to start the signals worker again")
+        eventually(lambda: any("signals" in argv and pid != signals_pid for pid, argv in _children(up.pid).items()),
+                   "the supervisor to start the signals worker again", timeout_s=120)
         again = [*ask, {"role": "assistant", "content": first.choices[0].message.content or ""},
                  {"role": "user", "content": "Another one, please."}]
         client.chat.completions.create(model=model, messages=again, max_tokens=4)  # type: ignore[arg-type]
-        wait_for(lambda: activity(store).resolved >= 2, "the restarted worker to resolve the second turn")
+        eventually(lambda: activity(store).resolved >= 2, "the restarted worker to resolve the second turn",
+                   timeout_s=120)
         client.close()
 
         everyone = _children(up.pid)
@@ -131,6 +125,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_a_clean_stop_reports_every_component(tmp_path: Path, tiny_model: Path) -> None:
     settings = Settings(data_dir=tmp_path, model=str(tiny_model), port=free_port(), train_method="none")
     stack = Stack(settings)

@@ -10,7 +10,7 @@ from nextturn import events, tables
 from nextturn.errors import SchemaOutOfDate
 from nextturn.store import Store
 
-from factories import turn
+from support.factories import turn
 
 
 def a_bit_of_everything() -> list[events.Event]:

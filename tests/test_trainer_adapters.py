@@ -19,7 +19,7 @@ from nextturn.events import AdapterPublished, DeploymentChanged
 from nextturn.store import Store, upgrade
 from trainer.adapters import AdapterShelf, referenced_versions
 
-from logs import open_log
+from support.event_logs import open_log
 
 
 @pytest.fixture

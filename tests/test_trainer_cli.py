@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from test_cli import nextturn
+import pytest
 
 from nextturn.bus.sqlite import SqliteEventLog
 from nextturn.store import Store, upgrade
 from trainer.policy import Policy
 
-from trained import record, served
-from trained import signal as signal_of
+from support.cli import nextturn, read_status
+from support.eventually import eventually
+from support.trained import record, served
+from support.trained import signal as signal_of
+
+pytestmark = pytest.mark.slow  # a trainer process training a real model
 
 SETTINGS = {"NEXTTURN_TRAINER_BATCH_SIZE": "4", "NEXTTURN_TRAINER_HOLDOUT_EVERY": "0",
             "NEXTTURN_TRAINER_DEVICE": "cpu", "NEXTTURN_TRAINER_STEPS_PER_BATCH": "1"}
+
 
 
 def test_trainer_run_publishes_a_version_until_interrupted(tiny_model: Path, tmp_path: Path) -> None:
@@ -38,15 +41,8 @@ def test_trainer_run_publishes_a_version_until_interrupted(tiny_model: Path, tmp
                               env={**env, "NEXTTURN_DATA_DIR": str(tmp_path), "NEXTTURN_MODEL": str(tiny_model),
                                    **SETTINGS})
     try:
-        deadline = time.monotonic() + 90
-        status: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            result = nextturn("trainer", "status", "--json", data_dir=tmp_path)
-            assert result.returncode == 0, result.stderr
-            status = json.loads(result.stdout)
-            if status["head"] == 1 and status["waiting"] == 1:
-                break
-            time.sleep(0.3)
+        status = eventually(lambda: read_status("trainer", tmp_path), "version 1 with one sample waiting", timeout_s=90,
+                            interval_s=0.3, until=lambda s: s["head"] == 1 and s["waiting"] == 1)
     finally:
         worker.send_signal(signal.SIGINT)
         _, stderr = worker.communicate(timeout=60)

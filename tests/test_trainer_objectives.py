@@ -305,7 +305,7 @@ def test_the_teacher_teaches_up_to_its_first_disagreement(tiny_model: Path) -> N
 
 def test_the_teacher_can_be_the_current_policy(tiny_model: Path, tmp_path: Path) -> None:
     """With an adapter that is not the base, the teacher 'policy' and the teacher 'base' disagree."""
-    from adapters import random_adapter
+    from support.adapters import random_adapter
 
     adapter = random_adapter(tiny_model, tmp_path / "adapter", seed=5)
     measured = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import time
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,16 @@ from nextturn.errors import ConfigError
 from nextturn.settings import Settings
 from nextturn.store import Store
 from trainer import distillation
+from trainer.checkpoint import OPTIMIZER, Checkpoints
 from trainer.errors import TrainerBusy
 from trainer.policy import Policy, pick_device
 from trainer.worker import TrainerConfig, TrainerWorker
 
-from logs import open_log
-from trained import STAGES, published, record, run_until_crash, served, signal, trainer
+from support.event_logs import open_log
+from support.eventually import eventually
+from support.trained import STAGES, published, record, run_until_crash, served, signal, trainer
+
+pytestmark = pytest.mark.slow  # trainers on a real model, killed at every step
 
 
 @pytest.fixture(scope="module")
@@ -300,9 +303,13 @@ def test_a_trainer_killed_mid_update_resumes_without_losing_or_reusing_signals(
     assert len(published(tmp_path)) == (1 if stage in ("after-publish", "before-commit") else 0)
 
     worker = trainer(log, store, tiny_model, tmp_path)
-    deadline = time.monotonic() + 60
-    while len(published(tmp_path)) < 3 and time.monotonic() < deadline:
+    def three_published() -> bool:
+        if len(published(tmp_path)) >= 3:
+            return True
         worker.run_once(0.5)  # waits out the dead member's session first
+        return False
+
+    eventually(three_published, "three versions", timeout_s=60, interval_s=0)
     worker.drain(0.5)
     worker.close()
     announced = [a.version for a in _adapters_announced(log)]
@@ -356,7 +363,10 @@ def test_settings_reach_the_trainer(base: Policy, tiny_model: Path, store: Store
     assert meta["metrics"]["optimizer_steps"] == 3 and "kl_to_base" in meta["metrics"]
     assert "advantage_abs" in meta["metrics"]  # the sampled-token objective
     assert worker.ledger.counts["refused_no_signal"] == 1  # rl: a hint alone teaches nothing
-    assert worker._optimizer.param_groups[0]["lr"] == 1e-4
+    checkpoint = Checkpoints(settings.trainer_path / "default").current()
+    assert checkpoint is not None
+    optimizer = torch.load(checkpoint / OPTIMIZER, weights_only=True)
+    assert optimizer["param_groups"][0]["lr"] == 1e-4
 
 
 def test_the_distillation_divergence_and_span_follow_settings(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,22 +19,25 @@ from transformers import AutoTokenizer
 from gateway.app import create_app
 from gateway.engines import Delta, Generation
 from gateway.engines.vllm import VllmEngine
+from gateway.engines.vllm_server import VllmFailed, VllmServer
 from gateway.errors import InvalidRequest, NotFound
 from gateway.schemas import ChatCompletionRequest
 from nextturn.conversation import prompt_token_ids
 from nextturn.settings import Settings
-from nextturn.vllm_server import VllmFailed, VllmServer
 
-from adapters import random_adapter, reference_logprobs, taught_adapter
-from logs import recorded
-from rolling import swap_under_load
-from services import Uvicorn, free_port
+from support.adapters import random_adapter, reference_logprobs, taught_adapter
+from support.event_logs import recorded
+from support.eventually import eventually
+from support.rolling import swap_under_load
+from support.services import Uvicorn, free_port
 
 # vLLM's CPU kernels and transformers' float32 forward pass differ by up to about 5e-3 nats per token here
 # (measured: 4.6e-3 on a 30-token prompt; 1e-6 on a 4-token one): a policy ratio within 0.5% of 1.
 LOGPROB_TOLERANCE = 1e-2
 CALL = '<|tool_call|>{"id": "call_7", "name": "calculator", "arguments": {"a": 2, "op": "+", "b": 3}}<|/tool_call|>'
 CALCULATOR = {"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}
+
+pytestmark = pytest.mark.vllm
 
 
 def vllm_python() -> str:
@@ -262,13 +264,9 @@ def test_versions_swap_under_load_on_vllm_without_a_failed_request(
                                                                                    2: small_adapters["a2"]})
     assert failures == []
     assert set(served) == {"base", "default-v1", "default-v2"}
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # vLLM itself no longer holds v2, once its last request finished
-        held = sorted(model["id"] for model in httpx.get(f"{vllm.url}/v1/models").json()["data"])
-        if held == ["default-v1", "small"]:
-            break
-        time.sleep(0.2)
-    assert held == ["default-v1", "small"]
+    # vLLM itself no longer holds v2, once its last request finished
+    eventually(lambda: sorted(model["id"] for model in httpx.get(f"{vllm.url}/v1/models").json()["data"]),
+               "vLLM to unload v2", until=lambda held: held == ["default-v1", "small"], interval_s=0.2)
 
 
 def test_vllm_killed_mid_answer_gives_a_clean_error_and_a_failed_turn(small_model: Path, tmp_path: Path) -> None:

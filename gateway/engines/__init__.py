@@ -39,6 +39,17 @@ class Delta:
     tool_calls: list[dict[str, Any]] | None = None
 
 
+class Stream(Protocol):
+    """An answer as it is generated: deltas, then the whole Generation last. Closing it early (a client
+    that left) stops the generation."""
+
+    def __aiter__(self) -> AsyncIterator[Delta | Generation]: ...
+
+    async def __anext__(self) -> Delta | Generation: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Engine(Protocol):
     name: str
     failure: BaseException | None
@@ -58,4 +69,4 @@ class Engine(Protocol):
 
     async def complete(self, request: ChatCompletionRequest, adapter: str) -> Generation: ...
 
-    async def stream(self, request: ChatCompletionRequest, adapter: str) -> AsyncIterator[Delta | Generation]: ...
+    async def stream(self, request: ChatCompletionRequest, adapter: str) -> Stream: ...

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from gateway.engines import Delta, Generation
+from gateway.engines import Generation, Stream
 from gateway.engines.decoding import Answer, Step, generation, render
 from gateway.errors import EngineUnavailable, InvalidRequest, NotFound
 from gateway.schemas import ChatCompletionRequest
@@ -59,7 +59,7 @@ class _Sequence:
     temperature: float
     top_p: float
     generator: torch.Generator | None
-    deliver: Callable[[object], None]  # thread-safe: puts into the request's asyncio queue
+    deliver: Callable[[object], object]  # thread-safe: puts into the request's asyncio queue
     generated: int = 0
     cancelled: bool = False  # set by the request's side: its client left, or a stop string was generated
 
@@ -205,7 +205,7 @@ class EmbeddedEngine:
                     return item
         raise EngineUnavailable("the engine ended a generation without a result")  # not reached
 
-    async def stream(self, request: ChatCompletionRequest, adapter: str) -> AsyncIterator[Delta | Generation]:
+    async def stream(self, request: ChatCompletionRequest, adapter: str) -> Stream:
         sequence, inbox = self._submit(request, adapter)  # a bad request fails here, before any chunk is sent
 
         async def release() -> None:

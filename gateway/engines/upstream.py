@@ -8,10 +8,10 @@ untrainable: the trainer needs the exact sampled tokens (DESIGN, Gateway). The c
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from gateway.engines import Delta, Generation
+from gateway.engines import Delta, Generation, Stream
 from gateway.engines.origin import Origin, OriginError, OriginTimeout, StreamedResponse
 from gateway.errors import EngineTimeout, EngineUnavailable, GatewayError, InvalidRequest
 from gateway.schemas import ChatCompletionRequest
@@ -31,11 +31,12 @@ class UpstreamEngine:
         self._base_url = base_url
         self._model = model
         self._headers = [("Authorization", f"Bearer {api_key}")] if api_key else []
-        self._timeouts = {"connect_timeout_s": connect_timeout_s, "read_timeout_s": read_timeout_s}
+        self._timeouts = (connect_timeout_s, read_timeout_s)
         self._origin: Origin | None = None
 
     async def start(self) -> None:
-        self._origin = Origin(self._base_url, self._headers, **self._timeouts)
+        self._origin = Origin(self._base_url, self._headers, connect_timeout_s=self._timeouts[0],
+                              read_timeout_s=self._timeouts[1])
 
     async def close(self) -> None:
         if self._origin is not None:
@@ -84,10 +85,10 @@ class UpstreamEngine:
         except _MALFORMED as exc:
             raise EngineUnavailable(f"the upstream model answered something that is not a completion: {exc!r}") from exc
 
-    async def stream(self, request: ChatCompletionRequest, adapter: str) -> AsyncIterator[Delta | Generation]:
+    async def stream(self, request: ChatCompletionRequest, adapter: str) -> Stream:
         return self._chunks(await self._send(request, stream=True))
 
-    async def _chunks(self, response: StreamedResponse) -> AsyncIterator[Delta | Generation]:
+    async def _chunks(self, response: StreamedResponse) -> AsyncGenerator[Delta | Generation, None]:
         content: list[str] = []
         calls: dict[int, dict[str, Any]] = {}
         finish_reason = "stop"

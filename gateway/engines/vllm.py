@@ -35,7 +35,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from gateway.engines import Delta, Generation
+from gateway.engines import Generation, Stream
 from gateway.engines.decoding import Answer, Step, generation, render
 from gateway.engines.origin import Origin, OriginError, OriginTimeout, StreamedResponse
 from gateway.engines.upstream import sse_lines
@@ -56,7 +56,7 @@ class VllmEngine:
         self._dir = Path(model_dir)
         self._served = served_model or self._dir.name
         self._headers = [("Authorization", f"Bearer {api_key}")] if api_key else []
-        self._timeouts = {"connect_timeout_s": connect_timeout_s, "read_timeout_s": read_timeout_s}
+        self._timeouts = (connect_timeout_s, read_timeout_s)
         self._origin: Origin | None = None
         self._tokenizer: Any = None
         self._context = 0
@@ -68,7 +68,8 @@ class VllmEngine:
         from transformers import AutoTokenizer
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._dir)
-        self._origin = Origin(self._base_url, self._headers, **self._timeouts)
+        self._origin = Origin(self._base_url, self._headers, connect_timeout_s=self._timeouts[0],
+                              read_timeout_s=self._timeouts[1])
         served = await self._models()
         if self._served not in served:
             raise EngineUnavailable(f"vLLM at {self._base_url} serves {', '.join(served) or 'nothing'}, not "
@@ -133,11 +134,11 @@ class VllmEngine:
                     return item
         raise EngineUnavailable("vLLM ended a generation without a result")  # not reached
 
-    async def stream(self, request: ChatCompletionRequest, adapter: str) -> AsyncIterator[Delta | Generation]:
+    async def stream(self, request: ChatCompletionRequest, adapter: str) -> Stream:
         return await self._start(request, adapter, stream=True)
 
     async def _start(self, request: ChatCompletionRequest, adapter: str, *,
-                     stream: bool) -> AsyncIterator[Delta | Generation]:
+                     stream: bool) -> Stream:
         assert self._origin is not None, "start() the engine first"
         if adapter != events.BASE_VERSION and adapter not in self._available:
             raise NotFound(f"no adapter {adapter!r} is loaded", code="model_not_found")

@@ -2,7 +2,7 @@
 model. Each is a tenant with its own API key and never sends a session header: the gateway links their
 conversations from the messages themselves.
 
-A person asks for something (:func:`nextturn.demo.tasks.ask`). When the answer is what they want, they
+A person asks for something (:func:`demo.tasks.ask`). When the answer is what they want, they
 say thanks and ask the next thing in the same conversation, or leave. When it is not, they react as their
 ``patience`` says: a concrete correction naming what they want ("No, use a numbered list."), a vague
 complaint ("Not quite."), or the same request again in other words; after two misses in a row they give
@@ -13,10 +13,7 @@ They never tell anyone their preference, never rate, and never touch the trainer
 learns, it learns from the signals worker reading these replies. They pause before each message (about
 two seconds, ``think_s``): people do, and without it five simulated people send a few hundred messages in
 the time the trainer takes for a few updates, so the curve would measure the trainer's speed, not what it
-learns per interaction. Measured on two cores, combined method: pausing one second, the version serving
-after 256 interactions was four versions behind the newest one and met the hard preferences 0.20 of
-the time; pausing two, 0.67 (the rollout's canary needs resolved turns, and a conversation's last turn is
-resolved only after it has been quiet for a while).
+learns per interaction (docs/experiments.md has the figures).
 
 Every model answer is an *interaction* (a tool call and the answer after it are two). The first answer to
 a new request in a conversation with no correction so far is a *fresh answer*: its satisfaction is what
@@ -36,8 +33,8 @@ from typing import Any
 
 import openai
 
-from nextturn.demo import tasks
-from nextturn.demo.evaluation import run_tool
+from demo import tasks
+from demo.evaluation import run_tool
 
 MAX_MISSES = 2
 

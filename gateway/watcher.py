@@ -110,16 +110,16 @@ class DeploymentWatcher:
                 complete = False
         statuses = await asyncio.to_thread(self._store.adapter_statuses, self._scope)
         bad = {deployment.name(version) for version, status in statuses.items() if status in BAD}
-        for version in self._router.apply(deployment, self._loaded, bad):
-            self._unload(version, "it was rolled back")
+        for name in self._router.apply(deployment, self._loaded, bad):
+            self._unload(name, "it was rolled back")
         if complete:
             self._applied = deployment.last_event_id
         self._metrics.weight.clear()
         self._metrics.weight.labels(self._router.stable, "stable").set(1.0 - self._router.weight)
         if self._router.canary is not None:
             self._metrics.weight.labels(self._router.canary, "canary").set(self._router.weight)
-        for version in self._router.draining:
-            self._metrics.weight.labels(version, "draining").set(0.0)
+        for name in self._router.draining:
+            self._metrics.weight.labels(name, "draining").set(0.0)
 
     def _loaded(self, name: str) -> bool:
         return name == events.BASE_VERSION or self._engine.adapter_for(name) is not None

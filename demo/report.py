@@ -40,7 +40,8 @@ class MethodResult:
 
     def rolling(self, *, hard: bool | None = None) -> list[tuple[int, float]]:
         """(interaction, mean satisfaction of the last WINDOW fresh answers) after each fresh answer."""
-        points, window = [], []
+        points: list[tuple[int, float]] = []
+        window: list[float] = []
         for interaction, satisfied, is_hard in self.curve:
             if hard is not None and is_hard != hard:
                 continue

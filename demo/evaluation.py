@@ -1,9 +1,9 @@
 """Measuring a model version away from the loop: held-out satisfaction and diversity.
 
 **Held-out satisfaction**: each person's preference checked on requests phrased in ways nobody used online
-(:data:`nextturn.demo.tasks.HELD_OUT_LIST_ASKS`, ``HELD_OUT_SUM_ASKS``), answered by sampling as the
+(:data:`demo.tasks.HELD_OUT_LIST_ASKS`, ``HELD_OUT_SUM_ASKS``), answered by sampling as the
 gateway serves (temperature 1, the raw distribution). A sum's answer includes the tool round: a tool call
-the model writes is run by :func:`nextturn.demo.base_model.calculator` and the model answers from it.
+the model writes is run by :func:`demo.base_model.calculator` and the model answers from it.
 
 **Diversity**: distinct-2 (distinct word pairs over all word pairs) of answers to *unrelated* requests,
 about categories no simulated person asks about. A version that collapsed (the same few answers to
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nextturn.demo import tasks
-from nextturn.demo.base_model import calculator
+from demo import tasks
+from demo.base_model import calculator
 from nextturn.local_models import END, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 MAX_NEW_TOKENS = 48
@@ -103,7 +103,7 @@ def satisfaction(sampler: Sampler, people: tuple[tasks.Person, ...], *, per_pers
     used = [False] * len(requests)
     tool_rounds = [n for n, text in enumerate(first) if tool_call(text) is not None]
     if tool_rounds:
-        follow = []
+        follow: list[list[dict[str, Any]]] = []
         for n in tool_rounds:
             call = tool_call(first[n])
             assert call is not None

@@ -1,14 +1,14 @@
 """``nextturn demo``: the whole loop on one machine, learning from simulated people.
 
-1. The base model (:mod:`nextturn.demo.base_model`): built once and cached.
+1. The base model (:mod:`demo.base_model`): built once and cached.
 2. For each method (``--method``, or all four with ``--compare``, same seed, same people): a fresh data
    directory; ``nextturn up``'s :class:`~nextturn.stack.Stack` (gateway, signals worker, trainer, rollout
    controller as processes) with :func:`settings` tuned for a loop this small; the people of
-   :mod:`nextturn.demo.tasks` talking to it (:mod:`nextturn.demo.users`) until ``interactions`` answers
+   :mod:`demo.tasks` talking to it (:mod:`demo.users`) until ``interactions`` answers
    were given; live progress; then the stack stops and the version that serves at the end (stable) is
-   measured away from the loop (:mod:`nextturn.demo.evaluation`), and so is the newest version the
+   measured away from the loop (:mod:`demo.evaluation`), and so is the newest version the
    rollout did not reject or roll back (what the trainer had learnt, ahead of the canary).
-3. The results (:mod:`nextturn.demo.report`): a markdown table, a learning-curve PNG, and the raw figures.
+3. The results (:mod:`demo.report`): a markdown table, a learning-curve PNG, and the raw figures.
 """
 
 from __future__ import annotations
@@ -27,47 +27,34 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from demo import base_model, evaluation, report, tasks
+from demo.report import Decision, MethodResult
+from demo.users import Budget, Judged, Population
 from nextturn import events, tables
-from nextturn.demo import base_model, evaluation, report, tasks
-from nextturn.demo.report import Decision, MethodResult
-from nextturn.demo.users import Budget, Judged, Population
 from nextturn.deployments import Deployment
 from nextturn.errors import StoreUnavailable
 from nextturn.settings import Settings
 from nextturn.stack import Stack, activity
 from nextturn.store import Store
 
-METHODS = ("none", "rl", "opd", "combined")
 HELD_OUT_PER_PERSON = 48
 DIVERSITY_SAMPLES = 96
 
 
 def settings(data_dir: Path, model_dir: Path, method: str, port: int) -> Settings:
-    """The loop's settings for the demo: the defaults, except what a loop of a few hundred answers needs.
+    """The loop's settings for the demo: the defaults, except what a loop of a few hundred answers needs
+    (the figures behind each: docs/experiments.md).
 
     * signals: a conversation's last turn is resolved after 5 s of quiet (default 300 s);
     * rollout: one canary step at half the new sessions, decided on 10 resolved turns per arm at 75%
-      confidence with a 0.25 margin, each weight serving 4 canary turns first (defaults: 10% then 50%,
-      30 turns, 95%, 0.05, 10), and a timeout of 120 s; replaced versions drain after 5 s. With ten
-      rewards per arm, a canary as good as stable passes at 75% only with a margin near 0.25. The collapse
-      guard on distinct-n accepts 60% of the base model's (default 90%): the people's replay prompts are
-      few (4 to 9), and a version that learnt numbered lists or JSON writes "1." or brackets in every
-      answer; measured, 75% rejected the best version of a run (held-out satisfaction 0.78, at 75% of the
-      base's distinct-1; its diversity on unrelated prompts was above the base model's);
-    * trainer: unpaced (``trainer_max_ahead`` 0, default 2), admitting samples up to 8 versions behind
-      (default 4). Pacing keeps the trainer's samples near on-policy, which matters offline (see
-      :mod:`trainer.worker`), but a canary here decides every 15 to 30 s, and within 256 interactions a
-      paced trainer idles through each one: measured, one version ahead with 32-sample updates published
-      2 versions (serving: hard 0.00, easy 0.49), two ahead 5 (hard 0.04, easy 0.67, 80 samples trained),
-      unpaced 10 (hard 0.53, easy 0.67, 160 samples trained);
-    * no standing hints (default 3). This small base model, shown a hint after a sum, copies the operands
-      into its tool call wrongly three times in four; standing hints no longer teach tool calls
-      (:func:`trainer.samples.standing_applies`) nor stand for a failed tool's report, and with those rules
-      they helped offline (OPD alone, mean of three seeds over the five people, 0.69 → 0.80), but in the
-      loop two runs (one with the first rule only) did worse than the run without them (combined, hard /
-      easy serving: 0.26 / 0.65 and 0.12 / 0.46 against 0.57 / 0.88): the people are told apart only by
-      their topics, and a standing "use JSON arrays" on every one of caro's turns taught JSON to
-      everyone's lists (OPD alone, version 12 of one run: caro 0.72, ana and ben 0.06 and 0.00).
+      confidence with a 0.25 margin (with ten rewards per arm, a canary as good as stable passes only with a
+      margin near that), each weight serving 4 canary turns first, a timeout of 120 s, replaced versions
+      draining after 5 s; the distinct-n collapse guard accepts 60% of the base model's, since the replay
+      prompts are few and a version that learnt numbered lists or JSON repeats "1." or brackets;
+    * trainer: unpaced, admitting samples up to 8 versions behind: a canary here decides every 15 to 30 s,
+      and a paced trainer would idle through each one;
+    * no standing hints: the people are told apart only by their topics, so one person's standing hint
+      teaches everyone's answers.
     """
     people = ",".join(f"{key}:{name}" for name, key in keys().items())
     return Settings(

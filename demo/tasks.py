@@ -52,7 +52,7 @@ UNPROMPTED_LAYOUT: dict[Layout, float] = {"comma": 0.6, "numbered": 0.25, "bulle
 UNPROMPTED_CAPITALS = 0.2
 UNPROMPTED_TOOL_USE = 0.5
 
-CALCULATOR = {
+CALCULATOR: dict[str, object] = {
     "type": "function",
     "function": {
         "name": "calculator",

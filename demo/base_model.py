@@ -1,9 +1,9 @@
 """The demo's base model: a small chat model taught here, from generated conversations, to follow
-instructions in the demo's world (:mod:`nextturn.demo.tasks`). Nothing is downloaded.
+instructions in the demo's world (:mod:`demo.tasks`). Nothing is downloaded.
 
 What it learns (supervised fine-tuning of a randomly initialised ~1M-parameter Llama on :func:`lesson`s):
 
-* to answer list requests and sums, with the unprompted odds of :mod:`nextturn.demo.tasks` (so the easy
+* to answer list requests and sums, with the unprompted odds of :mod:`demo.tasks` (so the easy
   preferences show up now and then and the hard ones rarely or never);
 * to obey an instruction wherever it stands: in the request, in a correction later in the conversation
   (which then holds for the rest of it), or in a ``[Hint about what a good answer does: …]`` note, the form
@@ -12,11 +12,12 @@ What it learns (supervised fine-tuning of a randomly initialised ~1M-parameter L
 * to call the calculator, read its JSON result or error, and answer from it.
 
 The build is deterministic for a seed (same seed, same torch, same thread count: same weights) and cached
-under a key of the seed and this module's source: :func:`cached_model`.
+under a key of the seed and the code that builds it: :func:`cached_model`.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
@@ -27,12 +28,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from nextturn.demo import tasks
-from nextturn.demo.tasks import CATEGORIES, Request, Style
+from demo import tasks
+from demo.tasks import CATEGORIES, Request, Style
+from nextturn import local_models
 from nextturn.local_models import Size
 
+K = TypeVar("K", bound=str)
 SIZE = Size(vocab=1536, hidden=128, layers=4, heads=8, kv_heads=8, intermediate=341, context=512)  # ~1M parameters
 HINT_OPEN = "\n\n[Hint about what a good answer does: "  # as nextturn.conversation.HINT_PREFIX writes it
 NOISE_HINTS = ("Be careful with the details.", "Find the cause and fix it before answering.",
@@ -162,7 +165,7 @@ def lesson(rng: random.Random) -> tuple[list[Message], list[dict[str, Any]] | No
     return teacher.messages, teacher.request.tools if teacher.request else None
 
 
-def _pick(rng: random.Random, odds: dict[str, float]) -> str:
+def _pick(rng: random.Random, odds: dict[K, float]) -> K:
     return rng.choices(list(odds), weights=list(odds.values()))[0]
 
 
@@ -187,11 +190,28 @@ def calculator(a: object = None, op: object = None, b: object = None) -> str:
 # -- the build --------------------------------------------------------------------------------------------
 
 def cache_key(seed: int, steps: int) -> str:
-    """Changes with the seed, the step count, and this module's and the world's source."""
+    """Changes with the seed, the step count, and the code of this module, the world and the local models'
+    builders; not with their comments and docstrings, which do not change the weights."""
     digest = hashlib.sha256(f"{seed}:{steps}".encode())
-    for module in (__file__, tasks.__file__):
-        digest.update(Path(module).read_bytes())
+    for module in (__file__, tasks.__file__, local_models.__file__):
+        digest.update(_code(Path(module).read_text()))
     return digest.hexdigest()[:16]
+
+
+def _code(source: str) -> bytes:
+    """A module's syntax tree without its docstrings.
+
+    >>> _code("'Says what.'\\nx = 1  # why") == _code("x = 1")
+    True
+    """
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
 
 
 def cache_root() -> Path:

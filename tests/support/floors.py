@@ -1,7 +1,7 @@
 """The lowest releases of the ML libraries that pyproject.toml admits, for ``make test-lowest``.
 
-``python tests/floors.py --constraints`` prints them as pip constraints (``torch==2.4``);
-``python tests/floors.py torch`` prints one floor. Runs on the system Python: the standard library only.
+``python tests/support/floors.py --constraints`` prints them as pip constraints (``torch==2.4``);
+``python tests/support/floors.py torch`` prints one floor. Runs on the system Python: the standard library only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ LIBRARIES = ("torch", "transformers", "peft", "trl")
 def floors(pyproject: Path) -> dict[str, str]:
     """Each library's ``>=`` bound in the ``ml`` extra.
 
-    >>> floors(Path(__file__).parent.parent / "pyproject.toml").keys() == set(LIBRARIES)
+    >>> floors(Path(__file__).parents[2] / "pyproject.toml").keys() == set(LIBRARIES)
     True
     """
     extra = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["ml"]
@@ -30,7 +30,7 @@ def floors(pyproject: Path) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    bounds = floors(Path(__file__).parent.parent / "pyproject.toml")
+    bounds = floors(Path(__file__).parents[2] / "pyproject.toml")
     if sys.argv[1:] == ["--constraints"]:
         print("\n".join(f"{name}=={version}" for name, version in bounds.items()))
     else:

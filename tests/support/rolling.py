@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,9 @@ from nextturn.bus import EventLog
 from nextturn.deployments import Deployment
 from nextturn.settings import Settings
 from nextturn.store import Store
-from trainer.rollout import RolloutController
+from rollout.controller import RolloutController
+
+from support.eventually import eventually
 
 ADMIN = {"Authorization": "Bearer sk-admin"}
 ANSWER = "Blue"  # what the simulated users reward
@@ -30,15 +31,6 @@ def publish(event_log: EventLog, version: int, path: Path, meta: dict[str, Any] 
     event_log.append([events.AdapterPublished(scope=scope, version=version, base_model="tiny", path=str(path),
                                               meta=meta or {})])
 
-
-def wait_for(what: Callable[[], Any], description: str, timeout_s: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = what()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {description}")
 
 
 def actions(store: Store, version: int) -> list[str]:
@@ -186,9 +178,8 @@ def swap_under_load(gateway_url: str, client: openai.OpenAI, data_dir: Path, mod
 
     def until_served(version: str, count: int = 5) -> None:
         target = served[version] + count
-        deadline = time.monotonic() + 60
-        while served[version] < target and time.monotonic() < deadline and not failures:
-            time.sleep(0.01)
+        eventually(lambda: served[version] >= target or failures, f"{count} answers from {version}", timeout_s=60,
+                   interval_s=0.01)
 
     def act(action: str, version: int | None = None) -> None:
         response = httpx.post(f"{gateway_url}/v1/admin/rollout/{action}", headers=ADMIN, timeout=60,

@@ -9,7 +9,7 @@ from nextturn.events import SignalExtracted
 from nextturn.store import Store
 from signals.worker import SignalsWorker
 
-from logs import open_log
+from support.event_logs import open_log
 
 STAGES = ("before-publish", "before-commit")
 

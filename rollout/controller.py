@@ -1,5 +1,5 @@
 """The rollout controller (``nextturn rollout run``): puts each published version behind a canary and
-promotes it or rolls it back by itself (rules: :mod:`trainer.gates`; state and moves:
+promotes it or rolls it back by itself (rules: :mod:`rollout.gates`; state and moves:
 :mod:`nextturn.deployments`).
 
 Each check, in order:
@@ -29,7 +29,7 @@ from nextturn.bus import EventLog
 from nextturn.deployments import CONTROLLER, Deployment
 from nextturn.errors import CommitFailed, DeploymentConflict, EventLogUnavailable, InvalidChange
 from nextturn.store import Store
-from trainer.gates import GatePolicy, Verdict, collapse, decide
+from rollout.gates import GatePolicy, Verdict, collapse, decide
 
 log = logging.getLogger(__name__)
 
