@@ -1,1 +1,1 @@
-"""The gateway: an OpenAI-compatible proxy that records every turn (built in the Gateway issue)."""
+"""The gateway: an OpenAI-compatible server that records every turn (docs/gateway.md)."""

@@ -1,1 +1,1 @@
-"""Signals: turns joined with what happened next, made into rewards and hints (built in the Signals issue)."""
+"""Signals: turns joined with what happened next, made into rewards and hints (docs/signals.md)."""

@@ -1,1 +1,1 @@
-"""The trainer: RL and hint-guided distillation on LoRA adapters (built in the Trainer issue)."""
+"""The trainer: RL and hint-guided distillation on LoRA adapters, published as numbered versions (docs/trainer.md)."""

@@ -17,20 +17,17 @@ Which KL: the gradient of the forward KL on the student's logit of token j is p_
 teacher prefers is lifted by the teacher's probability of it, even when the student never samples it. The
 reverse KL's gradient there is p_θ(j) · (log p_θ(j)/p_T(j) − D_t), which vanishes as p_θ(j) → 0: it pushes the
 student's wrong favourite down, and the freed mass goes to the tokens the student already likes, not to the
-teacher's. Measured on the demo (a preference the base model never shows unprompted, a JSON answer): with
-forward KL it appeared within 64 interactions, with reverse KL only after about 200. The price: forward KL
-is mass covering, so the student also copies what the teacher gets wrong (a small teacher shown a hint
-copied a sum's operands into its tool call wrongly half the time, and the student learnt to as well).
+teacher's: on the demo, a format the base model never shows appeared several times sooner with the forward
+KL (docs/experiments.md). The price: forward KL is mass covering, so the student also copies what the
+teacher gets wrong.
 Reverse KL is mode seeking once the student puts mass on the teacher's mode, and stays available.
 
 Which positions (``span``): by default only t ≤ t*, where t* is the first position whose sampled token is
 not the teacher's favourite (argmax). Past t* the response is one the teacher would not have written, and
 its distributions there are guesses about a text it already rejected: distilling them taught the demo's
 student to garble the rest of its answers. Up to t* the teacher says what to write instead, and once the
-student writes that, the next update reaches further. Measured on the demo's offline loop (this update on
-simulated people, no stack, combined): every preference at 0.85 to 1.0 within about 200 interactions with
-the span in two seeds, against 0.58 to 0.98 after 256 over the whole response (the sums were the ones
-garbled). ``span="response"`` keeps every position, as on-policy distillation is usually written.
+student writes that, the next update reaches further (docs/experiments.md compares the two).
+``span="response"`` keeps every position, as on-policy distillation is usually written.
 
 The positions come from the behaviour policy's sample, so D_t is weighted by the same truncated importance
 weight as in :mod:`trainer.combined`. Rewards train through the same decoupled-PPO surrogate as there, with

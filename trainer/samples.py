@@ -83,10 +83,10 @@ def standing_applies(turn: tables.Turn) -> bool:
 
     A standing hint was written about another request: it says what the tenant wants of answers (a layout,
     a tone, using a tool). A tool call's arguments are read from this request, and the teacher's prompt
-    puts the hint after it. Measured on the demo's base model, a note after a sum made the teacher copy the
-    operands right 16 times in 64 (62 without it), and distilling that into calls that were already right
-    taught wrong operands; the hint's use, calling the tool at all, is still taught on answers that did not
-    call it. A tool call's own hint (a correction of this very call) still teaches it.
+    puts the hint after it: a small teacher shown a note after a sum copies the operands wrongly, and
+    distilling that teaches calls that were right to be wrong (docs/experiments.md). The hint's use, calling
+    the tool at all, is still taught on answers that did not call it, and a tool call's own hint (a
+    correction of this very call) still teaches it.
 
     >>> from datetime import UTC, datetime
     >>> now = datetime.now(UTC)

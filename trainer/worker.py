@@ -16,14 +16,13 @@ It consumes ``signals`` in the consumer group ``trainer-<scope>``. Order of oper
 4. save the ledger, then commit the offsets.
 
 **Pacing.** With ``max_ahead`` set and a rollout acting on the scope, the trainer publishes at most that
-many versions past the stable one, then waits (its signals wait with it) until the rollout promotes one. Samples
-that versions far behind the trainer served are off-policy: measured on the demo's offline loop, learning
-from samples served 1 version behind was as good as on-policy, 2 behind clearly worse, and 3 or more
-behind undid what was learnt (6 behind: every preference near 0 and diversity down to a sixth). A canary
-holds the stable version back by design, so without pacing the trainer runs ahead and learns from its own
-past. When every version past the stable one was rolled back, rejected or replaced, the trainer **rebases**:
-it resets its weights (and optimizer) to the stable version's and trains on from there, so that it neither
-builds on what the rollout refused nor waits forever; samples the stable version served then count as fresh.
+many versions past the stable one, then waits (its signals wait with it) until the rollout promotes one.
+Samples that versions far behind the trainer served are off-policy, and learning from them undoes what was
+learnt (docs/experiments.md). A canary holds the stable version back by design, so without pacing the
+trainer runs ahead and learns from its own past. When every version past the stable one was rolled back,
+rejected or replaced, the trainer **rebases**: it resets its weights (and optimizer) to the stable
+version's and trains on from there, so that it neither builds on what the rollout refused nor waits
+forever; samples the stable version served then count as fresh.
 
 A crash before the checkpoint of 3 (a kill mid-step) loses only work: the trainer resumes from the last
 checkpoint, and the log redelivers what was polled after the last commit; the ledger knows which of those

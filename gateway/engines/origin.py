@@ -1,6 +1,6 @@
 """An HTTP/1.1 origin and its pool of keep-alive connections: how engines talk to a model server.
 
-Why not httpx: the gateway's budget is 1 ms added at p50 (DESIGN), and on the machine we measure on,
+Why not httpx: the gateway's budget is 0.5 ms added at p50 (DESIGN), and on the machine we measure on,
 ``httpx.AsyncClient.post`` alone costs about 0.95 ms per request and httpcore's pool about 0.65 ms,
 where this client, built on asyncio's protocol interface and ``httptools`` (the HTTP parser uvicorn
 uses, already installed with ``uvicorn[standard]``), costs about 0.25 ms. An engine needs little of
