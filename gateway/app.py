@@ -25,7 +25,7 @@ from gateway.completions import ChatCompletionsRoute
 from gateway.engines import Engine
 from gateway.errors import Conflict, install_error_handlers
 from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
-from gateway.limits import LimitBodySize
+from gateway.limits import LimitBodySize, StrictJsonRoute
 from gateway.metrics import CONTENT_TYPE, CountRequests, Metrics
 from gateway.publisher import Publisher
 from gateway.sessions import SessionLinker
@@ -126,6 +126,7 @@ def create_app(settings: Settings) -> FastAPI:
             store.close()
 
     app = FastAPI(title="nextturn", lifespan=lifespan)
+    app.router.route_class = StrictJsonRoute  # before any route is added
     install_error_handlers(app)
     app.add_middleware(ChatCompletionsRoute, keyring=keyring)  # the hot path: see gateway/completions.py
     app.add_middleware(LimitBodySize, max_bytes=settings.max_request_bytes)

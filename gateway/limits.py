@@ -1,4 +1,5 @@
-"""The request body limit (``NEXTTURN_MAX_REQUEST_BYTES``): a larger body is a 413, before it is read.
+"""What the gateway reads of a request: at most ``NEXTTURN_MAX_REQUEST_BYTES`` (413 above, before it is read),
+and JSON bodies parsed strictly (:class:`StrictJsonRoute`).
 
 A body that announces its length is refused from its headers. A chunked body (no Content-Length) is
 read up to the limit and then handed on, so that nothing past the limit is ever held in memory.
@@ -7,7 +8,12 @@ read up to the limit and then handed on, so that nothing past the limit is ever 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+import pydantic_core
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, error_body
@@ -57,3 +63,27 @@ async def _refuse(send: Send, error: GatewayError) -> None:
     await send({"type": "http.response.start", "status": error.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+class StrictJsonRequest(Request):
+    """A request whose JSON body is parsed strictly: a lone surrogate escape (``"\\ud800"``) is valid JSON
+    but not UTF-8, and text holding one could never be written to the event log or the store. Python's
+    ``json`` accepts it; pydantic's parser refuses it, which FastAPI answers with a 400."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = pydantic_core.from_json(await self.body())
+        return self._json
+
+
+class StrictJsonRoute(APIRoute):
+    """Every FastAPI route of the gateway reads its body as :class:`StrictJsonRequest` (the chat route is
+    plain ASGI and validates with pydantic's parser already)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJsonRequest(request.scope, request.receive))
+
+        return strict

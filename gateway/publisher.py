@@ -16,6 +16,9 @@ If the queue is full (the thread cannot keep up), ``publish`` writes the event t
 slower for that request, but nothing is lost. Such an event may overtake events still in the queue;
 order holds as long as the queue has room (``capacity``, 10,000 events by default).
 
+An event that cannot be written as it is (not UTF-8 encodable, or over the log's per-event limit) goes to
+the ``dead-letters`` topic with its reason instead, so that it never stops the events behind it.
+
 Delivery is at least once: a replay cut short is replayed again from the start of the spool, so the
 log may receive an event twice under one event id, and its consumers write idempotently.
 """
@@ -32,7 +35,8 @@ from pathlib import Path
 
 from nextturn import events
 from nextturn.bus import EventLog
-from nextturn.errors import EventError, EventLogError, NextturnError
+from nextturn.bus.log import MAX_EVENT_BYTES, unwritable
+from nextturn.errors import EventError, EventLogError, EventTooLarge, NextturnError
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +193,37 @@ class Publisher:
         return batch
 
     def _deliver(self, batch: list[events.Event]) -> None:
+        try:
+            self._append_or_spool(batch)
+        except (EventTooLarge, ValueError):  # one event cannot be written as it is: set it aside, go on
+            self._append_or_spool([self._writable(event) for event in batch])
+
+    def _append_or_spool(self, batch: list[events.Event]) -> None:
         if len(self.spool):  # older events wait in the spool: these go behind them
             self.spool.write(batch)
             return
         try:
             self._log.append(batch)
+        except EventTooLarge:
+            raise  # the log is fine; spooling this event would only jam the spool behind it
         except EventLogError as exc:
             log.warning("event log unavailable, spooling %d event(s): %s", len(batch), exc)
             self.spool.write(batch)
+
+    @staticmethod
+    def _writable(event: events.Event) -> events.Event:
+        """The event, or its dead letter when it is not UTF-8 encodable or over the log's limit (text from an
+        upstream holding a lone surrogate, a prompt of millions of tokens)."""
+        try:
+            size = len(event.encode())
+        except ValueError as exc:
+            reason = f"cannot be encoded: {exc}"
+        else:
+            if size <= MAX_EVENT_BYTES:
+                return event
+            reason = f"is {size:,} bytes; the event log takes at most {MAX_EVENT_BYTES:,}"
+        log.error("%s %s %s; set aside on %s", type(event).__name__, event.event_id, reason, events.DEAD_LETTERS)
+        return unwritable(event, reason)
 
     def _replay(self) -> bool:
         """Move the spool onto the log, oldest first; False if the log is still unavailable."""

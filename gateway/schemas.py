@@ -27,6 +27,10 @@ class ToolSpec(BaseModel):
     function: FunctionSpec
 
 
+MAX_STOP_STRINGS = 16  # OpenAI takes 4; other servers more
+MAX_STOP_CHARS = 1000
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI parameters we do not act on are accepted, not used
 
@@ -37,11 +41,23 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # Bounded work per request: every stop string is searched for in every piece of the answer.
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # OpenAI's int64; torch takes 64 bits
     n: Literal[1] = 1
     tools: list[ToolSpec] | None = None
     tool_choice: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        """Every stop string is searched for in every piece of the answer: their number and length are bounded."""
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, not {len(strings):,}")
+        if any(len(string) > MAX_STOP_CHARS for string in strings):
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS:,} characters")
+        return stop
 
     def sampling(self) -> events.SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop

@@ -11,6 +11,7 @@ from gateway.publisher import Publisher, PublisherStopped, Spool
 from nextturn import events
 from nextturn.bus import Consumer, EventLog
 from nextturn.bus.kafka import KafkaEventLog
+from nextturn.bus.log import MAX_EVENT_BYTES
 from nextturn.bus.sqlite import SqliteEventLog
 
 from support.event_logs import poll_until
@@ -40,6 +41,36 @@ def test_events_reach_the_log_in_order(tmp_path: Path) -> None:
     assert arrived(log, 200) == list(range(200))
     assert not (tmp_path / "spool.jsonl").exists()
     log.close()
+
+
+def test_an_event_that_cannot_be_written_is_set_aside_and_the_rest_go_on(tmp_path: Path) -> None:
+    """A lone surrogate (valid JSON, not UTF-8) or an event over the log's limit would stop every event
+    behind it; each becomes a dead letter with its reason, the others arrive in order, whether the log took
+    them at once or from the spool."""
+    log = SqliteEventLog(tmp_path / "events.db")
+    publisher = Publisher(log, tmp_path / "spool.jsonl")
+    publisher.start()
+    lone = turn("one-session", 1, content="\ud800")
+    huge = turn("one-session", 3, content="x" * (MAX_EVENT_BYTES + 1))
+    for event in (turn("one-session", 0), lone, turn("one-session", 2), huge, turn("one-session", 4)):
+        publisher.publish(event)
+    assert arrived(log, 3) == [0, 2, 4]
+    publisher.spool.write([turn("one-session", 5)])  # the log "was down": the next ones go behind the spool
+    publisher.publish(turn("one-session", 6, content="\udfff"))
+    publisher.publish(turn("one-session", 7))
+    wait_until_spool_is_empty(publisher)
+    assert publisher.failure is None
+    publisher.stop()
+    assert arrived(log, 5) == [0, 2, 4, 5, 7]
+    reader = log.consumer(None, [events.DEAD_LETTERS], start="beginning")
+    dead = [delivery.event for delivery in poll_until(reader, 3)]
+    reader.close()
+    log.close()
+    assert [letter.event_id for letter in dead] == [f"dead-unwritable-{e.event_id}" for e in (lone, huge)] + [
+        dead[2].event_id]
+    assert all(isinstance(letter, events.DeadLettered) and letter.source_topic == events.TURNS for letter in dead)
+    assert "cannot be encoded" in dead[0].reason and "\\ud800" in dead[0].payload.decode()
+    assert "the event log takes at most" in dead[1].reason and "payload cut" in dead[1].reason
 
 
 class _CountingLog(SqliteEventLog):

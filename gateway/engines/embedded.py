@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, [batch, kv_heads, length, head_dim]
+# A temperature this low samples the most likely token anyway, and dividing logits by it overflows (as vLLM).
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(eq=False)
@@ -392,7 +394,7 @@ class EmbeddedEngine:
         sampled = []
         for row, (raw, logprob) in enumerate(zip(logits, logprobs, strict=True)):
             sequence = rows[row]
-            if sequence.temperature == 0.0:
+            if sequence.temperature < GREEDY_BELOW:
                 token = int(raw.argmax())
             else:
                 probs = _top_p(torch.softmax(raw / sequence.temperature, dim=-1), sequence.top_p)

@@ -14,6 +14,7 @@ backends assign partition ``p`` of every topic to the same member).
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -24,6 +25,7 @@ from nextturn.errors import EventError, EventTooLarge, UndecodableRecord, Unknow
 Start = Literal["committed", "beginning", "end"]
 Row = tuple[str, str | None, bytes]  # topic, key, encoded event
 MAX_EVENT_BYTES = 16 << 20  # a turn with a very long prompt: its token ids are most of it
+UNWRITABLE_KEPT = 64 << 10  # what a dead letter keeps of an event that could not be written
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,21 @@ def dead_letter(record: Record, reason: str) -> events.DeadLettered:
         key=record.key,
         payload_b64=base64.b64encode(record.value).decode(),
         reason=reason,
+    )
+
+
+def unwritable(event: events.Event, reason: str) -> events.DeadLettered:
+    """The dead letter for an event that cannot go on the log as it is (not encodable as UTF-8, or over
+    MAX_EVENT_BYTES): its JSON with every non-ASCII character escaped, cut to ``UNWRITABLE_KEPT`` bytes."""
+    payload = json.dumps(event.model_dump(mode="json"), ensure_ascii=True).encode()
+    return events.DeadLettered(
+        event_id=f"dead-unwritable-{event.event_id}",
+        source_topic=event.TOPIC,
+        partition=-1,  # it never had a place on the log
+        offset=-1,
+        key=event.partition_key,
+        payload_b64=base64.b64encode(payload[:UNWRITABLE_KEPT]).decode(),
+        reason=reason if len(payload) <= UNWRITABLE_KEPT else f"{reason} (payload cut to {UNWRITABLE_KEPT:,} bytes)",
     )
 
 

@@ -1,0 +1,95 @@
+"""What one client sends cannot stop recording or serving for the others: each case was once a 500 or a dead
+publisher, and is now a clear 4xx (or a normal answer) after which the gateway goes on recording."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from nextturn.settings import Settings
+
+from support.event_logs import recorded
+from support.services import Uvicorn
+
+KEY = {"Authorization": "Bearer sk-acme", "Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hostile")
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_model: Path, data_dir: Path) -> Iterator[Uvicorn]:
+    settings = Settings(data_dir=data_dir, engine="embedded", model=str(tiny_model), api_keys="sk-acme:acme")
+    with Uvicorn(create_app(settings)) as server:
+        yield server
+
+
+def post(gateway: Uvicorn, path: str, body: bytes) -> httpx.Response:
+    return httpx.post(f"{gateway.url}{path}", content=body, headers=KEY, timeout=60)
+
+
+def chat(gateway: Uvicorn, content: str = "hi", **fields: object) -> httpx.Response:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 4, **fields}
+    return post(gateway, "/v1/chat/completions", json.dumps(body).encode())
+
+
+def still_serving_and_recording(gateway: Uvicorn, data_dir: Path, content: str) -> None:
+    answered = chat(gateway, content)
+    assert answered.status_code == 200, answered.text
+    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok"}
+    assert recorded(data_dir, answered.json()["id"]).messages[-1].content == content
+
+
+def openai_error(response: httpx.Response, status: int) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    return error
+
+
+@pytest.mark.parametrize("field", ["text", "turn_id"])
+def test_feedback_holding_a_lone_surrogate_is_a_400_and_recording_goes_on(
+    gateway: Uvicorn, data_dir: Path, field: str
+) -> None:
+    """``"\\ud800"`` is valid JSON but not UTF-8: accepted, it once killed the publisher, and every later
+    completion was a 500 until a restart."""
+    turn_id = chat(gateway).json()["id"]
+    feedback = {"turn_id": turn_id, "kind": "comment", "text": "fine"}
+    body = json.dumps(feedback).replace(json.dumps(feedback[field]), '"\\ud800"').encode()
+    openai_error(post(gateway, "/v1/feedback", body), 400)
+    still_serving_and_recording(gateway, data_dir, f"after a surrogate in {field}")
+
+
+def test_a_message_holding_a_lone_surrogate_is_a_400(gateway: Uvicorn, data_dir: Path) -> None:
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}'
+    openai_error(post(gateway, "/v1/chat/completions", body), 400)
+    still_serving_and_recording(gateway, data_dir, "after a surrogate in a message")
+
+
+def test_a_seed_beyond_64_bits_is_a_400_naming_it(gateway: Uvicorn, data_dir: Path) -> None:
+    assert openai_error(chat(gateway, seed=2**64), 400)["param"] == "seed"
+    assert chat(gateway, seed=2**63 - 1).status_code == 200
+    still_serving_and_recording(gateway, data_dir, "after a huge seed")
+
+
+def test_a_vanishing_temperature_samples_greedily(gateway: Uvicorn) -> None:
+    """Dividing the logits by 1e-300 overflowed (a 502); such a temperature is greedy decoding."""
+    tiny = chat(gateway, "what now?", temperature=1e-300)
+    assert tiny.status_code == 200, tiny.text
+    greedy = chat(gateway, "what now?", temperature=0)
+    assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+
+
+def test_a_huge_stop_list_is_refused_before_any_work(gateway: Uvicorn, data_dir: Path) -> None:
+    """200,000 stop strings were searched for in every piece of the answer, blocking the event loop ~10 s."""
+    assert openai_error(chat(gateway, stop=["a"] * 200_000), 400)["param"] == "stop"
+    assert openai_error(chat(gateway, stop="x" * 5000), 400)["param"] == "stop"
+    assert chat(gateway, stop=["a", "b", "c", "d"]).status_code == 200
+    still_serving_and_recording(gateway, data_dir, "after a huge stop list")
