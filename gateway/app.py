@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -23,7 +24,7 @@ from pydantic import BaseModel, Field
 from gateway.auth import Keyring
 from gateway.completions import ChatCompletionsRoute
 from gateway.engines import Engine
-from gateway.errors import Conflict, install_error_handlers
+from gateway.errors import Conflict, InvalidRequest, install_error_handlers
 from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
 from gateway.limits import LimitBodySize, StrictJsonRoute
 from gateway.metrics import CONTENT_TYPE, CountRequests, Metrics
@@ -76,6 +77,19 @@ def build_engine(settings: Settings) -> Engine:
 class AdapterRequest(BaseModel):
     version: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
     path: str = Field(min_length=1)  # a PEFT adapter directory on the gateway's machine
+
+
+def _check_loadable(settings: Settings, body: AdapterRequest) -> None:
+    """By hand, only from the adapters directory or NEXTTURN_ADAPTER_LOAD_DIRS, and never under a name the
+    trainer publishes versions under (a hand-loaded "default-v9" would be served as the trainer's v9)."""
+    where = Path(body.path).resolve()
+    allowed = [settings.adapters_path, *settings.adapter_load_dirs]
+    if not any(where.is_relative_to(root.resolve()) for root in allowed):
+        raise InvalidRequest(f"{body.path} is outside the adapters directory and NEXTTURN_ADAPTER_LOAD_DIRS",
+                             param="path")
+    if events.served_version(body.version) is not None:
+        raise InvalidRequest(f"{body.version!r} is reserved: published versions are served under such names",
+                             param="version")
 
 
 class RolloutAction(BaseModel):
@@ -166,6 +180,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/admin/adapters", dependencies=[Depends(admin)], status_code=201)
     async def add_adapter(body: AdapterRequest, service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:
         """Load an adapter on this replica by hand; clients pin it by name (deployed versions come by rollout)."""
+        _check_loadable(settings, body)
         await engine.add_adapter(body.version, body.path)
         return {"version": body.version, "serving": service.router.stable}
 

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # Each gateway runs a recorder (event log → store) in a child process. Off: recorders run on their own
     # (`nextturn record`), scaled apart from the gateways; their consumer group shares the work either way.
     gateway_recorder: bool = True
+    # Directories besides <data dir>/adapters from which POST /v1/admin/adapters may load an adapter; a JSON
+    # list in the environment. Anything else is refused: the route would load any path the gateway can read.
+    adapter_load_dirs: list[Path] = []
 
     # The signals worker: a turn whose session stays quiet this long is resolved with no next state; at most
     # this many turns wait open (the oldest are resolved early beyond it); a worker's record of a turn is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +27,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gateway(tiny_model: Path, data_dir: Path) -> Iterator[Uvicorn]:
+def gateway(tiny_model: Path, tiny_adapters: dict[str, Path], data_dir: Path) -> Iterator[Uvicorn]:
     settings = Settings(data_dir=data_dir, engine="embedded", model=str(tiny_model), api_keys="sk-acme:acme",
-                        admin_key="sk-admin", max_request_bytes=64 * 1024)
+                        admin_key="sk-admin", max_request_bytes=64 * 1024,
+                        adapter_load_dirs=[tiny_adapters["a1"].parent])
     with Uvicorn(create_app(settings)) as server:
         yield server
 
@@ -72,8 +74,17 @@ def test_admin_routes_need_the_admin_key_and_say_what_is_wrong(gateway: Uvicorn,
     assert httpx.get(url).status_code == 401
     assert httpx.get(url, headers={"Authorization": "Bearer sk-acme"}).status_code == 403
     assert httpx.get(url, headers={"Authorization": "Bearer sk-nope"}).status_code == 401
-    bad = httpx.post(url, headers=ADMIN, json={"version": "v7", "path": str(tmp_path)}, timeout=30)
+    missing = str(tiny_adapters["a1"].parent / "missing")
+    bad = httpx.post(url, headers=ADMIN, json={"version": "v7", "path": missing}, timeout=30)
     assert bad.status_code == 400 and "cannot load the adapter" in bad.json()["error"]["message"]
+    # Only from the adapters directory or NEXTTURN_ADAPTER_LOAD_DIRS, and never a published version's name.
+    shutil.copytree(tiny_adapters["a1"], tmp_path / "adapter")  # a real adapter, but not where they may come from
+    elsewhere = httpx.post(url, headers=ADMIN, json={"version": "v7", "path": str(tmp_path / "adapter")})
+    assert elsewhere.status_code == 400 and elsewhere.json()["error"]["param"] == "path"
+    escaping = httpx.post(url, headers=ADMIN, json={"version": "v7", "path": f"{tiny_adapters['a1']}/../../.."})
+    assert escaping.status_code == 400 and escaping.json()["error"]["param"] == "path"
+    claimed = httpx.post(url, headers=ADMIN, json={"version": "default-v9", "path": str(tiny_adapters["a1"])})
+    assert claimed.status_code == 400 and claimed.json()["error"]["param"] == "version"
     assert httpx.post(url, headers=ADMIN, json={"version": "v8", "path": str(tiny_adapters["a1"])},
                       timeout=30).status_code == 201
     assert httpx.post(url, headers=ADMIN, json={"version": "v8", "path": str(tiny_adapters["a1"])},
