@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from sqlmodel import col, select
 
 from gateway.errors import InvalidRequest, NotFound
@@ -22,13 +22,23 @@ from nextturn.store import Store
 _IDEMPOTENCY = uuid.UUID("6f1d3c1e-8a52-4be4-9c59-0c0d5f1e7a11")
 
 
+MAX_FEEDBACK_CHARS = 64 * 1024  # a correction, or a tool's output (a test log): kept whole in the store
+
+
 class FeedbackRequest(BaseModel):
-    turn_id: str
+    turn_id: str = Field(min_length=1, max_length=200)
     kind: Literal["rating", "correction", "tool_result", "comment"]
-    value: float | None = None
-    text: str | None = None
+    value: float | None = Field(default=None, allow_inf_nan=False)
+    text: str | None = Field(default=None, max_length=MAX_FEEDBACK_CHARS)
     tool: events.ToolOutcome | None = None
-    idempotency_key: str | None = None
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("tool")
+    @classmethod
+    def _bounded_output(cls, tool: events.ToolOutcome | None) -> events.ToolOutcome | None:
+        if tool is not None and tool.output is not None and len(tool.output) > MAX_FEEDBACK_CHARS:
+            raise ValueError(f"a tool's output has at most {MAX_FEEDBACK_CHARS:,} characters; send its end")
+        return tool
 
 
 def owner_session(turns: TurnService, store: Store, tenant: str, turn_id: str) -> str:

@@ -27,6 +27,9 @@ class ToolSpec(BaseModel):
     function: FunctionSpec
 
 
+# Bounded work per request (the body itself is bounded by NEXTTURN_MAX_REQUEST_BYTES).
+MAX_MESSAGES = 4096
+MAX_TOOLS = 128  # as OpenAI
 MAX_STOP_STRINGS = 16  # OpenAI takes 4; other servers more
 MAX_STOP_CHARS = 1000
 
@@ -35,7 +38,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI parameters we do not act on are accepted, not used
 
     model: str = Field(min_length=1)
-    messages: list[events.ChatMessage] = Field(min_length=1)
+    messages: list[events.ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -45,7 +48,7 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # OpenAI's int64; torch takes 64 bits
     n: Literal[1] = 1
-    tools: list[ToolSpec] | None = None
+    tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Any = None
 
     @field_validator("stop")

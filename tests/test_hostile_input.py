@@ -93,3 +93,19 @@ def test_a_huge_stop_list_is_refused_before_any_work(gateway: Uvicorn, data_dir:
     assert openai_error(chat(gateway, stop="x" * 5000), 400)["param"] == "stop"
     assert chat(gateway, stop=["a", "b", "c", "d"]).status_code == 200
     still_serving_and_recording(gateway, data_dir, "after a huge stop list")
+
+
+def test_oversized_lists_and_feedback_are_refused_naming_the_field(gateway: Uvicorn, data_dir: Path) -> None:
+    many = [{"role": "user", "content": "hi"}] * 4097
+    assert openai_error(post(gateway, "/v1/chat/completions", json.dumps(
+        {"model": "tiny", "messages": many}).encode()), 400)["param"] == "messages"
+    tools = [{"type": "function", "function": {"name": f"f{n}"}} for n in range(129)]
+    assert openai_error(chat(gateway, tools=tools), 400)["param"] == "tools"
+    turn_id = chat(gateway).json()["id"]
+    for feedback, field in [({"kind": "comment", "text": "x" * (64 * 1024 + 1)}, "text"),
+                            ({"kind": "tool_result", "tool": {"name": "pytest", "output": "x" * (64 * 1024 + 1)}},
+                             "tool"),
+                            ({"kind": "rating", "value": float("inf")}, "value")]:
+        body = json.dumps({"turn_id": turn_id, **feedback}).encode()
+        assert openai_error(post(gateway, "/v1/feedback", body), 400)["param"] == field
+    still_serving_and_recording(gateway, data_dir, "after oversized requests")
