@@ -25,7 +25,7 @@ from multiprocessing.synchronize import Event as ProcessEvent
 
 from nextturn import events
 from nextturn.bus import EventLog, open_event_log
-from nextturn.errors import CommitFailed
+from nextturn.errors import CommitFailed, EventLogUnavailable, StoreUnavailable
 from nextturn.settings import Settings
 from nextturn.store import Store
 
@@ -44,6 +44,7 @@ class Batch:
 
 class Recorder:
     def __init__(self, log: EventLog, store: Store, *, group: str = GROUP, batch_size: int = 500) -> None:
+        self._log, self._group = log, group
         self._consumer = log.consumer(group, RECORDED_TOPICS)
         self._store = store
         self._batch_size = batch_size
@@ -65,12 +66,32 @@ class Recorder:
             new += batch.new
         return new
 
-    def run(self, stop: threading.Event | ProcessEvent, *, child: bool = False) -> None:
+    def run(self, stop: threading.Event | ProcessEvent, *, child: bool = False,
+            pause_s: tuple[float, float] = (0.5, 30.0)) -> None:
         """Record until ``stop`` is set; a ``child`` also stops when its parent dies (it outlives no killed
-        gateway)."""
+        gateway). The store or the log being unavailable is a pause, not an end: the recorder waits (the pause
+        doubling up to its maximum), rejoins its group so that the batch it could not write comes again from
+        the last commit, and goes on."""
         parent = os.getppid()
+        pause, rejoin = pause_s[0], False
         while not stop.is_set() and (not child or os.getppid() == parent):
-            self.run_once(timeout_s=0.5)
+            try:
+                if rejoin:
+                    self._rejoin()
+                    rejoin = False
+                self.run_once(timeout_s=0.5)
+                pause = pause_s[0]
+            except (StoreUnavailable, EventLogUnavailable) as exc:
+                log.warning("recording paused for %.1f s: %s", pause, exc)
+                stop.wait(pause)
+                pause, rejoin = min(pause * 2, pause_s[1]), True
+
+    def _rejoin(self) -> None:
+        try:
+            self._consumer.close()
+        except EventLogUnavailable:
+            pass  # it leaves the group by its session timeout instead
+        self._consumer = self._log.consumer(self._group, RECORDED_TOPICS)
 
     def close(self) -> None:
         self._consumer.close()
