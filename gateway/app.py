@@ -111,7 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.store_url.startswith("sqlite"):
             upgrade(settings.store_url)  # the embedded default migrates itself; production runs db upgrade
         store.check_schema()
-        keyring.use_store(partial(find_key, store), any_keys(store))
+        keyring.use_store(partial(find_key, store), partial(any_keys, store))
         event_log = open_event_log(settings)
         publisher = Publisher(event_log, settings.spool_path)
         publisher.start()

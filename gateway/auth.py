@@ -2,9 +2,10 @@
 
 Keys come from Settings (``NEXTTURN_API_KEYS``, the embedded default) and from the store (production,
 ``nextturn keys create``). A key found in the store is remembered for a minute, so a request costs a
-dictionary lookup and a revoked key stops working within that minute. With no key anywhere at start,
-the gateway is open, as the tenant ``default``, and only on a loopback address (checked at start); its
-admin routes are open too. Otherwise admin routes need ``NEXTTURN_ADMIN_KEY`` or a store admin key.
+dictionary lookup and a revoked key stops working within that minute. With no key anywhere, the gateway
+is open, as the tenant ``default``, and only on a loopback address (checked at start); its admin routes are
+open too, and it closes within seconds of the first key's creation in the store. Otherwise admin routes
+need ``NEXTTURN_ADMIN_KEY`` or a store admin key.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from nextturn.settings import Settings
 
 OPEN_TENANT = "default"
 REMEMBER_S = 60.0
+RECHECK_S = 5.0  # an open gateway looks for keys in the store this often: the first one closes it
 
 
 class Keyring:
@@ -29,6 +31,8 @@ class Keyring:
         self._keys = keys
         self._admin_key = admin_key
         self._lookup: Callable[[str], Holder | None] | None = None
+        self._has_keys: Callable[[], bool] | None = None
+        self._next_check = 0.0
         self._remembered: dict[str, tuple[Holder, float]] = {}
         self.open = not keys
 
@@ -42,19 +46,30 @@ class Keyring:
             )
         return cls(keys, settings.admin_key)
 
-    def use_store(self, lookup: Callable[[str], Holder | None], has_keys: bool) -> None:
-        """Look unknown keys up in the store; a store with keys closes a gateway that had none."""
-        self._lookup = lookup
-        self.open = self.open and not has_keys
+    def use_store(self, lookup: Callable[[str], Holder | None], has_keys: Callable[[], bool]) -> None:
+        """Look unknown keys up in the store; a store with keys closes a gateway that had none, at start or
+        within RECHECK_S of the first key's creation."""
+        self._lookup, self._has_keys = lookup, has_keys
+        self.open = self.open and not has_keys()
+        self._next_check = time.monotonic() + RECHECK_S
+
+    async def _still_open(self) -> bool:
+        if self.open and self._has_keys is not None and time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + RECHECK_S
+            try:
+                self.open = not await asyncio.to_thread(self._has_keys)
+            except NextturnError as exc:
+                raise AuthenticationUnavailable(f"cannot check for API keys now: {exc}") from exc
+        return self.open
 
     async def tenant(self, authorization: str | None) -> str:
-        if self.open:
+        if await self._still_open():
             return OPEN_TENANT
         return (await self._holder(authorization)).tenant
 
     async def admin(self, authorization: str | None) -> None:
         """Pass for an admin key (or an open loopback gateway without one); raise otherwise."""
-        if self.open and self._admin_key is None:
+        if await self._still_open() and self._admin_key is None:
             return
         key = _bearer(authorization)
         if self._admin_key is not None and hmac.compare_digest(self._admin_key.encode(), key.encode()):

@@ -5,6 +5,7 @@ Errors that nextturn raises on purpose print one line (``nextturn: error: …``)
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from datetime import UTC, datetime
@@ -177,6 +178,46 @@ def keys_create(
         typer.echo(create_key(store, tenant, admin=admin))
     finally:
         store.close()
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Every key in the store by its id (a prefix of its digest; the key itself is never stored)."""
+    from dataclasses import asdict
+
+    from nextturn.keys import list_keys
+
+    store = _open_store(_settings(ctx))
+    try:
+        found = list_keys(store)
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps([asdict(key) for key in found]))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "tenant", "admin", "created", "revoked", title="API keys")
+    for key in found:
+        table.add_row(key.id, key.tenant, "yes" if key.is_admin else "", key.created_at, key.revoked_at or "")
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="The key, or its id from `nextturn keys list`.")],
+) -> None:
+    """Revoke a key: gateways refuse it within a minute (they remember keys that long)."""
+    from nextturn.keys import revoke_key
+
+    store = _open_store(_settings(ctx))
+    try:
+        revoked = revoke_key(store, key)
+    finally:
+        store.close()
+    typer.echo(f"revoked key {revoked.id} of tenant {revoked.tenant} (at {revoked.revoked_at})")
 
 
 def _stop_on_interrupt() -> threading.Event:
@@ -435,8 +476,6 @@ def rollout_resume(ctx: typer.Context, reason: Reason, scope: ScopeOption = even
 
 def _show(figures: dict[str, object], as_json: bool, *, title: str, leave_out: str) -> None:
     """A status command's figures: JSON, or a table of name and value (``leave_out`` is in the title)."""
-    import json
-
     if as_json:
         typer.echo(json.dumps(figures, indent=2))
         return

@@ -1,4 +1,4 @@
-"""API keys kept in the store (production): ``nextturn keys create --tenant T``.
+"""API keys kept in the store (production): ``nextturn keys create --tenant T``, ``keys list``, ``keys revoke``.
 
 Only a key's SHA-256 digest is stored; the key itself is shown once, when it is created. A key belongs to
 a tenant and may be an admin key. The gateway looks keys up here when they are not in its Settings.
@@ -11,13 +11,18 @@ import secrets
 from dataclasses import dataclass
 
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import select
 
 from nextturn import events
-from nextturn.errors import StoreUnavailable
+from nextturn.errors import NextturnError, StoreUnavailable
 from nextturn.store import Store
 from nextturn.tables import ApiKey, Tenant
 
 PREFIX = "nt-"
+
+
+class KeyNotFound(NextturnError):
+    """No single key matches what the operator named."""
 
 
 @dataclass(frozen=True)
@@ -66,3 +71,52 @@ def any_keys(store: Store) -> bool:
         return store.count(ApiKey) > 0
     except SQLAlchemyError as exc:
         raise StoreUnavailable(f"cannot count the keys: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str  # the first characters of the key's digest: enough to name it, useless to call with
+    tenant: str
+    is_admin: bool
+    created_at: str
+    revoked_at: str | None
+
+
+ID_CHARS = 12
+
+
+def list_keys(store: Store) -> list[KeyInfo]:
+    """Every key in the store, oldest first, by the id ``nextturn keys revoke`` takes."""
+    try:
+        with store.session() as db:
+            rows = db.exec(select(ApiKey).order_by(ApiKey.created_at)).all()  # type: ignore[arg-type]
+    except SQLAlchemyError as exc:
+        raise StoreUnavailable(f"cannot list the keys: {exc}") from exc
+    return [KeyInfo(row.key_hash[:ID_CHARS], row.tenant_id, row.is_admin, row.created_at.isoformat(),
+                    row.revoked_at.isoformat() if row.revoked_at else None) for row in rows]
+
+
+def revoke_key(store: Store, key_or_id: str) -> KeyInfo:
+    """Revoke a key, named by the key itself or by its id (a prefix of its digest, at least 8 characters).
+    Gateways stop taking it within REMEMBER_S (gateway.auth). Revoking twice keeps the first time."""
+    try:
+        with store.session() as db:
+            if key_or_id.startswith(PREFIX):
+                found = [row for row in [db.get(ApiKey, digest(key_or_id))] if row is not None]
+            elif len(key_or_id) >= 8:
+                found = list(db.exec(select(ApiKey).where(
+                    ApiKey.key_hash.startswith(key_or_id.lower()))).all())
+            else:
+                raise KeyNotFound("name a key by the key itself or by an id of at least 8 characters")
+            if len(found) != 1:
+                raise KeyNotFound(f"{len(found)} keys match {key_or_id!r}; `nextturn keys list` shows their ids")
+            row = found[0]
+            if row.revoked_at is None:
+                row.revoked_at = events.utc_now()
+                db.add(row)
+                db.commit()
+                db.refresh(row)
+            return KeyInfo(row.key_hash[:ID_CHARS], row.tenant_id, row.is_admin, row.created_at.isoformat(),
+                           row.revoked_at.isoformat() if row.revoked_at else None)
+    except SQLAlchemyError as exc:
+        raise StoreUnavailable(f"cannot revoke the key: {exc}") from exc

@@ -170,3 +170,39 @@ def test_record_stores_what_gateways_without_a_recorder_publish(upstream: Uvicor
             _, stderr = recorder.communicate(timeout=60)
     assert recorder.returncode == 0, stderr
     assert "recorder stopped" in stderr
+
+
+def test_an_open_gateway_closes_when_a_key_appears_and_a_revoked_key_is_refused(
+    upstream: Uvicorn, tmp_path: Path
+) -> None:
+    from gateway.app import create_app
+    from nextturn.settings import Settings
+
+    from support.upstream import MODEL
+
+    settings = Settings(data_dir=tmp_path, engine="openai", upstream_url=f"{upstream.url}/v1", model=MODEL)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "who is there?"}]}
+
+    def ask(gateway: Uvicorn, key: str | None) -> int:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(f"{gateway.url}/v1/chat/completions", json=chat, headers=headers, timeout=10).status_code
+
+    with Uvicorn(create_app(settings)) as gateway:
+        assert ask(gateway, None) == 200  # no key anywhere: open, on loopback
+        created = nextturn("keys", "create", "--tenant", "acme", data_dir=tmp_path)
+        assert created.returncode == 0, created.stderr
+        key = created.stdout.strip()
+        eventually(lambda: ask(gateway, None) == 401, "the gateway to close once a key exists")
+        assert ask(gateway, key) == 200
+
+    listed = json.loads(nextturn("keys", "list", "--json", data_dir=tmp_path).stdout)
+    assert [(k["tenant"], k["is_admin"], k["revoked_at"]) for k in listed] == [("acme", False, None)]
+    assert key not in json.dumps(listed) and len(listed[0]["id"]) == 12
+    revoked = nextturn("keys", "revoke", listed[0]["id"], data_dir=tmp_path)
+    assert revoked.returncode == 0 and "revoked key" in revoked.stdout, revoked.stderr
+    assert json.loads(nextturn("keys", "list", "--json", data_dir=tmp_path).stdout)[0]["revoked_at"] is not None
+    unknown = nextturn("keys", "revoke", "nt-never-made", data_dir=tmp_path)
+    assert unknown.returncode == 1 and "0 keys match" in unknown.stderr
+    with Uvicorn(create_app(settings)) as gateway:  # a gateway that has not seen the key before
+        assert ask(gateway, key) == 401
+        assert ask(gateway, None) == 401  # a revoked key still counts: the gateway stays closed
