@@ -26,7 +26,7 @@ from gateway.completions import ChatCompletionsRoute
 from gateway.engines import Engine
 from gateway.errors import Conflict, InvalidRequest, install_error_handlers
 from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
-from gateway.limits import LimitBodySize, StrictJsonRoute
+from gateway.limits import LimitBodySize, StrictJsonRoute, TenantLimits
 from gateway.metrics import CONTENT_TYPE, CountRequests, Metrics
 from gateway.publisher import Publisher
 from gateway.sessions import SessionLinker
@@ -119,7 +119,9 @@ def create_app(settings: Settings) -> FastAPI:
         if recorder is not None:
             recorder.start()
         await engine.start()
-        service = TurnService(engine, SessionLinker(lookup=store.find_link), publisher, metrics)
+        limits = TenantLimits(settings.tenant_requests_per_minute, settings.tenant_tokens_per_minute,
+                              settings.tenant_concurrent_requests)
+        service = TurnService(engine, SessionLinker(lookup=store.find_link), publisher, metrics, limits=limits)
         watcher = DeploymentWatcher(service.router, engine, store, event_log, metrics,
                                     interval_s=settings.rollout_check_interval_s, drain_s=settings.rollout_drain_s)
         await watcher.start()  # the deployed versions are loaded before the first request

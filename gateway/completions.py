@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import Keyring
-from gateway.errors import GatewayError, InvalidRequest, error_body, invalid_body
+from gateway.errors import GatewayError, InvalidRequest, error_body, error_headers, invalid_body
 from gateway.schemas import ChatCompletionRequest
 from gateway.turns import TurnService
 
@@ -130,8 +130,7 @@ async def _send_error(send: Send, error: GatewayError) -> None:
         return
     body = json.dumps(error_body(error)).encode()
     headers = [_JSON, (b"content-length", b"%d" % len(body))]
-    if error.status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
+    headers += [(name.lower().encode(), value.encode()) for name, value in error_headers(error)]
     if isinstance(error, _MethodNotAllowed):
         headers.append((b"allow", b"POST"))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})

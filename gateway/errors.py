@@ -7,6 +7,7 @@
     ├── Conflict                 409     invalid_request_error
     ├── InvalidRequest           400     invalid_request_error
     ├── PayloadTooLarge          413     invalid_request_error
+    ├── RateLimited              429     rate_limit_error (code rate_limit_exceeded; Retry-After)
     ├── EngineUnavailable        502     api_error: the engine failed or is unreachable
     ├── AuthenticationUnavailable 503    api_error: the store that holds the keys is unreachable
     ├── StoreUnavailable         503     api_error: a route that reads the store cannot reach it
@@ -18,6 +19,7 @@ Domain errors never subclass HTTPException; the handlers below are the only tran
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,6 +69,16 @@ class PayloadTooLarge(GatewayError):
     status, type = 413, "invalid_request_error"
 
 
+class RateLimited(GatewayError):
+    """A tenant over its share: the response says when to try again (``Retry-After``, whole seconds)."""
+
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+
+
 class EngineUnavailable(GatewayError):
     status, type = 502, "api_error"
 
@@ -81,6 +93,15 @@ class StoreUnavailable(GatewayError):
 
 class EngineTimeout(GatewayError):
     status, type = 504, "api_error"
+
+
+def error_headers(error: GatewayError) -> list[tuple[str, str]]:
+    """What an error's response says besides its body: how to authenticate, when to come back."""
+    if error.status == 401:
+        return [("WWW-Authenticate", "Bearer")]
+    if isinstance(error, RateLimited):
+        return [("Retry-After", str(error.retry_after_s))]
+    return []
 
 
 def error_body(error: GatewayError) -> dict[str, object]:
@@ -99,8 +120,7 @@ def invalid_body(errors: Sequence[Any]) -> InvalidRequest:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+        return JSONResponse(error_body(exc), status_code=exc.status, headers=dict(error_headers(exc)))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

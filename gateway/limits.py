@@ -8,6 +8,7 @@ read up to the limit and then handed on, so that nothing past the limit is ever 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -16,7 +17,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, error_body
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, RateLimited, error_body
 
 
 class LimitBodySize:
@@ -87,3 +88,62 @@ class StrictJsonRoute(APIRoute):
             return await handler(StrictJsonRequest(request.scope, request.receive))
 
         return strict
+
+
+class TenantLimits:
+    """Each tenant's share of this replica: requests and tokens per minute, requests at once (0: no limit).
+
+    Requests and tokens are token buckets that refill continuously to a minute's worth; a request is
+    admitted while the request bucket holds one and the token bucket is not in debt, and the tokens a turn
+    used (prompt and completion) are charged when it ends, so one large answer may overdraw and the next
+    request waits until the debt is paid. Per replica: N replicas admit up to N times the rate.
+    """
+
+    def __init__(self, requests_per_minute: int = 0, tokens_per_minute: int = 0, concurrent: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._rpm, self._tpm, self._concurrent = requests_per_minute, tokens_per_minute, concurrent
+        self._clock = clock
+        self._requests: dict[str, tuple[float, float]] = {}  # tenant -> (level, when)
+        self._tokens: dict[str, tuple[float, float]] = {}
+        self._running: dict[str, int] = {}
+
+    def admit(self, tenant: str) -> None:
+        """Take a request slot for ``tenant`` (released by :meth:`done`), or raise RateLimited."""
+        now = self._clock()
+        if self._concurrent and self._running.get(tenant, 0) >= self._concurrent:
+            raise RateLimited(f"at most {self._concurrent} requests at once per tenant", retry_after_s=1)
+        if self._tpm:
+            level = _refill(self._tokens, tenant, self._tpm, now)
+            if level < 0:
+                raise RateLimited(f"over {self._tpm:,} tokens per minute", retry_after_s=-level * 60 / self._tpm)
+        if self._rpm:
+            level = _refill(self._requests, tenant, self._rpm, now)
+            if level < 1:
+                raise RateLimited(f"over {self._rpm:,} requests per minute",
+                                  retry_after_s=(1 - level) * 60 / self._rpm)
+            self._requests[tenant] = (level - 1, now)
+        if self._concurrent:
+            self._running[tenant] = self._running.get(tenant, 0) + 1
+
+    def done(self, tenant: str, tokens: int) -> None:
+        """The request ended, having used ``tokens``."""
+        if self._concurrent:
+            running = self._running.get(tenant, 1) - 1
+            if running:
+                self._running[tenant] = running
+            else:
+                self._running.pop(tenant, None)
+        if self._tpm:
+            now = self._clock()
+            self._tokens[tenant] = (_refill(self._tokens, tenant, self._tpm, now) - tokens, now)
+
+
+def _refill(buckets: dict[str, tuple[float, float]], tenant: str, per_minute: int, now: float) -> float:
+    """The bucket's level now: it refills at ``per_minute`` a minute, up to a minute's worth.
+
+    >>> buckets = {"a": (0.0, 0.0)}
+    >>> _refill(buckets, "a", 60, 0.5), _refill(buckets, "a", 60, 1000.0), _refill(buckets, "new", 60, 5.0)
+    (0.5, 60.0, 60.0)
+    """
+    level, when = buckets.get(tenant, (float(per_minute), now))
+    return min(float(per_minute), level + (now - when) * per_minute / 60)

@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway.engines import Delta, Engine, Generation, Stream
 from gateway.errors import GatewayError, error_body
+from gateway.limits import TenantLimits
 from gateway.metrics import Metrics
 from gateway.publisher import Publisher
 from gateway.routing import Router
@@ -40,8 +41,9 @@ class Turn:
 
 class TurnService:
     def __init__(self, engine: Engine, linker: SessionLinker, publisher: Publisher, metrics: Metrics, *,
-                 recent: int = 100_000) -> None:
+                 recent: int = 100_000, limits: TenantLimits | None = None) -> None:
         self.engine = engine
+        self.limits = limits or TenantLimits()
         self.metrics = metrics
         self.router = Router(engine)
         self.linker = linker
@@ -55,10 +57,15 @@ class TurnService:
         return self._recent.get(turn_id)
 
     async def begin(self, tenant: str, request: ChatCompletionRequest, session_id: str | None) -> Turn:
-        link = await self.linker.resolve(tenant, request.messages, session_id)
-        # No await from routing until the engine has taken the request (complete/open_stream): a version
-        # cannot be removed in between.
-        adapter = self.router.route(request.model, tenant, link.session_id, link.parent_adapter)
+        self.limits.admit(tenant)  # released when the turn is recorded
+        try:
+            link = await self.linker.resolve(tenant, request.messages, session_id)
+            # No await from routing until the engine has taken the request (complete/open_stream): a version
+            # cannot be removed in between.
+            adapter = self.router.route(request.model, tenant, link.session_id, link.parent_adapter)
+        except BaseException:
+            self.limits.done(tenant, 0)
+            raise
         self.metrics.in_flight.inc()  # until the turn is recorded: every path below records it once
         return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", adapter, events.utc_now(),
                     time.monotonic())
@@ -125,6 +132,7 @@ class TurnService:
         finished_at = events.utc_now()
         seconds = time.monotonic() - turn.started
         self.metrics.in_flight.dec()
+        self.limits.done(turn.tenant, generation.prompt_tokens + generation.completion_tokens if generation else 0)
         self.metrics.turn(turn.adapter, generation is not None, turn.request.stream, seconds,
                           generation.prompt_tokens if generation else 0,
                           generation.completion_tokens if generation else 0)

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     # Each gateway runs a recorder (event log → store) in a child process. Off: recorders run on their own
     # (`nextturn record`), scaled apart from the gateways; their consumer group shares the work either way.
     gateway_recorder: bool = True
+    # Each tenant's share of a gateway replica (0: no limit); over it, a 429 with Retry-After.
+    tenant_requests_per_minute: int = Field(default=0, ge=0)
+    tenant_tokens_per_minute: int = Field(default=0, ge=0)  # prompt and completion tokens
+    tenant_concurrent_requests: int = Field(default=0, ge=0)
     # Directories besides <data dir>/adapters from which POST /v1/admin/adapters may load an adapter; a JSON
     # list in the environment. Anything else is refused: the route would load any path the gateway can read.
     adapter_load_dirs: list[Path] = []

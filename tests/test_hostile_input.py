@@ -14,6 +14,7 @@ from gateway.app import create_app
 from nextturn.settings import Settings
 
 from support.event_logs import recorded
+from support.eventually import eventually
 from support.services import Uvicorn
 
 KEY = {"Authorization": "Bearer sk-acme", "Content-Type": "application/json"}
@@ -109,3 +110,51 @@ def test_oversized_lists_and_feedback_are_refused_naming_the_field(gateway: Uvic
         body = json.dumps({"turn_id": turn_id, **feedback}).encode()
         assert openai_error(post(gateway, "/v1/feedback", body), 400)["param"] == field
     still_serving_and_recording(gateway, data_dir, "after oversized requests")
+
+
+def test_a_tenant_over_its_share_gets_429s_with_retry_after_and_others_are_served(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path, engine="embedded", model=str(tiny_model),
+                        api_keys="sk-acme:acme,sk-globex:globex", tenant_requests_per_minute=2)
+    with Uvicorn(create_app(settings)) as gateway:
+        def ask(key: str, stream: bool = False) -> httpx.Response:
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                    "stream": stream}
+            return httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {key}"})
+
+        assert [ask("sk-acme").status_code, ask("sk-acme", stream=True).status_code] == [200, 200]
+        for refused in (ask("sk-acme"), ask("sk-acme", stream=True)):
+            assert openai_error_of_type(refused, 429, "rate_limit_error")["code"] == "rate_limit_exceeded"
+            assert 1 <= int(refused.headers["Retry-After"]) <= 30  # a request refills every 30 s
+        assert ask("sk-globex").status_code == 200  # another tenant's share is its own
+
+
+def openai_error_of_type(response: httpx.Response, status: int, kind: str) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == kind
+    return error
+
+
+def test_a_request_slot_is_released_however_the_request_ended(tiny_model: Path, tmp_path: Path) -> None:
+    """One request at a time: each kind of ending (answered, streamed, refused by the router, the client
+    leaving mid-stream) must give the slot back, or the tenant would be locked out for good."""
+    settings = Settings(data_dir=tmp_path, engine="embedded", model=str(tiny_model), api_keys="sk-acme:acme",
+                        tenant_concurrent_requests=1)
+    headers = {"Authorization": "Bearer sk-acme"}
+    with Uvicorn(create_app(settings)) as gateway:
+        def ask(model: str = "tiny", stream: bool = False) -> int:
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                    "stream": stream}
+            return httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers,
+                              timeout=60).status_code
+
+        assert [ask(), ask(stream=True), ask(model="no-such-model")] == [200, 200, 404]
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 200,
+                "stream": True}
+        with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers,
+                          timeout=60) as left:
+            next(left.iter_raw())  # the first chunk, then the client leaves
+        assert eventually(ask, "the slot to come back", until=lambda status: status == 200) == 200
