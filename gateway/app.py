@@ -26,7 +26,7 @@ from gateway.completions import ChatCompletionsRoute
 from gateway.engines import Engine
 from gateway.errors import Conflict, InvalidRequest, install_error_handlers
 from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
-from gateway.limits import LimitBodySize, StrictJsonRoute, TenantLimits
+from gateway.limits import GuardRequests, LimitBodySize, StrictJsonRoute, TenantLimits
 from gateway.metrics import CONTENT_TYPE, CountRequests, Metrics
 from gateway.publisher import Publisher
 from gateway.sessions import SessionLinker
@@ -146,6 +146,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(ChatCompletionsRoute, keyring=keyring)  # the hot path: see gateway/completions.py
     app.add_middleware(LimitBodySize, max_bytes=settings.max_request_bytes)
+    app.add_middleware(GuardRequests, keyring=keyring)
     app.add_middleware(CountRequests, metrics=metrics)
 
     # Dependencies are async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop

@@ -7,6 +7,7 @@
     ├── Conflict                 409     invalid_request_error
     ├── InvalidRequest           400     invalid_request_error
     ├── PayloadTooLarge          413     invalid_request_error
+    ├── UnsupportedMediaType     415     invalid_request_error (a body that is not application/json)
     ├── RateLimited              429     rate_limit_error (code rate_limit_exceeded; Retry-After)
     ├── EngineUnavailable        502     api_error: the engine failed or is unreachable
     ├── AuthenticationUnavailable 503    api_error: the store that holds the keys is unreachable
@@ -67,6 +68,10 @@ class InvalidRequest(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status, type = 413, "invalid_request_error"
+
+
+class UnsupportedMediaType(GatewayError):
+    status, type = 415, "invalid_request_error"
 
 
 class RateLimited(GatewayError):

@@ -17,7 +17,16 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, RateLimited, error_body
+from gateway.auth import Keyring
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    PermissionDenied,
+    RateLimited,
+    UnsupportedMediaType,
+    error_body,
+)
 
 
 class LimitBodySize:
@@ -57,6 +66,39 @@ class LimitBodySize:
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"the request body is larger than {self._max} bytes (NEXTTURN_MAX_REQUEST_BYTES)")
+
+
+class GuardRequests:
+    """Two checks before anything else reads a request. A body must be ``application/json``: a browser
+    sends a cross-site form or ``text/plain`` without asking the server first, JSON it cannot. And an open
+    gateway (no API keys, loopback only) answers only requests addressed to a loopback name: a web page
+    whose own name resolves to 127.0.0.1 (DNS rebinding) would otherwise reach it as if it were local."""
+
+    def __init__(self, app: ASGIApp, keyring: Keyring) -> None:
+        self._app = app
+        self._keyring = keyring
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if scope["method"] in ("POST", "PUT", "PATCH") and kind != b"application/json":
+                await _refuse(send, UnsupportedMediaType("send the body as JSON: Content-Type: application/json"))
+                return
+            if self._keyring.open and not _loopback_name(headers.get(b"host", b"")):
+                await _refuse(send, PermissionDenied("a gateway without API keys answers only requests to "
+                                                     "localhost; set NEXTTURN_API_KEYS to serve other names"))
+                return
+        await self._app(scope, receive, send)
+
+
+def _loopback_name(host: bytes) -> bool:
+    """
+    >>> [_loopback_name(h) for h in (b"127.0.0.1:8000", b"localhost", b"[::1]:80", b"evil.example:8000", b"")]
+    [True, True, True, False, False]
+    """
+    name = host.rsplit(b":", 1)[0] if host.count(b":") == 1 or host.startswith(b"[") and b"]:" in host else host
+    return name.strip(b"[]").lower() in (b"localhost", b"::1") or name.startswith(b"127.")
 
 
 async def _refuse(send: Send, error: GatewayError) -> None:

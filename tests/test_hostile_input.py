@@ -158,3 +158,26 @@ def test_a_request_slot_is_released_however_the_request_ended(tiny_model: Path, 
                           timeout=60) as left:
             next(left.iter_raw())  # the first chunk, then the client leaves
         assert eventually(ask, "the slot to come back", until=lambda status: status == 200) == 200
+
+
+def test_a_body_that_is_not_json_is_a_415(gateway: Uvicorn) -> None:
+    """A browser sends a cross-site form or text/plain without asking first; JSON it cannot."""
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}'
+    for path in ("/v1/chat/completions", "/v1/feedback"):
+        for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {"Authorization": "Bearer sk-acme", **({"Content-Type": kind} if kind else {})}
+            refused = httpx.post(f"{gateway.url}{path}", content=body, headers=headers)
+            assert openai_error(refused, 415)["message"] == "send the body as JSON: Content-Type: application/json"
+    utf8 = httpx.post(f"{gateway.url}/v1/chat/completions", content=body,
+                      headers={"Authorization": "Bearer sk-acme", "Content-Type": "application/json; charset=utf-8"})
+    assert utf8.status_code == 200
+
+
+def test_an_open_gateway_answers_only_requests_to_a_loopback_name(tiny_model: Path, tmp_path: Path) -> None:
+    """Without keys the gateway is open on loopback; a page whose name resolves to 127.0.0.1 (DNS rebinding)
+    must not reach it."""
+    with Uvicorn(create_app(Settings(data_dir=tmp_path, engine="embedded", model=str(tiny_model)))) as gateway:
+        for host, status in (("evil.example", 403), (f"evil.example:{gateway.port}", 403),
+                             (f"127.0.0.1:{gateway.port}", 200), (f"localhost:{gateway.port}", 200)):
+            answer = httpx.get(f"{gateway.url}/v1/models", headers={"Host": host})
+            assert answer.status_code == status, (host, answer.text)
