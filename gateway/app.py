@@ -222,8 +222,12 @@ def create_app(settings: Settings) -> FastAPI:
         db: Annotated[Store, Depends(store)],
         idempotency_key: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
-        session_id = owner_session(service, db, who, body.turn_id)
+        session_id = await asyncio.to_thread(owner_session, service, db, who, body.turn_id)
         event = feedback_event(who, session_id, body, idempotency_key)
+        stored = await asyncio.to_thread(db.feedback_ids, body.turn_id, events.MAX_FEEDBACK_PER_TURN)
+        if len(stored) >= events.MAX_FEEDBACK_PER_TURN and event.event_id not in stored:  # a retry is fine
+            raise Conflict(f"turn {body.turn_id} has {len(stored)} pieces of feedback; more would not count",
+                           param="turn_id", code="feedback_limit_reached")
         service.publisher.publish(event)
         return {"id": event.event_id, "object": "feedback", "turn_id": event.turn_id, "kind": event.kind}
 

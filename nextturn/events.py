@@ -30,6 +30,9 @@ TOPICS: tuple[str, ...] = (TURNS, FEEDBACK, SIGNALS, ADAPTERS, DEPLOYMENTS, DEAD
 
 DEFAULT_SCOPE = "default"
 BASE_VERSION = "base"
+# Pieces of feedback a turn's signal is built from; the gateway refuses more (a flood would make every
+# revision of the signal hold all of it).
+MAX_FEEDBACK_PER_TURN = 64
 # A failed turn's error when the client went away: the client's doing, not a fault of the version that served it.
 CLIENT_LEFT = "the client left before the stream ended"
 

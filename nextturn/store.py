@@ -248,6 +248,11 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"cannot read the store at {_safe(self.url)}: {exc}") from exc
 
+    def feedback_ids(self, turn_id: str, limit: int) -> set[str]:
+        """The event ids of up to ``limit`` pieces of feedback stored for a turn."""
+        table = tables.table_of(tables.Feedback)
+        return {row.id for row in self._read(sa_select(table.c.id).where(table.c.turn_id == turn_id).limit(limit))}
+
     def count(self, table: type[SQLModel]) -> int:
         with self.session() as db:
             return int(db.exec(select(func.count()).select_from(table)).one())

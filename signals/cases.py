@@ -30,7 +30,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from nextturn.events import ChatMessage, FeedbackReceived, HintSource, SignalExtracted, TurnRecorded, Verdict
+from nextturn.events import (
+    MAX_FEEDBACK_PER_TURN,
+    ChatMessage,
+    FeedbackReceived,
+    HintSource,
+    SignalExtracted,
+    TurnRecorded,
+    Verdict,
+)
 from signals import composition, hints, rewards
 from signals.tool_results import text_of
 
@@ -143,7 +151,10 @@ def inherit(case: Case, final: SignalExtracted) -> bool:
 
 
 def add_feedback(case: Case, feedback: FeedbackReceived) -> bool:
-    if any(item.event_id == feedback.event_id for item in case.feedback):
+    """Keep the turn's first MAX_FEEDBACK_PER_TURN pieces of feedback; beyond them, feedback teaches nothing.
+    Every piece kept makes a revision holding all of them: unbounded, a client flooding one turn made the
+    work grow with the square of its count."""
+    if len(case.feedback) >= MAX_FEEDBACK_PER_TURN or any(item.event_id == feedback.event_id for item in case.feedback):
         return False
     case.feedback = [*case.feedback, feedback]
     return True

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from gateway.app import create_app
+from nextturn.events import MAX_FEEDBACK_PER_TURN
 from nextturn.settings import Settings
 
 from support.event_logs import recorded
@@ -181,3 +182,18 @@ def test_an_open_gateway_answers_only_requests_to_a_loopback_name(tiny_model: Pa
                              (f"127.0.0.1:{gateway.port}", 200), (f"localhost:{gateway.port}", 200)):
             answer = httpx.get(f"{gateway.url}/v1/models", headers={"Host": host})
             assert answer.status_code == status, (host, answer.text)
+
+
+def test_feedback_beyond_the_cap_per_turn_is_refused_and_a_retry_is_not(gateway: Uvicorn) -> None:
+    turn_id = chat(gateway).json()["id"]
+
+    def rate(key: str) -> httpx.Response:
+        body = json.dumps({"turn_id": turn_id, "kind": "rating", "value": 1.0, "idempotency_key": key}).encode()
+        return post(gateway, "/v1/feedback", body)
+
+    assert {rate(f"k{n}").status_code for n in range(MAX_FEEDBACK_PER_TURN)} == {200}
+    eventually(lambda: httpx.get(f"{gateway.url}/v1/turns/{turn_id}", headers=KEY).json().get("feedback", []),
+               "the feedback to be stored", until=lambda stored: len(stored) == MAX_FEEDBACK_PER_TURN)
+    refused = openai_error_of_type(rate("one more"), 409, "invalid_request_error")
+    assert refused["code"] == "feedback_limit_reached" and refused["param"] == "turn_id"
+    assert rate("k3").status_code == 200  # a retry of feedback that was kept

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nextturn import events
-from nextturn.events import ChatMessage
+from nextturn.events import MAX_FEEDBACK_PER_TURN, ChatMessage
 from signals import cases as c
 
 from support.factories import feedback, follow, says, turn
@@ -142,3 +142,14 @@ def test_an_abstaining_final_answer_is_no_news_to_its_tool_calls() -> None:
     c.close_idle(call)
     signal = c.extract(call)
     assert signal.reward == 1.0 and [v.evaluator for v in signal.verdicts] == ["tool"]
+
+
+def test_feedback_beyond_the_cap_teaches_nothing_and_keeps_a_revision_small() -> None:
+    """A client flooding one turn with feedback made every revision hold all of it (work growing with the
+    square of the count) until the worker crash-looped; the first MAX_FEEDBACK_PER_TURN pieces count."""
+    case = resolved("How do I sort a list?", says("Thanks!"))
+    flood = [feedback(turn("s1", 1), value=-1.0).model_copy(update={"turn_id": case.turn_id})
+             for _ in range(MAX_FEEDBACK_PER_TURN + 500)]
+    learned = [c.add_feedback(case, item) for item in flood]
+    assert learned.count(True) == MAX_FEEDBACK_PER_TURN and not any(learned[MAX_FEEDBACK_PER_TURN:])
+    assert len(c.extract(case).evidence) <= MAX_FEEDBACK_PER_TURN + 3
