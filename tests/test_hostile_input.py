@@ -45,7 +45,7 @@ def chat(gateway: Uvicorn, content: str = "hi", **fields: object) -> httpx.Respo
 def still_serving_and_recording(gateway: Uvicorn, data_dir: Path, content: str) -> None:
     answered = chat(gateway, content)
     assert answered.status_code == 200, answered.text
-    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{gateway.url}/healthz", timeout=60).json() == {"status": "ok"}
     assert recorded(data_dir, answered.json()["id"]).messages[-1].content == content
 
 
@@ -163,14 +163,15 @@ def test_a_request_slot_is_released_however_the_request_ended(tiny_model: Path, 
 
 def test_a_body_that_is_not_json_is_a_415(gateway: Uvicorn) -> None:
     """A browser sends a cross-site form or text/plain without asking first; JSON it cannot."""
-    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}'
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}'
     for path in ("/v1/chat/completions", "/v1/feedback"):
         for kind in ("text/plain", "application/x-www-form-urlencoded", None):
             headers = {"Authorization": "Bearer sk-acme", **({"Content-Type": kind} if kind else {})}
-            refused = httpx.post(f"{gateway.url}{path}", content=body, headers=headers)
+            refused = httpx.post(f"{gateway.url}{path}", content=body, headers=headers, timeout=60)
             assert openai_error(refused, 415)["message"] == "send the body as JSON: Content-Type: application/json"
     utf8 = httpx.post(f"{gateway.url}/v1/chat/completions", content=body,
-                      headers={"Authorization": "Bearer sk-acme", "Content-Type": "application/json; charset=utf-8"})
+                      headers={"Authorization": "Bearer sk-acme", "Content-Type": "application/json; charset=utf-8"},
+                      timeout=60)
     assert utf8.status_code == 200
 
 
@@ -180,7 +181,7 @@ def test_an_open_gateway_answers_only_requests_to_a_loopback_name(tiny_model: Pa
     with Uvicorn(create_app(Settings(data_dir=tmp_path, engine="embedded", model=str(tiny_model)))) as gateway:
         for host, status in (("evil.example", 403), (f"evil.example:{gateway.port}", 403),
                              (f"127.0.0.1:{gateway.port}", 200), (f"localhost:{gateway.port}", 200)):
-            answer = httpx.get(f"{gateway.url}/v1/models", headers={"Host": host})
+            answer = httpx.get(f"{gateway.url}/v1/models", headers={"Host": host}, timeout=60)
             assert answer.status_code == status, (host, answer.text)
 
 
@@ -192,8 +193,9 @@ def test_feedback_beyond_the_cap_per_turn_is_refused_and_a_retry_is_not(gateway:
         return post(gateway, "/v1/feedback", body)
 
     assert {rate(f"k{n}").status_code for n in range(MAX_FEEDBACK_PER_TURN)} == {200}
-    eventually(lambda: httpx.get(f"{gateway.url}/v1/turns/{turn_id}", headers=KEY).json().get("feedback", []),
-               "the feedback to be stored", until=lambda stored: len(stored) == MAX_FEEDBACK_PER_TURN)
+    stored = f"{gateway.url}/v1/turns/{turn_id}"
+    eventually(lambda: httpx.get(stored, headers=KEY, timeout=60).json().get("feedback", []),
+               "the feedback to be stored", until=lambda found: len(found) == MAX_FEEDBACK_PER_TURN)
     refused = openai_error_of_type(rate("one more"), 409, "invalid_request_error")
     assert refused["code"] == "feedback_limit_reached" and refused["param"] == "turn_id"
     assert rate("k3").status_code == 200  # a retry of feedback that was kept
