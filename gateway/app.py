@@ -141,7 +141,9 @@ def create_app(settings: Settings) -> FastAPI:
             event_log.close()
             store.close()
 
-    app = FastAPI(title="nextturn", lifespan=lifespan)
+    shown = settings.api_docs
+    app = FastAPI(title="nextturn", lifespan=lifespan, docs_url="/docs" if shown else None,
+                  redoc_url="/redoc" if shown else None, openapi_url="/openapi.json" if shown else None)
     app.router.route_class = StrictJsonRoute  # before any route is added
     install_error_handlers(app)
     app.add_middleware(ChatCompletionsRoute, keyring=keyring)  # the hot path: see gateway/completions.py
@@ -172,9 +174,10 @@ def create_app(settings: Settings) -> FastAPI:
             return JSONResponse({"status": "degraded", "dead": ", ".join(dead)}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+    if settings.metrics:
+        @app.get("/metrics")
+        async def prometheus() -> Response:
+            return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/admin/adapters", dependencies=[Depends(admin)])
     async def list_adapters(service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     # Each gateway runs a recorder (event log → store) in a child process. Off: recorders run on their own
     # (`nextturn record`), scaled apart from the gateways; their consumer group shares the work either way.
     gateway_recorder: bool = True
+    # GET /metrics (Prometheus; version-level counts, no tenant's data), and FastAPI's /docs, /redoc and
+    # /openapi.json (the admin routes' shapes: off unless asked for).
+    metrics: bool = True
+    api_docs: bool = False
     # Each tenant's share of a gateway replica (0: no limit); over it, a 429 with Retry-After.
     tenant_requests_per_minute: int = Field(default=0, ge=0)
     tenant_tokens_per_minute: int = Field(default=0, ge=0)  # prompt and completion tokens

@@ -199,3 +199,14 @@ def test_feedback_beyond_the_cap_per_turn_is_refused_and_a_retry_is_not(gateway:
     refused = openai_error_of_type(rate("one more"), 409, "invalid_request_error")
     assert refused["code"] == "feedback_limit_reached" and refused["param"] == "turn_id"
     assert rate("k3").status_code == 200  # a retry of feedback that was kept
+
+
+@pytest.mark.parametrize("shown", [False, True])
+def test_metrics_and_api_docs_are_served_only_when_the_settings_say(tiny_model: Path, tmp_path: Path,
+                                                                   shown: bool) -> None:
+    settings = Settings(data_dir=tmp_path, engine="embedded", model=str(tiny_model), api_keys="sk-acme:acme",
+                        metrics=shown, api_docs=shown)
+    with Uvicorn(create_app(settings)) as gateway:
+        statuses = {path: httpx.get(f"{gateway.url}{path}", timeout=60).status_code
+                    for path in ("/metrics", "/docs", "/redoc", "/openapi.json")}
+    assert statuses == dict.fromkeys(statuses, 200 if shown else 404)
