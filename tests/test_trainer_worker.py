@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import sqlite3
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 import torch
 
 from gateway.engines.embedded import EmbeddedEngine
@@ -15,7 +17,7 @@ from nextturn import deployments, events, tables
 from nextturn.bus import EventLog
 from nextturn.errors import ConfigError
 from nextturn.settings import Settings
-from nextturn.store import Store
+from nextturn.store import Store, upgrade
 from trainer import distillation
 from trainer.checkpoint import OPTIMIZER, Checkpoints
 from trainer.errors import TrainerBusy
@@ -388,3 +390,27 @@ def test_a_trainer_without_a_method_or_a_gpu_says_so(tmp_path: Path) -> None:
             pick_device("cuda")
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
+
+
+def test_more_waiting_signals_than_one_query_may_name_are_read_in_chunks(tiny_model: Path, sqlite_log: EventLog,
+                                                                          tmp_path: Path) -> None:
+    """A paced trainer may hold tens of thousands of waiting signals; reading them with one IN (...) broke past
+    the database's cap on bound parameters, and the trainer retried that read forever, training nothing. Here
+    the cap is SQLite's old default, 999, and 1,200 wait (their turns are not stored yet)."""
+    url = f"sqlite:///{tmp_path / 'capped.db'}"
+    upgrade(url)
+    store = Store(url)
+    sqlalchemy.event.listen(store.engine, "connect", lambda connection, _: connection.setlimit(
+        sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999))
+    store.engine.dispose()  # connections opened from now on carry the cap
+    waiting = [events.SignalExtracted(event_id=f"sig-{n}.0", signal_id=f"sig-{n}", revision=0, tenant="acme",
+                                      session_id=f"s{n}", turn_id=f"not-yet-{n}", adapter_version="base",
+                                      reward=1.0, confidence=1.0, extractor_version="extractor-v1")
+               for n in range(1200)]
+    record(store, sqlite_log, *waiting)
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path)
+    worker.drain(0.3)
+    assert len(worker.ledger.waiting) == 1200 and worker.ledger.counts["received"] == 1200
+    assert worker.ledger.counts.get("store_retries", 0) == 0  # every round read them all; none failed
+    worker.close()
+    store.close()

@@ -258,12 +258,15 @@ class TrainerWorker:
         return self.ledger.standing.get(turn.tenant, [])
 
     def _rows(self, event_ids: list[str]) -> tuple[dict[str, tables.Signal], dict[str, tables.Turn]]:
+        """The signal rows and their turns, read IN_CHUNK ids at a time: a paced trainer may hold tens of
+        thousands of waiting signals, and databases cap the parameters of one query (SQLite 32,766)."""
         try:
             with self._store.session() as db:
-                signals = {row.id: row for row in db.exec(select(tables.Signal)
-                                                          .where(col(tables.Signal.id).in_(event_ids)))}
+                signals = {row.id: row for chunk in _chunks(event_ids) for row in db.exec(
+                    select(tables.Signal).where(col(tables.Signal.id).in_(chunk)))}
                 turn_ids = list({row.turn_id for row in signals.values()})
-                turns = {row.id: row for row in db.exec(select(tables.Turn).where(col(tables.Turn.id).in_(turn_ids)))}
+                turns = {row.id: row for chunk in _chunks(turn_ids) for row in db.exec(
+                    select(tables.Turn).where(col(tables.Turn.id).in_(chunk)))}
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"cannot read signals and turns from the store: {exc}") from exc
         return signals, turns
@@ -420,3 +423,14 @@ def _aware(moment: datetime) -> datetime:
 def _copy_adapter(source: Path, target: Path) -> None:
     for entry in source.iterdir():
         shutil.copy2(entry, target / entry.name)
+
+
+IN_CHUNK = 500  # ids per IN (...) query
+
+
+def _chunks(ids: list[str]) -> list[list[str]]:
+    """
+    >>> [len(chunk) for chunk in _chunks([str(n) for n in range(1001)])]
+    [500, 500, 1]
+    """
+    return [ids[start:start + IN_CHUNK] for start in range(0, len(ids), IN_CHUNK)]
