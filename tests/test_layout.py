@@ -63,3 +63,16 @@ def test_the_image_holds_every_package_the_stages_run() -> None:
     packages = {pattern.rstrip("*") for pattern in included["include"]} - {"demo"}  # the demo is not served
     copied = set(re.findall(r"^COPY (\w+) \1$", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
     assert copied == packages
+
+
+def test_every_test_the_reliability_page_names_exists() -> None:
+    """A promise whose test was renamed or removed would read as checked while nothing checks it."""
+    page = (ROOT / "docs" / "reliability.md").read_text()
+    named, path = [], ""
+    for given, test in re.findall(r"`(tests/[\w/]+\.py|…)(?:::(\w+))?`", page):
+        path = path if given == "…" else given  # "…::name": a test of the file named just before
+        named.append((path, test))
+    assert len(named) >= 20
+    missing = [f"{path}::{test}" for path, test in named
+               if not (ROOT / path).exists() or (test and f"def {test}(" not in (ROOT / path).read_text())]
+    assert missing == []
