@@ -235,5 +235,5 @@ def test_the_judge_prompt_shows_the_reply_and_what_came_next() -> None:
         {"id": "c1", "type": "function", "function": {"name": "pytest", "arguments": "{}"}}])  # type: ignore[list-item]
     chat = prompt(asked, reply, [tool("c1", "1 failed")])
     assert chat[0]["role"] == "system" and "VERDICT" in chat[0]["content"]
-    assert "USER: Run the tests." in chat[1]["content"] and "[calls pytest({})]" in chat[1]["content"]
-    assert chat[1]["content"].endswith("WHAT HAPPENED NEXT:\nTOOL: 1 failed")
+    assert 'USER: "Run the tests."' in chat[1]["content"] and "[calls pytest({})]" in chat[1]["content"]
+    assert chat[1]["content"].endswith('WHAT HAPPENED NEXT:\nTOOL: "1 failed"\n</transcript>')
