@@ -62,6 +62,18 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"a stop string has at most {MAX_STOP_CHARS:,} characters")
         return stop
 
+    @field_validator("messages")
+    @classmethod
+    def _content_where_required(cls, messages: list[events.ChatMessage]) -> list[events.ChatMessage]:
+        """As OpenAI's API: system, developer, user and tool messages carry content; an assistant message carries
+        content or tool calls; a tool message names the call it answers."""
+        for n, message in enumerate(messages):
+            if message.content is None and (message.role != "assistant" or not message.tool_calls):
+                raise ValueError(f"message {n} ({message.role}) has no content")
+            if message.role == "tool" and not message.tool_call_id:
+                raise ValueError(f"message {n} (tool) has no tool_call_id")
+        return messages
+
     def sampling(self) -> events.SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         return events.SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,

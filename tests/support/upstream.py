@@ -26,9 +26,10 @@ CALLS = [
 def reply_to(messages: list[dict[str, Any]]) -> dict[str, Any]:
     last = messages[-1]
     if last["role"] == "tool":
-        results = [m["content"] for m in messages if m["role"] == "tool"]
+        results = [str(m.get("content")) for m in messages if m["role"] == "tool"]
         return {"role": "assistant", "content": f"results: {' | '.join(results[-2:])}"}
-    text = last["content"] if isinstance(last["content"], str) else "".join(p["text"] for p in last["content"])
+    content = last.get("content") or ""
+    text = content if isinstance(content, str) else "".join(str(part.get("text", "")) for part in content)
     if "run the tools" in text:
         return {"role": "assistant", "content": None, "tool_calls": CALLS}
     return {"role": "assistant", "content": f"echo: {text}"}
