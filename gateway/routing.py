@@ -53,6 +53,10 @@ class Router:
             return self.canary
         return self.stable
 
+    def pinned(self, model: str) -> bool:
+        """Whether ``model`` names a version rather than the served model."""
+        return self._engine.adapter_for(model) not in (None, events.BASE_VERSION)
+
     @property
     def draining(self) -> list[str]:
         return sorted(self._draining)

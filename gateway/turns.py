@@ -34,6 +34,7 @@ class Turn:
     link: Link
     turn_id: str
     adapter: str  # the adapter version that serves it
+    pinned: bool  # the client named the version
     started_at: Any  # datetime
     started: float  # monotonic
     recorded: bool = False
@@ -63,11 +64,12 @@ class TurnService:
             # No await from routing until the engine has taken the request (complete/open_stream): a version
             # cannot be removed in between.
             adapter = self.router.route(request.model, tenant, link.session_id, link.parent_adapter)
+            pinned = self.router.pinned(request.model)
         except BaseException:
             self.limits.done(tenant, 0)
             raise
         self.metrics.in_flight.inc()  # until the turn is recorded: every path below records it once
-        return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", adapter, events.utc_now(),
+        return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", adapter, pinned, events.utc_now(),
                     time.monotonic())
 
     async def complete(self, turn: Turn) -> dict[str, Any]:
@@ -145,7 +147,7 @@ class TurnService:
             response_token_ids=generation.response_token_ids if generation else [],
             response_logprobs=generation.response_logprobs if generation else None,
             finish_reason=generation.finish_reason if generation else "error",  # type: ignore[arg-type]
-            status="ok" if generation else "failed", error=_describe(error),
+            status="ok" if generation else "failed", error=_describe(error), cause=_cause(error), pinned=turn.pinned,
             latency_ms=seconds * 1000, started_at=turn.started_at, finished_at=finished_at,
         )
         found = flaw(recorded)
@@ -168,6 +170,14 @@ def _describe(error: BaseException | None) -> str | None:
     if error is None:
         return None
     return str(error) if isinstance(error, GatewayError | ClientDisconnected) else f"{type(error).__name__}: {error}"
+
+
+def _cause(error: BaseException | None) -> events.Cause | None:
+    """A request the engine refused (4xx) or a client that left is the client's doing; the rest, the server's."""
+    if error is None:
+        return None
+    client = isinstance(error, ClientDisconnected) or (isinstance(error, GatewayError) and error.status < 500)
+    return "client" if client else "server"
 
 
 def _message(message: events.ChatMessage) -> dict[str, Any]:

@@ -160,11 +160,11 @@ class DeploymentWatcher:
         """Each serving version's resolved turns and mean reward since the deployment last changed."""
         since = deployment.canary_since or deployment.updated_at
         names = sorted({self._router.stable, *([self._router.canary] if self._router.canary else [])})
-        rewards: list[tuple[str, float]] = []
+        rewards: list[tuple[str, str, float]] = []
         if since is not None:
             rewards = await asyncio.to_thread(self._store.rewards, names, since)
         by_version: dict[str, list[float]] = {name: [] for name in names}
-        for version, reward in rewards:
+        for version, _, reward in rewards:
             by_version[version].append(reward)
         self._metrics.resolved.clear()
         self._metrics.reward.clear()

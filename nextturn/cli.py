@@ -402,13 +402,14 @@ def rollout_status(
     from rollout.gates import GatePolicy, decide
 
     settings = _settings(ctx)
+    policy = GatePolicy.from_settings(settings)
     store = _open_store(settings)
     try:
-        figures = status(store, scope)
+        figures = status(store, scope, max_tenant_share=policy.max_tenant_share)
         state = Deployment.read(store, scope)
-        evidence = arms(store, state)
+        evidence = arms(store, state, policy.max_tenant_share)
         if evidence is not None:
-            verdict = decide(state, *evidence, GatePolicy.from_settings(settings), events.utc_now())
+            verdict = decide(state, *evidence, policy, events.utc_now())
             figures["next"] = f"{verdict.action}: {verdict.reason}"
     finally:
         store.close()

@@ -195,6 +195,7 @@ def previous_stable(store: Store, scope: str, current: int | None) -> int | None
 
 BAD = ("rolled_back", "rejected")  # statuses of versions that must not serve again
 LATENCY_WINDOW = 2000  # an arm's p99 is over its latest turns: a canary that slows down is seen soon
+MAX_TENANT_SHARE = 0.5  # of an arm's rewards, the most one tenant's may be (settings: rollout_max_tenant_share)
 
 
 # --- evidence: what each version did since a time ------------------------------------------------------
@@ -211,6 +212,7 @@ class Arm:
     latencies_ms: list[float] = field(default_factory=list)  # the latest LATENCY_WINDOW turns
     rewards: list[float] = field(default_factory=list)
     turns_since_step: int = 0  # of them, turns that started at the current weight
+    capped: int = 0  # rewards left out: a tenant's beyond its share
 
     @property
     def mean_reward(self) -> float | None:
@@ -224,11 +226,14 @@ class Arm:
 
     def summary(self) -> dict[str, Any]:
         return {"version": self.version, "turns": self.turns, "flaws": dict(self.flaws),
-                "p99_ms": self.p99_ms(), "resolved": len(self.rewards), "mean_reward": self.mean_reward}
+                "p99_ms": self.p99_ms(), "resolved": len(self.rewards), "mean_reward": self.mean_reward,
+                "capped": self.capped}
 
 
-def arms(store: Store, state: Deployment) -> tuple[Arm, Arm] | None:
-    """(canary, stable) since the canary began; None without a canary."""
+def arms(store: Store, state: Deployment, max_tenant_share: float = MAX_TENANT_SHARE) -> tuple[Arm, Arm] | None:
+    """(canary, stable) since the canary began; None without a canary. Turns a client pinned to a version are
+    no evidence, and where several tenants' rewards are in, no tenant's make more than ``max_tenant_share``
+    of an arm's (:func:`capped`): one tenant cannot vote a canary in or out for the others."""
     if state.canary_name is None or state.canary_since is None:
         return None
     found = {name: Arm(name) for name in (state.canary_name, state.stable_name)}
@@ -241,9 +246,44 @@ def arms(store: Store, state: Deployment) -> tuple[Arm, Arm] | None:
             arm.flaws[flaw] += turns
     for arm in found.values():
         arm.latencies_ms = store.latencies(arm.version, state.canary_since, LATENCY_WINDOW)
-    for version, reward in store.rewards(list(found), state.canary_since):
-        found[version].rewards.append(reward)
+    rewards = store.rewards(list(found), state.canary_since)
+    shared = len({tenant for _, tenant, _ in rewards}) > 1
+    for arm in found.values():
+        mine = [(tenant, reward) for version, tenant, reward in rewards if version == arm.version]
+        arm.rewards = capped(mine, max_tenant_share) if shared else [reward for _, reward in mine]
+        arm.capped = len(mine) - len(arm.rewards)
     return found[state.canary_name], found[state.stable_name]
+
+
+def capped(rewards: list[tuple[str, float]], share: float) -> list[float]:
+    """The rewards kept when no tenant may make more than ``share`` of them: each tenant keeps its latest
+    ``limit``, the largest limit under which the tenant at the limit still holds at most ``share``.
+
+    >>> kept = capped([("mallory", 1.0)] * 100 + [("alice", -1.0)] * 10 + [("bob", 0.5)] * 5, 0.5)
+    >>> kept.count(1.0), kept.count(-1.0), kept.count(0.5)  # mallory keeps 15 of 30
+    (15, 10, 5)
+    >>> len(capped([("alice", 1.0)] * 10 + [("bob", 1.0)] * 10, 0.5)), capped([("alice", 1.0)] * 3, 0.5)
+    (20, [])
+    """
+    counts = Counter(tenant for tenant, _ in rewards)
+    if share >= 1.0 or not counts:
+        return [reward for _, reward in rewards]
+
+    def fits(limit: int) -> bool:
+        return limit <= share * sum(min(count, limit) for count in counts.values())
+
+    # fits() holds on an interval [0, best]: share * sum(min(count, limit)) - limit is concave in the limit.
+    low, high = 0, max(counts.values())
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    kept: Counter[str] = Counter()
+    latest_first = []
+    for tenant, reward in reversed(rewards):
+        if kept[tenant] < low:
+            kept[tenant] += 1
+            latest_first.append(reward)
+    return latest_first[::-1]
 
 
 def _aware(when: datetime | None) -> datetime | None:
@@ -281,10 +321,11 @@ def operate(store: Store, scope: str, action: str, actor: str, reason: str, publ
     return commit(store, scope, move, publish)
 
 
-def status(store: Store, scope: str = events.DEFAULT_SCOPE, history: int = 10) -> dict[str, Any]:
+def status(store: Store, scope: str = events.DEFAULT_SCOPE, history: int = 10,
+           max_tenant_share: float = MAX_TENANT_SHARE) -> dict[str, Any]:
     """The deployment, each arm's evidence while there is a canary, and the latest changes."""
     state = Deployment.read(store, scope)
-    evidence = arms(store, state)
+    evidence = arms(store, state, max_tenant_share)
     return {
         "scope": scope, "stable": state.stable_name, "canary": state.canary_name, "canary_weight": state.weight,
         "schedule": list(state.schedule), "paused": state.paused,

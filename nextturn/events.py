@@ -1,8 +1,9 @@
 """Event contracts: the only wire format between gateway, signals, trainer and rollout controller.
 
 Every event has a unique ``event_id``, a ``type`` that names it, and a ``schema_version``. A change to an
-event's fields bumps its version; a reader rejects versions it does not know with a clear error instead of
-guessing (the event log dead-letters such records, so they can be replayed after an upgrade).
+event's fields bumps its version; a reader reads every version up to its own (a new field has a default that
+says what an older event meant) and rejects later ones with a clear error instead of guessing (the event log
+dead-letters such records, so they can be replayed after an upgrade: upgrade readers before writers).
 
 Messages and tool calls mirror the OpenAI chat wire format. We do not reuse the ``openai`` SDK's request
 types here: they are TypedDicts with ``Iterable`` fields, which pydantic validates lazily into one-shot
@@ -14,7 +15,7 @@ from __future__ import annotations
 import base64
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -35,6 +36,7 @@ BASE_VERSION = "base"
 MAX_FEEDBACK_PER_TURN = 64
 # A failed turn's error when the client went away: the client's doing, not a fault of the version that served it.
 CLIENT_LEFT = "the client left before the stream ended"
+Cause = Literal["client", "server"]
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Reward = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
@@ -180,9 +182,17 @@ class TurnRecorded(_Event):
     finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "error"] | None = None
     status: Literal["ok", "failed"] = "ok"
     error: str | None = None
+    # Whose doing a failed turn was: "client" (a request the engine refused, e.g. a context too long, or a
+    # client that left) is no flaw of the version that served it. None on version 1: see ``failed_by``.
+    cause: Cause | None = None
+    # The client named the version (a model id) instead of being routed by the deployment: such turns are no
+    # evidence for the rollout (a tenant could otherwise steer a canary). Version 1 had no pinned turns on file.
+    pinned: bool = False
     latency_ms: float = Field(ge=0.0)
     started_at: datetime
     finished_at: datetime
+
+    schema_version: Literal[1, 2] = 2  # type: ignore[assignment]  # reads 1 and 2; 2 added cause and pinned
 
     @model_validator(mode="after")
     def _consistent(self) -> TurnRecorded:
@@ -193,7 +203,17 @@ class TurnRecorded(_Event):
             )
         if self.status == "failed" and not self.error:
             raise ValueError("a failed turn must say why in `error`")
+        if self.cause is not None and self.status != "failed":
+            raise ValueError("only a failed turn has a cause")
         return self
+
+    @property
+    def failed_by(self) -> Cause | None:
+        """Whose doing the failure was (None for a turn that did not fail). A version-1 event names no cause:
+        a client that left is the client's doing, anything else the server's."""
+        if self.status != "failed":
+            return None
+        return self.cause or ("client" if self.error == CLIENT_LEFT else "server")
 
     @property
     def partition_key(self) -> str:
@@ -353,10 +373,11 @@ def _diagnose(payload: bytes | str, exc: ValidationError) -> Exception:
     if cls is None:
         return UnknownEventType(f"unknown event type {kind!r}; this nextturn reads {sorted(EVENT_TYPES)}")
     version = head.get("schema_version", 1)  # absent means the model default
-    if version != 1:
+    known = get_args(cls.model_fields["schema_version"].annotation)
+    if version not in known:
         return UnsupportedSchemaVersion(
-            f"{kind} schema_version {version!r} is not supported (this nextturn reads version 1); "
-            "upgrade nextturn to read it"
+            f"{kind} schema_version {version!r} is not supported (this nextturn reads "
+            f"{', '.join(map(str, known))}); upgrade nextturn to read it"
         )
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"][1:]) or "event"

@@ -3,7 +3,8 @@
 The store files every turn under at most one flaw when it records it, so that the rollout controller
 counts them per version with one query (DESIGN, Rollout controller):
 
-- ``error``: the turn failed (the engine or the gateway). A client that left is not the version's fault;
+- ``error``: the turn failed (the engine or the gateway). A failure the client caused (it left, or sent a
+  request the engine refused, such as a context too long) is not the version's fault: no flaw;
 - ``tool_call``: the model tried to call a tool and the call did not parse (a marker left in the text, or
   arguments that are not a JSON object);
 - ``malformed``: text with U+FFFD, the mark of bytes that do not decode (a token soup);
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from nextturn.events import CLIENT_LEFT, TurnRecorded
+from nextturn.events import TurnRecorded
 from nextturn.local_models import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 Flaw = Literal["error", "tool_call", "malformed", "empty"]
@@ -34,7 +35,7 @@ def flaw(turn: TurnRecorded) -> Flaw | None:
     [None, 'empty', 'empty', 'malformed', 'tool_call']
     """
     if turn.status == "failed":
-        return None if turn.error == CLIENT_LEFT else "error"
+        return None if turn.failed_by == "client" else "error"
     if turn.response is None:
         return "error"
     calls = turn.response.tool_calls or []

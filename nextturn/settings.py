@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     trainer_holdout_every: int = Field(default=16, ge=0)
     trainer_keep_versions: int = Field(default=10, ge=1)  # versions kept on disk, besides those deployed
     trainer_device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA (bf16) when available
+    # Where a scope has signals from several tenants, the most of a batch one tenant's samples may fill (the
+    # rest wait for the others'): no tenant alone teaches an adapter others are served. 1: no cap.
+    trainer_max_tenant_share: float = Field(default=0.5, gt=0.0, le=1.0)
 
     # The rollout (DESIGN, Rollout controller; docs/rollouts.md). A new version serves this share of new
     # sessions, then the next, and is promoted after the last; a JSON list in the environment: [0.1, 0.5].
@@ -132,6 +135,9 @@ class Settings(BaseSettings):
     # model's is rejected before it serves (a collapse guard). Learning a format lowers distinct-1 too
     # ("1." and a newline in every answer), so a scope whose users want one may need it lower.
     rollout_min_distinct: float = Field(default=0.9, gt=0.0, le=1.0)
+    # Where several tenants' rewards are in, the most of an arm's rewards one tenant's may make (its latest
+    # count; the rest are left out): one tenant cannot vote a canary in or out for the others. 1: no cap.
+    rollout_max_tenant_share: float = Field(default=0.5, gt=0.0, le=1.0)
     # A canary without enough evidence to decide is rolled back after this long (paused: never).
     rollout_canary_timeout_s: float = Field(default=3600.0, gt=0)
     # How often the controller checks, and gateways re-read the deployment (besides DeploymentChanged).

@@ -194,34 +194,45 @@ class Store:
             ).order_by(tables.Adapter.version.desc())).first()  # type: ignore[attr-defined]
 
     def served_turns(self, versions: Sequence[str], since: datetime, step_since: datetime) -> list[Any]:
-        """(adapter_version, flaw, turns, of them since ``step_since``) of the turns these versions served
-        since ``since``, counted by the database."""
+        """(adapter_version, flaw, turns, of them since ``step_since``) of the turns the deployment routed to
+        these versions since ``since`` (pinned turns are no evidence), counted by the database."""
         table = tables.table_of(tables.Turn)
         recent = func.sum(case((table.c.started_at >= step_since, 1), else_=0))
         return self._read(sa_select(table.c.adapter_version, table.c.flaw, func.count(), recent)
-                          .where(table.c.adapter_version.in_(list(versions)), table.c.started_at >= since)
+                          .where(table.c.adapter_version.in_(list(versions)), table.c.started_at >= since,
+                                 table.c.pinned.is_(False))
                           .group_by(table.c.adapter_version, table.c.flaw))
 
     def latencies(self, version: str, since: datetime, limit: int) -> list[float]:
-        """The latency of the latest ``limit`` turns ``version`` served since ``since``."""
+        """The latency of the latest ``limit`` turns the deployment routed to ``version`` since ``since``."""
         table = tables.table_of(tables.Turn)
         return [row[0] for row in self._read(
-            sa_select(table.c.latency_ms).where(table.c.adapter_version == version, table.c.started_at >= since)
+            sa_select(table.c.latency_ms).where(table.c.adapter_version == version, table.c.started_at >= since,
+                                                table.c.pinned.is_(False))
             .order_by(table.c.started_at.desc()).limit(limit))]
 
-    def rewards(self, versions: Sequence[str], since: datetime) -> list[tuple[str, float]]:
-        """(adapter_version, reward) of the turns these versions served since ``since`` whose latest signal
-        revision carries a reward."""
+    def scope_tenants(self, scope: str, limit: int) -> list[str]:
+        """Up to ``limit`` of the tenants with signals in ``scope``."""
+        signals = tables.table_of(tables.Signal)
+        return [row[0] for row in self._read(
+            sa_select(signals.c.tenant).where(signals.c.scope == scope).distinct().limit(limit))]
+
+    def rewards(self, versions: Sequence[str], since: datetime) -> list[tuple[str, str, float]]:
+        """(adapter_version, tenant, reward) of the turns the deployment routed to these versions since
+        ``since`` whose latest signal revision carries a reward, in the order they were served."""
         signals, turns = tables.table_of(tables.Signal), tables.table_of(tables.Turn)
         rows = self._read(
-            sa_select(signals.c.adapter_version, signals.c.signal_id, signals.c.revision, signals.c.reward)
+            sa_select(signals.c.adapter_version, signals.c.tenant, signals.c.signal_id, signals.c.revision,
+                      signals.c.reward)
             .join(turns, turns.c.id == signals.c.turn_id)
-            .where(signals.c.adapter_version.in_(list(versions)), turns.c.started_at >= since))
-        latest: dict[str, tuple[int, str, float | None]] = {}
-        for version, signal_id, revision, reward in rows:
+            .where(signals.c.adapter_version.in_(list(versions)), turns.c.started_at >= since,
+                   turns.c.pinned.is_(False))
+            .order_by(turns.c.started_at, turns.c.id))
+        latest: dict[str, tuple[int, str, str, float | None]] = {}
+        for version, tenant, signal_id, revision, reward in rows:
             if signal_id not in latest or revision > latest[signal_id][0]:
-                latest[signal_id] = (revision, version, reward)
-        return [(version, reward) for _, version, reward in latest.values() if reward is not None]
+                latest[signal_id] = (revision, version, tenant, reward)
+        return [(version, tenant, reward) for _, version, tenant, reward in latest.values() if reward is not None]
 
     def loop_counts(self, scope: str, recent: int) -> dict[str, Any]:
         """What a live status shows: the scope's turns (and failed ones), turns with a signal, with a reward,
@@ -280,6 +291,7 @@ class Store:
             "response_logprobs": turn.response_logprobs, "finish_reason": turn.finish_reason,
             "status": turn.status, "error": turn.error, "latency_ms": turn.latency_ms,
             "started_at": turn.started_at, "finished_at": turn.finished_at, "flaw": flaw(turn),
+            "pinned": turn.pinned,
         })
         if new:
             self._touch_session(conn, turn)

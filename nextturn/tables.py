@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, LargeBinary, MetaData, Table, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Index, LargeBinary, MetaData, Table, Text, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
 # Named constraints, so that SQLite and Postgres agree and migrations can drop what they created.
@@ -104,6 +104,8 @@ class Turn(SQLModel, table=True):
     started_at: datetime = _when(index=True)
     finished_at: datetime = _when()
     flaw: str | None = None  # nextturn.flaws: what is visibly wrong with it (None: nothing, or recorded before 0004)
+    # The client named the version: not evidence for the rollout (turns stored before 0006: False).
+    pinned: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
 
 
 class Feedback(SQLModel, table=True):

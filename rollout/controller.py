@@ -69,7 +69,7 @@ class RolloutController:
         state = Deployment.read(self._store, self.scope)
         if state.canary is None:
             return self._begin(state)
-        evidence = deployments.arms(self._store, state)
+        evidence = deployments.arms(self._store, state, self.policy.max_tenant_share)
         assert evidence is not None  # there is a canary
         self.verdict = decide(state, *evidence, self.policy, self._clock())
         moves = {"step": deployments.step, "promote": deployments.promote, "rollback": deployments.rollback}

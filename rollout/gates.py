@@ -58,13 +58,15 @@ class GatePolicy:
     variance_floor: float = 0.05
     max_kl: float = 2.0
     min_distinct: float = 0.9
+    max_tenant_share: float = 0.5  # of an arm's rewards (nextturn.deployments.arms)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatePolicy:
         return cls(schedule=tuple(settings.rollout_schedule), min_resolved=settings.rollout_min_resolved,
                    confidence=settings.rollout_confidence, margin=settings.rollout_reward_margin,
                    guard_min_turns=settings.rollout_guard_min_turns, timeout_s=settings.rollout_canary_timeout_s,
-                   min_distinct=settings.rollout_min_distinct)
+                   min_distinct=settings.rollout_min_distinct,
+                   max_tenant_share=settings.rollout_max_tenant_share)
 
 
 @dataclass(frozen=True)

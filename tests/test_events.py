@@ -76,9 +76,29 @@ def test_token_ids_and_logprobs_survive_exactly(prompt: list[int], sampled: list
 
 
 def test_an_unknown_schema_version_is_refused_clearly() -> None:
-    payload = turn().model_dump(mode="json") | {"schema_version": 2}
-    with pytest.raises(UnsupportedSchemaVersion, match="turn.recorded schema_version 2 is not supported"):
+    payload = turn().model_dump(mode="json") | {"schema_version": 3}
+    with pytest.raises(UnsupportedSchemaVersion, match="turn.recorded schema_version 3 is not supported .*1, 2"):
         events.decode(json.dumps(payload))
+
+
+def test_a_version_1_turn_is_read_with_what_its_failure_meant() -> None:
+    """Version 2 added ``cause`` and ``pinned``: a version-1 turn has neither, and is read as it was meant."""
+
+    def version_1(error: str) -> events.TurnRecorded:
+        payload = turn().model_dump(mode="json", exclude={"cause", "pinned"})
+        decoded = events.decode(json.dumps(payload | {"schema_version": 1, "status": "failed", "error": error,
+                                                      "response": None}))
+        assert isinstance(decoded, events.TurnRecorded) and decoded.schema_version == 1
+        return decoded
+
+    assert version_1(events.CLIENT_LEFT).failed_by == "client"
+    assert version_1("EngineUnavailable: down").failed_by == "server"
+    assert not version_1("x").pinned
+    assert turn().schema_version == 2 and turn().failed_by is None
+    refused = turn().model_copy(update={"status": "failed", "error": "context too long", "cause": "client"})
+    assert events.decode(refused.encode()).failed_by == "client"  # type: ignore[union-attr]
+    with pytest.raises(MalformedEvent, match="only a failed turn has a cause"):
+        events.decode(turn().model_dump_json() .replace('"cause":null', '"cause":"client"'))
 
 
 def test_unknown_types_and_malformed_payloads_are_refused_clearly() -> None:

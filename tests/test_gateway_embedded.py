@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
+from nextturn.flaws import flaw
 from nextturn.settings import Settings
 
 from support.event_logs import recorded
@@ -96,7 +97,7 @@ def test_admin_routes_need_the_admin_key_and_say_what_is_wrong(gateway: Uvicorn,
 
 
 def test_a_version_is_a_model_a_client_can_pin(client: openai.OpenAI, gateway: Uvicorn,
-                                               tiny_adapters: dict[str, Path]) -> None:
+                                               tiny_adapters: dict[str, Path], data_dir: Path) -> None:
     httpx.post(f"{gateway.url}/v1/admin/adapters", headers=ADMIN, timeout=30,
                json={"version": "pinned", "path": str(tiny_adapters["a2"])}).raise_for_status()
     try:
@@ -105,14 +106,23 @@ def test_a_version_is_a_model_a_client_can_pin(client: openai.OpenAI, gateway: U
         raw = client.chat.completions.with_raw_response.create(
             model="pinned", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert raw.headers["X-Nextturn-Adapter"] == "pinned"
+        # A pinned turn is recorded as such: the rollout does not count it as evidence for a version.
+        assert recorded(data_dir, raw.parse().id).pinned
+        routed = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=3)
+        assert not recorded(data_dir, routed.id).pinned
     finally:
         httpx.delete(f"{gateway.url}/v1/admin/adapters/pinned", headers=ADMIN, timeout=60).raise_for_status()
 
 
-def test_too_many_tokens_and_too_large_bodies_are_clear_errors(client: openai.OpenAI, gateway: Uvicorn) -> None:
+def test_too_many_tokens_and_too_large_bodies_are_clear_errors(client: openai.OpenAI, gateway: Uvicorn,
+                                                               data_dir: Path) -> None:
+    asked = "a request longer than the context"
     with pytest.raises(openai.BadRequestError) as too_long:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5000)
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": asked}], max_tokens=5000)
     assert too_long.value.code == "context_length_exceeded"
+    turn = recorded(data_dir, None, asked=asked)  # failed by the client's doing: no flaw of the version
+    assert (turn.status, turn.cause, flaw(turn)) == ("failed", "client", None)
     with pytest.raises(openai.BadRequestError, match="context"):  # a stream is refused before it starts
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5000,
                                        stream=True)
@@ -171,4 +181,5 @@ def test_a_client_that_leaves_a_stream_stops_its_generation_and_the_turn_is_reco
         next(response.iter_lines())  # the first chunk, then the connection closes
     turn = recorded(data_dir, None, asked=asked)
     assert turn.status == "failed" and turn.error == "the client left before the stream ended"
+    assert turn.cause == "client" and flaw(turn) is None
     assert httpx.get(f"{gateway.url}/healthz").status_code == 200

@@ -47,17 +47,20 @@ def controller(log: EventLog, store: Store, clock: Clock | None = None, **policy
 
 
 def served(store: Store, version: str, n: int, *, reward: float | None = None, content: str | None = "fine",
-           latency_ms: float = 20.0) -> None:
-    """``n`` turns served by ``version`` now, each with a signal carrying ``reward`` (None: no signal)."""
+           latency_ms: float = 20.0, tenant: str = "acme", pinned: bool = False,
+           failed_by: events.Cause | None = None) -> None:
+    """``n`` turns served by ``version`` now, each with a signal carrying ``reward`` (None: no signal);
+    ``failed_by``: each failed, caused by the client or the server."""
     batch: list[events.Event] = []
     for k in range(n):
+        failed = {"status": "failed", "error": "refused", "cause": failed_by, "response": None} if failed_by else {}
         item = turn(f"{version}-{events.new_id()[:8]}", k).model_copy(update={
-            "adapter_version": version, "latency_ms": latency_ms,
-            "response": events.ChatMessage(role="assistant", content=content)})
+            "adapter_version": version, "latency_ms": latency_ms, "tenant": tenant, "pinned": pinned,
+            "response": events.ChatMessage(role="assistant", content=content), **failed})
         batch.append(item)
         if reward is not None:
             batch.append(events.SignalExtracted(
-                signal_id=f"{item.turn_id}:x", tenant="acme", session_id=item.session_id, turn_id=item.turn_id,
+                signal_id=f"{item.turn_id}:x", tenant=tenant, session_id=item.session_id, turn_id=item.turn_id,
                 adapter_version=version, reward=reward, confidence=1.0, extractor_version="x"))
     store.apply(batch)
 
@@ -130,6 +133,55 @@ def test_flaws_as_common_on_stable_do_not_roll_back(log: EventLog, store: Store,
     served(store, "base", 40, content="")
     served(store, "default-v1", 20, content="")
     assert ctl.check() is None and ctl.verdict.action == "wait"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("failed_by", ["client", "server"])
+def test_only_failures_the_server_caused_are_a_canarys_flaws(
+    log: EventLog, store: Store, tmp_path: Path, failed_by: events.Cause
+) -> None:
+    """A tenant that sends requests the engine refuses (a context too long) cannot roll a canary back."""
+    ctl = controller(log, store)
+    canary_of(log, store, ctl, 1, tmp_path)
+    served(store, "base", 20)
+    served(store, "default-v1", 10, failed_by=failed_by)
+    change = ctl.check()
+    if failed_by == "client":
+        assert change is None and ctl.verdict is not None and ctl.verdict.action == "wait", ctl.verdict
+    else:
+        assert change is not None and change.action == "rollback" and "failed turns in 10 of 10" in change.reason
+
+
+def test_turns_pinned_to_a_version_are_no_evidence(log: EventLog, store: Store, tmp_path: Path) -> None:
+    """A tenant that names the canary's version and rewards it, or floods it with bad turns, moves nothing."""
+    ctl = controller(log, store)
+    canary_of(log, store, ctl, 1, tmp_path)
+    served(store, "base", 30, reward=0.0)
+    served(store, "default-v1", 40, reward=1.0, pinned=True)
+    served(store, "default-v1", 40, content="", pinned=True)
+    assert ctl.check() is None and ctl.verdict is not None, ctl.verdict
+    assert ctl.verdict.action == "wait" and "0 resolved canary turns" in ctl.verdict.reason
+    figures = deployments.status(store, "default")
+    assert figures["arms"]["canary"]["turns"] == 0
+    served(store, "default-v1", 30, reward=1.0)  # routed by the deployment: evidence
+    stepped = ctl.check()
+    assert stepped is not None and stepped.action == "step", ctl.verdict
+
+
+def test_one_tenant_cannot_vote_a_canary_in_for_the_others(log: EventLog, store: Store, tmp_path: Path) -> None:
+    ctl = controller(log, store)
+    canary_of(log, store, ctl, 1, tmp_path)
+    served(store, "base", 15, reward=0.0, tenant="alice")
+    served(store, "base", 15, reward=0.0, tenant="bob")
+    served(store, "default-v1", 4, reward=0.0, tenant="alice")
+    served(store, "default-v1", 100, reward=1.0, tenant="mallory")
+    assert ctl.check() is None and ctl.verdict is not None and ctl.verdict.action == "wait", ctl.verdict
+    canary = deployments.status(store, "default")["arms"]["canary"]
+    assert (canary["resolved"], canary["capped"], canary["mean_reward"]) == (8, 96, 0.5)  # 4 of mallory's kept
+    served(store, "default-v1", 6, reward=0.0, tenant="bob")  # others' evidence lets more of mallory's in
+    canary = deployments.status(store, "default")["arms"]["canary"]
+    assert (canary["resolved"], canary["capped"], canary["mean_reward"]) == (20, 90, 0.5)  # half, at most
+    uncapped = deployments.status(store, "default", max_tenant_share=1.0)["arms"]["canary"]
+    assert (uncapped["resolved"], uncapped["capped"], round(uncapped["mean_reward"], 2)) == (110, 0, 0.91)
 
 
 def test_low_traffic_waits_then_times_out_and_pause_holds_it(log: EventLog, store: Store, tmp_path: Path) -> None:

@@ -189,6 +189,31 @@ def test_what_cannot_teach_is_turned_away_and_counted(base: Policy, tiny_model: 
     assert published(tmp_path) == {} and len(worker.ledger.waiting) == 3  # three good ones wait for a fourth
 
 
+def test_one_tenant_fills_at_most_its_share_of_a_batch_where_tenants_share_a_scope(
+    base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path
+) -> None:
+    """A tenant that floods a shared scope with signals cannot make an update of its samples alone: with a
+    batch of 4 and a share of 0.5, two of its samples go in each batch; the rest wait for others'."""
+    flood = [served(base, n, tenant="mallory") for n in range(8)]
+    alice = served(base, 8, tenant="alice")
+    record(store, sqlite_log, *flood, alice, *(signal(t) for t in (*flood, alice)))
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, standing_hints=0)
+    worker.drain(0.3)
+    assert published(tmp_path) == {} and len(worker.ledger.waiting) == 9  # 2 of mallory's and alice's: 3 of 4
+    bob = served(base, 9, tenant="bob")
+    record(store, sqlite_log, bob, signal(bob))
+    worker.drain(0.3)
+    worker.close()
+    assert list(published(tmp_path)) == [1] and worker.ledger.counts["samples_trained"] == 4
+    assert len(worker.ledger.waiting) == 6  # mallory's other six
+    again = open_log("sqlite", str(tmp_path / "again.db"))  # the same signals, to a trainer without the cap
+    again.append([signal(t) for t in (*flood, alice, bob)])
+    uncapped = trainer(again, store, tiny_model, tmp_path / "uncapped", standing_hints=0, max_tenant_share=1.0)
+    uncapped.drain(0.3)
+    uncapped.close()
+    assert uncapped.ledger.counts["samples_trained"] == 8 and len(uncapped.ledger.waiting) == 2
+
+
 def test_a_signal_is_trained_once_and_again_only_when_a_later_revision_changes_it(
         base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path) -> None:
     turns = [served(base, n) for n in range(8)]

@@ -16,7 +16,8 @@ importance weights would be mostly cap). Both are counted by the trainer, never 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,29 @@ def standing_applies(turn: tables.Turn) -> bool:
     [True, False]
     """
     return not (turn.response or {}).get("tool_calls")
+
+
+def batch_of(ready: Sequence[Sample], size: int, quota: int) -> list[Sample] | None:
+    """The first ``size`` ready samples, in order, with at most ``quota`` from one tenant; None while there
+    are not enough (the rest of a tenant over its quota wait for the next batch).
+
+    >>> def sample(tenant):
+    ...     return Sample("e", "s", 0, "t", tenant, "base", [1], [2], [-0.1], 1.0, None, None, None)
+    >>> ready = [sample(tenant) for tenant in "aaaaab"]
+    >>> batch_of(ready, 4, 4) == ready[:4], batch_of(ready, 4, 2)
+    (True, None)
+    >>> [s.tenant for s in batch_of(ready + [sample("c")], 4, 2)]
+    ['a', 'a', 'b', 'c']
+    """
+    taken: Counter[str] = Counter()
+    batch = []
+    for sample in ready:
+        if taken[sample.tenant] < quota:
+            taken[sample.tenant] += 1
+            batch.append(sample)
+            if len(batch) == size:
+                return batch
+    return None
 
 
 def build(signal: tables.Signal, turn: tables.Turn, tokenizer: Any, standing: list[str]) -> Sample:

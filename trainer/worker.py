@@ -9,7 +9,9 @@ It consumes ``signals`` in the consumer group ``trainer-<scope>``. Order of oper
    recorder has not stored yet keeps waiting). Refused samples (stale, failed, no logprobs) and held-out
    turns (the collapse guards' replay set) are done, and counted;
 3. when ``batch_size`` samples are ready and the pacing allows (below): one update with the configured
-   algorithm. If it took optimizer steps: measure the collapse guards, write a checkpoint (adapter,
+   algorithm. Where the scope has signals from several tenants, one tenant's samples fill at most
+   ``max_tenant_share`` of a batch (the rest wait for others' samples): no tenant alone teaches a shared
+   adapter. If it took optimizer steps: measure the collapse guards, write a checkpoint (adapter,
    optimizer, ledger, with the step marked "publish pending"), publish the adapter as the next version
    (``meta.json`` names the step), then clear the mark. An update without signal (every advantage zero)
    takes no step and publishes nothing;
@@ -37,6 +39,7 @@ import json
 import logging
 import shutil
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -60,7 +63,7 @@ from trainer.checkpoint import ADAPTER, OPTIMIZER, Checkpoints
 from trainer.ledger import REPLAY_LIMIT, Ledger, event_id_of
 from trainer.packing import Update
 from trainer.policy import Policy
-from trainer.samples import Sample, build, held_out, refusal, standing_applies
+from trainer.samples import Sample, batch_of, build, held_out, refusal, standing_applies
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,11 @@ class TrainerConfig:
     keep_versions: int = 10
     device: str = "auto"
     guard_tokens: int = 32  # tokens sampled per replay prompt for the collapse guards
+    max_tenant_share: float = 0.5  # of a batch, where the scope has several tenants' signals
+
+    def quota(self, shared: bool) -> int:
+        """Samples one tenant may put in a batch."""
+        return max(1, int(self.max_tenant_share * self.batch_size)) if shared else self.batch_size
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TrainerConfig:
@@ -104,6 +112,7 @@ class TrainerConfig:
             max_ahead=settings.trainer_max_ahead, standing_hints=settings.trainer_standing_hints,
             holdout_every=settings.trainer_holdout_every,
             keep_versions=settings.trainer_keep_versions, device=settings.trainer_device,
+            max_tenant_share=settings.trainer_max_tenant_share,
         )
 
     def objective(self) -> combined.Objective | distillation.Objective:
@@ -135,6 +144,10 @@ class TrainerWorker:
         self._checkpoints.lock()
         self._train = config.algorithm()
         self._ready: dict[str, Sample] = {}  # signal id -> sample built from the store, waiting for a batch
+        # Whether the scope has signals from more than one tenant (then it stays so): read from the store once,
+        # then from the signals offered.
+        self._shared: bool | None = None
+        self._tenant: str | None = None
         self.ledger, self.policy, self._optimizer = self._resume()
         self._saved = json.dumps(self.ledger.to_json(), sort_keys=True) if self._checkpoints.current() else ""
         self._consumer = event_log.consumer(f"trainer-{scope}", [events.SIGNALS], on_bad_record=on_bad_record)
@@ -191,8 +204,8 @@ class TrainerWorker:
         try:
             room = self._room()  # first: a rebase changes which samples are stale
             self._resolve()
-            while room and len(self._ready) >= self.config.batch_size:
-                self._update([self._ready[key] for key in list(self._ready)[: self.config.batch_size]])
+            while room and (batch := self._batch()) is not None:
+                self._update(batch)
                 room = self._room()
         except StoreUnavailable as exc:
             log.warning("cannot read the store (%s); trying again next round", exc)
@@ -215,6 +228,7 @@ class TrainerWorker:
         if signal.scope != self.scope:
             return  # another scope's trainer takes it
         self.ledger.count("received")
+        self._saw(signal.tenant)
         if self.ledger.offer(signal):
             self._ready.pop(signal.signal_id, None)  # a newer revision replaces a ready older one
 
@@ -228,10 +242,20 @@ class TrainerWorker:
         signals, turns = self._rows(list(pending))
         found = [(signals[e], turns[signals[e].turn_id], key) for e, key in pending.items()
                  if e in signals and signals[e].turn_id in turns]  # the others wait for the recorder
+        if self._shared is None:
+            for tenant in self._store.scope_tenants(self.scope, limit=2):
+                self._saw(tenant)
+            self._shared = bool(self._shared)
+        # The trainer waits for the rollout, or for other tenants: the rest wait in the ledger, not in memory,
+        # and a tenant over its share does not crowd the others' samples out.
+        per_tenant = Counter(sample.tenant for sample in self._ready.values())
+        bound = MAX_READY * self.config.quota(bool(self._shared))
         # In the order the turns were served: a tenant's hint becomes standing for the turns after it.
         for signal, turn, key in sorted(found, key=lambda item: (_aware(item[1].started_at), item[1].id)):
             if len(self._ready) >= MAX_READY * self.config.batch_size:
-                break  # the trainer waits for the rollout: the rest wait in the ledger, not in memory
+                break
+            if per_tenant[turn.tenant] >= bound:
+                continue
             if held_out(turn.id, self.config.holdout_every):
                 self.ledger.hold_out(key, signal.revision, turn.id)
                 self.ledger.count("held_out")
@@ -251,6 +275,16 @@ class TrainerWorker:
                 # is about that turn (a "division by zero" note made the teacher garble later sums).
                 self.ledger.remember_hint(turn.tenant, signal.hint, self.config.standing_hints)
             self._ready[key] = build(signal, turn, self.policy.tokenizer, standing)
+            per_tenant[turn.tenant] += 1
+
+    def _saw(self, tenant: str) -> None:
+        if self._tenant is None:
+            self._tenant = tenant
+        elif tenant != self._tenant:
+            self._shared = True
+
+    def _batch(self) -> list[Sample] | None:
+        return batch_of(list(self._ready.values()), self.config.batch_size, self.config.quota(bool(self._shared)))
 
     def _standing(self, turn: tables.Turn) -> list[str]:
         if not self.config.standing_hints or not standing_applies(turn):
