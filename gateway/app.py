@@ -3,7 +3,8 @@
 The lifespan owns the long-lived parts: the event log, the publisher and its thread, the store and a
 recorder process that copies the log into it (each replica is a member of the recorder's group), the
 session linker, the engine and its connections. Requests reach them through ``request.app.state``.
-A background part that dies (thread or process) turns /healthz into a 503 that names it.
+A background part that dies (thread or process) turns /healthz into a 503 that names it; the publisher and
+the recorder are restarted (:mod:`gateway.supervisor`), and /healthz counts their restarts.
 
 No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations at runtime, and
 their dependencies are local to create_app.
@@ -30,6 +31,7 @@ from gateway.limits import GuardRequests, LimitBodySize, StrictJsonRoute, Tenant
 from gateway.metrics import CONTENT_TYPE, CountRequests, Metrics
 from gateway.publisher import Publisher
 from gateway.sessions import SessionLinker
+from gateway.supervisor import Supervisor
 from gateway.turns import TurnService
 from gateway.watcher import DeploymentWatcher
 from nextturn import deployments, events
@@ -129,10 +131,14 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.watcher = watcher
         metrics.watch(lambda: publisher.queued, lambda: len(publisher.spool))
         app.state.store = store
-        app.state.background = [task for task in (publisher, recorder, engine, watcher) if task is not None]
+        supervisor = Supervisor([task for task in (publisher, recorder, engine, watcher) if task is not None],
+                                metrics)
+        await supervisor.start()
+        app.state.supervisor = supervisor
         try:
             yield
         finally:
+            await supervisor.close()
             await watcher.close()
             await engine.close()
             if recorder is not None:
@@ -168,11 +174,13 @@ def create_app(settings: Settings) -> FastAPI:
         return found
 
     @app.get("/healthz", response_model=None)
-    async def healthz(request: Request) -> dict[str, str] | JSONResponse:
-        dead = [task.name for task in request.app.state.background if task.failure is not None]
+    async def healthz(request: Request) -> dict[str, Any] | JSONResponse:
+        supervisor: Supervisor = request.app.state.supervisor
+        restarts = {"restarts": dict(supervisor.restarts)} if supervisor.restarts else {}
+        dead = supervisor.dead()
         if dead:
-            return JSONResponse({"status": "degraded", "dead": ", ".join(dead)}, status_code=503)
-        return {"status": "ok"}
+            return JSONResponse({"status": "degraded", "dead": ", ".join(dead), **restarts}, status_code=503)
+        return {"status": "ok", **restarts}
 
     if settings.metrics:
         @app.get("/metrics")

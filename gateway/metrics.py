@@ -12,6 +12,8 @@
     nextturn_version_reward{adapter}                       their mean reward (read from the store)
     nextturn_adapter_load_failures_total{adapter}          deployed versions the engine could not load
     nextturn_publish_queue_depth, nextturn_spool_depth     events waiting for the event log
+    nextturn_gateway_restarts_total{part}                  background parts restarted after they died
+                                                           (part publisher | recorder: gateway.supervisor)
 
 Each app has its own registry, so that two apps in one process (tests) do not share counters. The
 request counter is a plain ASGI middleware: Starlette's BaseHTTPMiddleware costs a task per request.
@@ -50,6 +52,8 @@ class Metrics:
                             "changed", ["adapter"], registry=self.registry)
         self.load_failures = Counter("nextturn_adapter_load_failures", "Deployed versions the engine could not load",
                                      ["adapter"], registry=self.registry)
+        self.restarts = Counter("nextturn_gateway_restarts", "Background parts restarted after they died",
+                                ["part"], registry=self.registry)
         self._queue = Gauge("nextturn_publish_queue_depth", "Events queued for the event log",
                             registry=self.registry)
         self._spool = Gauge("nextturn_spool_depth", "Events spooled to disk while the event log is unavailable",

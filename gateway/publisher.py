@@ -19,6 +19,10 @@ order holds as long as the queue has room (``capacity``, 10,000 events by defaul
 An event that cannot be written as it is (not UTF-8 encodable, or over the log's per-event limit) goes to
 the ``dead-letters`` topic with its reason instead, so that it never stops the events behind it.
 
+If the thread dies (a bug, a spool that cannot be written), ``publish`` keeps queueing (and spooling once
+the queue is full) and the gateway's supervisor (:mod:`gateway.supervisor`) starts a new thread with
+:meth:`Publisher.restart`, which writes the batch the dead one held first: nothing is lost.
+
 Delivery is at least once: a replay cut short is replayed again from the start of the spool, so the
 log may receive an event twice under one event id, and its consumers write idempotently.
 """
@@ -42,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 class PublisherStopped(NextturnError):
-    """The publisher's thread is not running (stopped, or dead: see the cause)."""
+    """The publisher was stopped: it takes no more events."""
 
 
 class Spool:
@@ -128,17 +132,30 @@ class Publisher:
         self._first_pause_s, self._max_pause_s = retry_pause_s
         self._stopping = threading.Event()
         self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="nextturn-publisher", daemon=True)
+        self._holding: list[events.Event] = []  # the batch being written: a restarted thread writes it first
+        self._thread = self._new_thread()
 
     name = "publisher"
+
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._run, name="nextturn-publisher", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def restart(self) -> None:
+        """Start a new thread after the last one died (the supervisor calls this)."""
+        if self._thread.is_alive() or self._stopping.is_set():
+            return
+        self._failure = None
+        self._thread = self._new_thread()
+        self._thread.start()
+
     def publish(self, event: events.Event) -> None:
-        """Hand an event over; returns at once (raises PublisherStopped if the thread is not running)."""
-        if self._failure is not None or not self._thread.is_alive():
-            raise PublisherStopped("the event publisher is not running") from self._failure
+        """Hand an event over; returns at once (raises PublisherStopped once the publisher was stopped). While
+        the thread is dead and not yet restarted, events wait in the queue, or in the spool once it is full."""
+        if self._stopping.is_set():
+            raise PublisherStopped("the event publisher was stopped")
         try:
             self._queue.put_nowait(event)
         except queue.Full:
@@ -146,7 +163,10 @@ class Publisher:
 
     @property
     def failure(self) -> BaseException | None:
-        """Why the thread died, or None while it runs (the same check as the gateway's other threads)."""
+        """Why the thread died, or None while it runs (the same check as the gateway's other parts)."""
+        if self._failure is None and self._thread.ident is not None and not self._thread.is_alive() \
+                and not self._stopping.is_set():
+            return PublisherStopped("the publisher's thread ended")
         return self._failure
 
     @property
@@ -162,6 +182,9 @@ class Publisher:
 
     def _run(self) -> None:
         try:
+            if self._holding:  # what the dead thread was writing goes before anything queued after it
+                self._deliver(self._holding)
+                self._holding = []
             pause = self._first_pause_s
             next_replay = 0.0
             while not (self._stopping.is_set() and self._queue.empty()):
@@ -173,8 +196,10 @@ class Publisher:
                         pause = min(pause * 2, self._max_pause_s)
                 batch = self._take(timeout_s=0.05)
                 if batch:
+                    self._holding = batch
                     self._deliver(batch)
-        except BaseException as exc:  # supervised: publish() raises from now on, with this as the cause
+                    self._holding = []
+        except BaseException as exc:  # supervised: the gateway restarts the thread (see restart)
             self._failure = exc
             log.exception("the event publisher died")
 

@@ -113,18 +113,29 @@ def record(settings: Settings, stop: threading.Event | ProcessEvent, *, child: b
 
 class RecorderProcess:
     """A recorder in a child process, started with ``spawn`` (a fork would copy the parent's threads'
-    locks mid-use). ``failure`` says why it ended if it ended on its own; it is not restarted, the
-    gateway's /healthz reports it."""
+    locks mid-use). ``failure`` says why it ended if it ended on its own; the gateway's supervisor then
+    starts a new one (:meth:`restart`), which resumes from the group's committed offsets."""
 
     name = "recorder"
 
     def __init__(self, settings: Settings) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._stop = context.Event()
-        self._process = context.Process(target=record, args=(settings, self._stop), kwargs={"child": True},
-                                        name="nextturn-recorder", daemon=True)
+        self._settings = settings
+        self._context = multiprocessing.get_context("spawn")
+        self._stop = self._context.Event()
+        self._process = self._new_process()
+
+    def _new_process(self) -> multiprocessing.process.BaseProcess:
+        return self._context.Process(target=record, args=(self._settings, self._stop), kwargs={"child": True},
+                                     name="nextturn-recorder", daemon=True)
 
     def start(self) -> None:
+        self._process.start()
+
+    def restart(self) -> None:
+        if self._stop.is_set() or self._process.exitcode is None:
+            return  # stopped, or still running
+        self._process.close()
+        self._process = self._new_process()
         self._process.start()
 
     @property

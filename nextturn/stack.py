@@ -12,8 +12,11 @@ vLLM when Settings say so.
   /healthz. ``train_method = none`` runs no trainer.
 * **Supervision**: each child runs in its own process group, its output appended to
   ``<data dir>/logs/<name>.log``. One that exits is started again after a back-off (1 s, doubling to 30 s);
-  its state is durable (offsets, checkpoints, the store), so it resumes where it was. One that fails
-  ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S`` stops the whole stack with its log's last lines.
+  its state is durable (offsets, checkpoints, the store), so it resumes where it was. A worker that fails
+  ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S`` is marked failing (its log's last lines are logged)
+  and tried again every 30 s; the rest go on, and the gateway serves and records meanwhile: what the worker
+  has not processed waits on the event log. Only a gateway that keeps failing stops the whole stack, with
+  its log's last lines: nothing serves without it.
 * **Stop**: Ctrl-C (or SIGTERM) stops the gateway first (no new turns), then the workers, each with
   SIGTERM and up to ``STOP_GRACE_S`` to finish its round before SIGKILL.
 * **Status**: :func:`activity` reads the figures a person watching the loop wants from the store:
@@ -44,7 +47,10 @@ from nextturn.errors import ConfigError, NextturnError
 from nextturn.settings import Settings, child_environment
 from nextturn.store import Store, upgrade
 
+log = logging.getLogger(__name__)
+
 MAX_RESTARTS = 5
+MAX_BACKOFF_S = 30.0
 RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 30.0
 HEALTH_TIMEOUT_S = 120.0
@@ -105,12 +111,15 @@ class _Child:
     failures: deque[float] = field(default_factory=deque)  # monotonic times of unexpected exits
     restarts: int = 0
     last_exit: int | None = None
+    failing: bool = False  # failed MAX_RESTARTS times within RESTART_WINDOW_S, and not run long since
 
     @property
     def state(self) -> str:
         if self.process is not None and self.process.poll() is None:
-            return "running"
-        return "restarting" if self.restart_at is not None else "stopped"
+            return "failing" if self.failing else "running"
+        if self.restart_at is not None:
+            return "failing" if self.failing else "restarting"
+        return "stopped"
 
 
 class StackFailed(NextturnError):
@@ -123,7 +132,7 @@ class Stack:
     def __init__(self, settings: Settings, *, environment: dict[str, str] | None = None,
                  backoff_s: float = 1.0, parts: list[Component] | None = None) -> None:
         self.settings = settings
-        self.backoff_s = backoff_s  # the first restart's delay; it doubles, up to 30 s
+        self.backoff_s = backoff_s  # the first restart's delay; it doubles, up to MAX_BACKOFF_S
         self.logs = settings.data_dir / "logs"
         self._environment = child_environment(settings, dict(os.environ if environment is None else environment))
         self._parts = components(settings) if parts is None else parts  # the first one serves /healthz
@@ -196,23 +205,33 @@ class Stack:
     # -- supervise ----------------------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Restart children that exited (after their back-off); raise StackFailed when one keeps failing."""
+        """Restart children that exited (after their back-off); raise StackFailed when the gateway keeps
+        failing (a worker that keeps failing is marked so and retried: the others go on)."""
         now = time.monotonic()
         with self._lock:
-            for child in self.children:
+            for index, child in enumerate(self.children):
                 process = child.process
+                if child.failing and process is not None and now - child.started_at > RESTART_WINDOW_S:
+                    child.failing = False  # it has run a while since: back to the usual back-off
+                    child.failures.clear()
                 if process is not None and process.poll() is not None and child.restart_at is None:
                     child.last_exit = process.returncode
                     child.process = None
                     child.failures.append(now)
                     while child.failures and now - child.failures[0] > RESTART_WINDOW_S:
                         child.failures.popleft()
-                    if len(child.failures) >= MAX_RESTARTS:
-                        name = child.component.name
-                        raise StackFailed(f"{name} exited {len(child.failures)} times within "
-                                          f"{RESTART_WINDOW_S:g} s (last exit status {child.last_exit}); see "
-                                          f"{self.logs / (name + '.log')}:\n{self.tail(name)}")
-                    child.restart_at = now + min(30.0, self.backoff_s * 2.0 ** (len(child.failures) - 1))
+                    name = child.component.name
+                    if len(child.failures) >= MAX_RESTARTS and not child.failing:
+                        why = (f"{name} exited {len(child.failures)} times within {RESTART_WINDOW_S:g} s (last "
+                               f"exit status {child.last_exit}); see {self.logs / (name + '.log')}:\n"
+                               f"{self.tail(name)}")
+                        if index == 0:
+                            raise StackFailed(why)
+                        log.error("%s\n%s is retried every %g s; the rest of the stack goes on", why, name,
+                                  MAX_BACKOFF_S)
+                        child.failing = True
+                    delay = MAX_BACKOFF_S if child.failing else self.backoff_s * 2.0 ** (len(child.failures) - 1)
+                    child.restart_at = now + min(MAX_BACKOFF_S, delay)
                 if child.restart_at is not None and now >= child.restart_at:
                     child.restarts += 1
                     self._spawn(child)
@@ -317,7 +336,7 @@ def status_table(stack: Stack, figures: Activity | None, error: str | None = Non
     table.add_column()
     parts = []
     for child in stack.children:
-        colour = {"running": "green", "restarting": "yellow"}.get(child.state, "red")
+        colour = {"running": "green", "restarting": "yellow"}.get(child.state, "red")  # failing, stopped: red
         extra = f" ({child.restarts} restarts)" if child.restarts else ""
         parts.append(f"[{colour}]{child.component.name}[/{colour}]{extra}")
     table.add_row("components", "  ".join(parts))

@@ -154,7 +154,7 @@ def test_record_stores_what_gateways_without_a_recorder_publish(upstream: Uvicor
     app = create_app(Settings(data_dir=tmp_path, engine="openai", upstream_url=f"{upstream.url}/v1", model=MODEL,
                               gateway_recorder=False))
     with Uvicorn(app) as gateway:
-        assert [task.name for task in app.state.background] == ["publisher", "engine", "deployments"]
+        assert [part.name for part in app.state.supervisor.parts] == ["publisher", "engine", "deployments"]
         answered = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=10,
                               json={"model": MODEL, "messages": [{"role": "user", "content": "who records?"}]})
         turn_id = answered.json()["id"]

@@ -244,7 +244,7 @@ def test_an_upstream_reply_that_is_not_a_completion_is_a_clean_error_and_a_faile
     assert turn.status == "failed" and "not a completion" in (turn.error or "")
 
 
-def test_a_slow_upstream_is_a_504_and_a_failed_turn_and_a_dead_recorder_shows_on_healthz(
+def test_a_slow_upstream_is_a_504_and_a_failed_turn_and_a_killed_recorder_is_restarted(
     upstream: Uvicorn, tmp_path: Path
 ) -> None:
     settings = Settings(data_dir=tmp_path, engine="openai", upstream_url=f"{upstream.url}/v1", model=MODEL,
@@ -257,11 +257,18 @@ def test_a_slow_upstream_is_a_504_and_a_failed_turn_and_a_dead_recorder_shows_on
         turn = recorded(tmp_path, None, asked="take your time")
         assert turn.status == "failed" and "did not answer in time" in (turn.error or "")
 
-        recorder = next(part for part in app.state.background if part.name == "recorder")
+        recorder = next(part for part in app.state.supervisor.parts if part.name == "recorder")
         os.kill(recorder.pid, signal.SIGKILL)
         health = eventually(lambda: httpx.get(f"{gateway.url}/healthz"), "/healthz to notice",
                             until=lambda r: r.status_code != 200)
         assert (health.status_code, health.json()) == (503, {"status": "degraded", "dead": "recorder"})
+        health = eventually(lambda: httpx.get(f"{gateway.url}/healthz"), "the recorder to be restarted",
+                            until=lambda r: r.status_code == 200)
+        assert health.json() == {"status": "ok", "restarts": {"recorder": 1}}
+        metrics = httpx.get(f"{gateway.url}/metrics").text
+        assert 'nextturn_gateway_restarts_total{part="recorder"} 1.0' in metrics
+        after = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "still there?"}])
+        stored_turn(gateway, after.id)  # the new recorder stores what is served now
 
 
 def test_a_conversation_continues_on_another_replica_and_after_a_restart(upstream: Uvicorn, tmp_path: Path) -> None:

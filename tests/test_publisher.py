@@ -165,16 +165,31 @@ def test_a_full_queue_spills_to_the_spool_and_loses_nothing(tmp_path: Path) -> N
     assert sorted(sequence_of(e) for _, e in publisher.spool.read()) == list(range(50))
 
 
-class _Broken:
+class _BrokenOnce:
+    """A log whose first append fails with a bug (not an outage); then the real SQLite log."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log, self.failed = log, False
+
     def append(self, batch: Sequence[events.Event]) -> None:
-        raise RuntimeError("a bug, not an outage")
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug, not an outage")
+        self.log.append(batch)
 
 
-def test_a_dead_publisher_says_so_instead_of_looking_idle(tmp_path: Path) -> None:
-    publisher = Publisher(_Broken(), tmp_path / "spool.jsonl")  # type: ignore[arg-type]
+def test_a_dead_publisher_says_so_and_a_restart_delivers_everything_in_order(tmp_path: Path) -> None:
+    log = SqliteEventLog(tmp_path / "events.db")
+    publisher = Publisher(_BrokenOnce(log), tmp_path / "spool.jsonl")  # type: ignore[arg-type]
     publisher.start()
     publisher.publish(turn("s", 0))
     eventually(lambda: publisher.failure, "the publisher to fail")
-    with pytest.raises(PublisherStopped) as raised:
-        publisher.publish(turn("s", 1))
-    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert isinstance(publisher.failure, RuntimeError)
+    for n in (1, 2):  # while it is dead, requests go on: their events wait
+        publisher.publish(turn("s", n))
+    publisher.restart()
+    assert publisher.failure is None
+    publisher.stop()
+    assert arrived(log, 3) == [0, 1, 2]  # the batch the dead thread held came first
+    with pytest.raises(PublisherStopped):
+        publisher.publish(turn("s", 3))

@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -44,12 +46,28 @@ def test_up_refuses_to_start_without_a_model(tmp_path: Path) -> None:
     assert not (tmp_path / "logs").exists()  # nothing was started
 
 
-def test_a_component_that_keeps_failing_stops_the_stack_with_its_log(tmp_path: Path, tiny_model: Path) -> None:
+def test_a_gateway_that_keeps_failing_stops_the_stack_with_its_log(tmp_path: Path, tiny_model: Path) -> None:
     stack = Stack(Settings(data_dir=tmp_path, model=str(tiny_model)), backoff_s=0.01,
                   parts=[Component("broken", ("no-such-command",))])
     with pytest.raises(StackFailed, match=r"broken exited 5 times(.|\n)*No such command"):
         stack.start(health_timeout_s=60)
     assert stack.children[0].restarts == 4
+
+
+def test_a_worker_that_keeps_failing_is_retried_while_the_gateway_serves(tmp_path: Path, tiny_model: Path) -> None:
+    """One worker crash-looping (a poison event, a bad setting) must not stop serving and recording for
+    everyone: it is marked failing and retried every 30 s."""
+    stack = Stack(Settings(data_dir=tmp_path, model=str(tiny_model), port=free_port()), backoff_s=0.01,
+                  parts=[Component("gateway", ("serve",)), Component("broken", ("no-such-command",))])
+    with stack:
+        broken = stack.children[1]
+        eventually(lambda: (stack.check(), broken.state == "failing")[1], "the worker marked failing",
+                   timeout_s=60, interval_s=0.05)
+        assert broken.restart_at is not None and broken.restart_at - time.monotonic() > 20  # retried every 30 s
+        stack.check()
+        assert stack.children[0].state == "running"
+        assert httpx.get(f"{stack.url}/healthz", timeout=5).status_code == 200
+        assert "No such command" in stack.tail("broken")
 
 
 @pytest.mark.slow
