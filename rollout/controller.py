@@ -27,7 +27,7 @@ from datetime import datetime
 from nextturn import deployments, events
 from nextturn.bus import EventLog
 from nextturn.deployments import CONTROLLER, Deployment
-from nextturn.errors import CommitFailed, DeploymentConflict, EventLogUnavailable, InvalidChange
+from nextturn.errors import CommitFailed, DeploymentConflict, EventLogUnavailable, InvalidChange, StoreUnavailable
 from nextturn.store import Store
 from rollout.gates import GatePolicy, Verdict, collapse, decide
 
@@ -46,9 +46,19 @@ class RolloutController:
         self._unpublished: list[events.DeploymentChanged] = []
         self._consumer = event_log.consumer(f"rollout-{scope}", [events.ADAPTERS])
 
-    def run(self, stop: threading.Event, interval_s: float = 2.0) -> None:
+    def run(self, stop: threading.Event, interval_s: float = 2.0, pause_s: tuple[float, float] = (0.5, 30.0)) -> None:
+        """Check until ``stop`` is set. A store or log that is down is a pause (doubling up to its maximum),
+        not an end: the state is in the store, and a version announced meanwhile is found there (the recorder
+        stores the announcements too)."""
+        pause = pause_s[0]
         while not stop.is_set():
-            self.run_once(interval_s)
+            try:
+                self.run_once(interval_s)
+                pause = pause_s[0]
+            except (StoreUnavailable, EventLogUnavailable) as exc:
+                log.warning("rollout checks paused for %.1f s: %s", pause, exc)
+                stop.wait(pause)
+                pause = min(pause * 2, pause_s[1])
 
     def run_once(self, timeout_s: float = 1.0) -> events.DeploymentChanged | None:
         """One check (waiting up to ``timeout_s`` for a published version); the change it made, if any."""

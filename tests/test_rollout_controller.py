@@ -3,6 +3,7 @@ signals are stored as the recorder stores them, and the controller decides from 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -12,13 +13,14 @@ import pytest
 from nextturn import deployments, events, tables
 from nextturn.bus import EventLog
 from nextturn.deployments import Deployment
-from nextturn.errors import DeploymentConflict, InvalidChange
+from nextturn.errors import DeploymentConflict, InvalidChange, StoreUnavailable
 from nextturn.settings import Settings
-from nextturn.store import Store
+from nextturn.store import Store, upgrade
 from rollout.controller import RolloutController
 from rollout.gates import GatePolicy
 
 from support.event_logs import open_log
+from support.eventually import eventually
 from support.factories import turn
 from support.rolling import publish
 
@@ -182,6 +184,38 @@ def test_one_tenant_cannot_vote_a_canary_in_for_the_others(log: EventLog, store:
     assert (canary["resolved"], canary["capped"], canary["mean_reward"]) == (20, 90, 0.5)  # half, at most
     uncapped = deployments.status(store, "default", max_tenant_share=1.0)["arms"]["canary"]
     assert (uncapped["resolved"], uncapped["capped"], round(uncapped["mean_reward"], 2)) == (110, 0, 0.91)
+
+
+class _DownForAWhile(Store):
+    """A real store whose first reads fail the way an unreachable database's do."""
+
+    failures = 3
+
+    def get(self, model, key):  # type: ignore[no-untyped-def]
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("cannot read the store: connection refused")
+        return super().get(model, key)
+
+
+def test_a_store_that_is_down_for_a_while_pauses_the_controller_and_it_goes_on(log: EventLog, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'down.db'}"
+    upgrade(url)
+    store = _DownForAWhile(url)
+    publish(log, 1, tmp_path / "v1")
+    ctl = controller(log, store)
+    stop = threading.Event()
+    running = threading.Thread(target=ctl.run, args=(stop,), kwargs={"interval_s": 0.1, "pause_s": (0.05, 0.2)})
+    running.start()
+    try:
+        reader = Store(url)
+        eventually(lambda: Deployment.read(reader).canary == 1, "the canary, once the store is back")
+        reader.close()
+        assert running.is_alive() and store.failures == 0
+    finally:
+        stop.set()
+        running.join()
+        store.close()
 
 
 def test_low_traffic_waits_then_times_out_and_pause_holds_it(log: EventLog, store: Store, tmp_path: Path) -> None:
