@@ -152,7 +152,8 @@ def create_app(settings: Settings) -> FastAPI:
                   redoc_url="/redoc" if shown else None, openapi_url="/openapi.json" if shown else None)
     app.router.route_class = StrictJsonRoute  # before any route is added
     install_error_handlers(app)
-    app.add_middleware(ChatCompletionsRoute, keyring=keyring)  # the hot path: see gateway/completions.py
+    app.add_middleware(ChatCompletionsRoute, keyring=keyring,  # the hot path: see gateway/completions.py
+                       stall_timeout_s=settings.stream_stall_timeout_s)
     app.add_middleware(LimitBodySize, max_bytes=settings.max_request_bytes)
     app.add_middleware(GuardRequests, keyring=keyring)
     app.add_middleware(CountRequests, metrics=metrics)

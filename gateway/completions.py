@@ -9,7 +9,9 @@ OpenAI-style JSON (:mod:`gateway.errors`), and the turn is served by the same :c
 The route is not in FastAPI's OpenAPI schema.
 
 A streamed answer watches for the client leaving: when it does, the generation it was waiting for is
-cancelled and the turn is recorded as failed ("client left").
+cancelled and the turn is recorded as failed ("client left"). A client that stays but stops reading is
+treated the same once a chunk could not be sent for ``stall_timeout_s`` (the connection's buffers are full):
+it would otherwise hold a generation and a connection to the model server for as long as it likes.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ class ChatCompletionsRoute:
 
     path = "/v1/chat/completions"  # read by the request counter as the route's name
 
-    def __init__(self, app: ASGIApp, keyring: Keyring) -> None:
+    def __init__(self, app: ASGIApp, keyring: Keyring, stall_timeout_s: float = 30.0) -> None:
         self._app = app
         self._keyring = keyring
+        self._stall_timeout_s = stall_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path:
@@ -76,15 +79,21 @@ class ChatCompletionsRoute:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                 (b"cache-control", b"no-cache"), adapter]})
-        await _stream(chunks, receive, send)
+        await _stream(chunks, receive, send, self._stall_timeout_s)
 
 
-async def _stream(chunks: AsyncIterator[str], receive: Receive, send: Send) -> None:
-    """Send the chunks as they come, until the end or until the client leaves (then stop generating)."""
+async def _stream(chunks: AsyncIterator[str], receive: Receive, send: Send, stall_timeout_s: float) -> None:
+    """Send the chunks as they come, until the end or until the client leaves or stops reading (then stop
+    generating)."""
 
     async def pump() -> None:
         async for chunk in chunks:
-            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            try:
+                async with asyncio.timeout(stall_timeout_s):  # a timer, not a task: this runs per chunk
+                    await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            except TimeoutError:
+                log.warning("a stream's client read nothing for %g s; ending the stream", stall_timeout_s)
+                return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     sending = asyncio.ensure_future(pump())

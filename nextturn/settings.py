@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # The largest request body the gateway reads (413 above). A turn event must stay under the event
     # log's 16 MiB per event, and it carries the request's messages plus the response.
     max_request_bytes: int = Field(default=8 * 2**20, ge=1024, le=12 * 2**20)
+    # A streamed answer whose client stops reading (the connection's buffers full) for this long is ended:
+    # its generation stops and the model server's connection is freed; the turn is recorded as the client's.
+    stream_stall_timeout_s: float = Field(default=30.0, gt=0)
     # Each gateway runs a recorder (event log → store) in a child process. Off: recorders run on their own
     # (`nextturn record`), scaled apart from the gateways; their consumer group shares the work either way.
     gateway_recorder: bool = True

@@ -207,6 +207,20 @@ def test_the_decoder_parses_back_what_the_template_renders(tiny_model: Path, con
         (i, name) for i, (name, _) in enumerate(tool_calls)]
 
 
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_what_streams_is_what_is_recorded_for_any_tokens(tiny_model: Path, data: st.DataObject) -> None:
+    """Sampled tokens need not decode: a reply cut inside a multi-byte character (max_tokens), or bytes that
+    are no UTF-8 at all. The deltas a client joins must still equal the recorded message, character for
+    character: the client echoes what it received, and the next turn links by that text."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokens = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1).filter(
+        lambda token: token not in tokenizer.all_special_ids), max_size=12))
+    decoder = TextDecoder(tokenizer)
+    deltas = [delta for token in tokens for delta in decoder.feed(token)] + decoder.finish()
+    assert "".join(delta.content or "" for delta in deltas) == (decoder.message().content or "")
+
+
 def test_an_answer_releases_its_request_once_whether_closed_unstarted_or_finished() -> None:
     """A client may leave before the first token: closing the answer then must still free its request
     (an async generator closed before its first step never runs its ``finally``)."""

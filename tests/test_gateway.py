@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from nextturn.settings import Settings
 from support.event_logs import recorded
 from support.eventually import eventually
 from support.services import Uvicorn
-from support.upstream import CALLS, MODEL
+from support.upstream import CALLS, MODEL, TALKING
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +270,26 @@ def test_a_slow_upstream_is_a_504_and_a_failed_turn_and_a_killed_recorder_is_res
         assert 'nextturn_gateway_restarts_total{part="recorder"} 1.0' in metrics
         after = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "still there?"}])
         stored_turn(gateway, after.id)  # the new recorder stores what is served now
+
+
+def test_a_client_that_stops_reading_a_stream_frees_its_generation_after_the_stall_timeout(
+    upstream: Uvicorn, tmp_path: Path
+) -> None:
+    """A client may keep its connection open and read nothing: once the connection's buffers are full, the
+    gateway's sends wait, and without a timeout the model server's stream would be held for ever."""
+    settings = Settings(data_dir=tmp_path, engine="openai", upstream_url=f"{upstream.url}/v1", model=MODEL,
+                        stream_stall_timeout_s=1.0)
+    with Uvicorn(create_app(settings)) as gateway, socket.socket() as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        host, port = gateway.url.removeprefix("http://").split(":")
+        stalled.connect((host, int(port)))
+        body = json.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "keep talking"}]})
+        stalled.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n{body}".encode())  # and then reads nothing
+        turn = recorded(tmp_path, None, asked="keep talking", timeout_s=60)
+        assert (turn.status, turn.cause, turn.error) == ("failed", "client", "the client left before the stream ended")
+        eventually(lambda: TALKING["open"] == 0, "the upstream's endless stream to be closed")
+        assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok"}
 
 
 def test_a_conversation_continues_on_another_replica_and_after_a_restart(upstream: Uvicorn, tmp_path: Path) -> None:

@@ -183,3 +183,29 @@ def test_a_client_that_leaves_a_stream_stops_its_generation_and_the_turn_is_reco
     assert turn.status == "failed" and turn.error == "the client left before the stream ended"
     assert turn.cause == "client" and flaw(turn) is None
     assert httpx.get(f"{gateway.url}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_cut_inside_a_character_still_links_the_next_turn(client: openai.OpenAI, data_dir: Path,
+                                                                  stream: bool) -> None:
+    """``max_tokens`` can cut a reply inside a multi-byte character: the client sees U+FFFD, echoes it in the
+    next request, and that request must continue the same session."""
+    for seed in range(100):  # the tiny model writes such replies often; find one that ends in one
+        asked = [{"role": "user", "content": f"tell me {seed} ü"}]
+        if stream:
+            chunks = list(client.chat.completions.create(model="tiny", messages=asked, max_tokens=7, seed=seed,
+                                                         stream=True))  # type: ignore[arg-type]
+            turn_id = chunks[0].id
+            reply = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        else:
+            whole = client.chat.completions.create(model="tiny", messages=asked, max_tokens=7, seed=seed)  # type: ignore[arg-type]
+            turn_id, reply = whole.id, whole.choices[0].message.content or ""
+        if reply.endswith("\ufffd"):
+            break
+    else:
+        raise AssertionError("no reply of the tiny model ended inside a character in 100 tries")
+    following = client.chat.completions.create(model="tiny", max_tokens=2, messages=[  # type: ignore[arg-type]
+        *asked, {"role": "assistant", "content": reply}, {"role": "user", "content": "and?"}])
+    first, second = recorded(data_dir, turn_id), recorded(data_dir, following.id)
+    assert first.response is not None and first.response.content == reply
+    assert (second.parent_turn_id, second.session_id) == (turn_id, first.session_id)

@@ -75,6 +75,16 @@ def test_a_message_holding_a_lone_surrogate_is_a_400(gateway: Uvicorn, data_dir:
     still_serving_and_recording(gateway, data_dir, "after a surrogate in a message")
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/feedback"])
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"\xc3", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"])
+def test_bytes_that_are_not_utf8_are_a_400(gateway: Uvicorn, data_dir: Path, path: str, raw: bytes) -> None:
+    """Invalid UTF-8 inside a JSON string: a stray byte, a cut sequence, an encoded surrogate, a 5-byte form."""
+    body = (b'{"model": "tiny", "messages": [{"role": "user", "content": "a' + raw + b'b"}]}'
+            if path == "/v1/chat/completions" else b'{"turn_id": "x' + raw + b'", "kind": "comment", "text": "t"}')
+    openai_error(post(gateway, path, body), 400)
+    still_serving_and_recording(gateway, data_dir, f"after {raw!r} to {path}")
+
+
 def test_a_seed_beyond_64_bits_is_a_400_naming_it(gateway: Uvicorn, data_dir: Path) -> None:
     assert openai_error(chat(gateway, seed=2**64), 400)["param"] == "seed"
     assert chat(gateway, seed=2**63 - 1).status_code == 200

@@ -3,20 +3,22 @@ HTTP interface (served by real uvicorn) with answers the tests can predict.
 
 The last message decides: "run the tools" asks for two parallel tool calls, "please fail" is a 500,
 "break it" breaks the stream after a first piece, "garble it" answers something that is not a
-completion, "take your time" answers after 5 s, tool results are summarised; anything else is echoed.
+completion, "take your time" answers after 5 s, "keep talking" streams without end (``TALKING`` counts
+such streams still open), tool results are summarised; anything else is echoed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 MODEL = "upstream-model"
+TALKING = {"open": 0}  # endless streams being sent now (the upstream runs in the tests' process)
 CALLS = [
     {"id": "call_a", "type": "function", "function": {"name": "pytest", "arguments": '{"path": "a"}'}},
     {"id": "call_b", "type": "function", "function": {"name": "pytest", "arguments": '{"path": "b"}'}},
@@ -51,6 +53,8 @@ def create_upstream() -> FastAPI:
                 garbled = iter(['data: {"choices": [{"delta": {"content": "ok"}}]}\n\n', "data: {not json\n\n"])
                 return StreamingResponse(garbled, media_type="text/event-stream")
             return JSONResponse({"unexpected": "shape"})
+        if "keep talking" in text and body.get("stream"):
+            return StreamingResponse(endless(), media_type="text/event-stream")
         message = reply_to(body["messages"])
         finish = "tool_calls" if message.get("tool_calls") else "stop"
         if not body.get("stream"):
@@ -62,6 +66,19 @@ def create_upstream() -> FastAPI:
         return StreamingResponse(chunks(message, finish, broken="break it" in text), media_type="text/event-stream")
 
     return app
+
+
+async def endless() -> AsyncIterator[str]:
+    TALKING["open"] += 1
+    try:
+        piece = {"id": "up-1", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+                 "choices": [{"index": 0, "delta": {"content": "blah " * 200}, "finish_reason": None}]}
+        line = f"data: {json.dumps(piece)}\n\n"
+        while True:
+            yield line
+            await asyncio.sleep(0)
+    finally:
+        TALKING["open"] -= 1
 
 
 def chunks(message: dict[str, Any], finish: str, broken: bool) -> Iterator[str]:
