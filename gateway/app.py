@@ -115,7 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
         store.check_schema()
         keyring.use_store(partial(find_key, store), partial(any_keys, store))
         event_log = open_event_log(settings)
-        publisher = Publisher(event_log, settings.spool_path)
+        publisher = Publisher(event_log, settings.spool_dir, adopt=[settings.data_dir / "spool.jsonl"])
         publisher.start()
         recorder = RecorderProcess(settings) if settings.gateway_recorder else None
         if recorder is not None:

@@ -7,10 +7,15 @@ SQLite log, writing every event on its own cost the gateway about 0.3 ms of CPU 
 (bench/gateway_overhead.py), and the thread's wake-ups competed with requests for the interpreter lock.
 
 When the log is slow or down, a batch goes to the spool instead, an append-only file (one encoded event
-per line, fsynced) in the data directory, and while the spool holds anything, newer events queue up
-behind it, so the log receives everything in the order it was published. The thread retries the spool
-with a growing pause and deletes it once every event in it is on the log. A new publisher (a restarted
-gateway) replays the spool it finds before anything else.
+per line, fsynced), and while the spool holds anything, newer events queue up behind it, so the log
+receives everything in the order it was published. The thread retries the spool with a growing pause and
+deletes it once every event in it is on the log.
+
+Each publisher has a spool of its own in the spool directory (``<data dir>/spool``), held with an exclusive
+lock on ``<name>.lock`` for as long as the publisher lives: gateway replicas that share a data directory
+never write one file. A spool whose lock is free belonged to a publisher that is gone (stopped with the log
+down, killed, a container recreated); a publisher adopts such spools when it starts and once a minute: it
+appends their events to its own spool, then deletes them, so they are replayed before what it publishes.
 
 If the queue is full (the thread cannot keep up), ``publish`` writes the event to the spool itself:
 slower for that request, but nothing is lost. Such an event may overtake events still in the queue;
@@ -29,13 +34,17 @@ log may receive an event twice under one event id, and its consumers write idemp
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import queue
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from nextturn import events
 from nextturn.bus import EventLog
@@ -113,19 +122,40 @@ class Spool:
         return self._count
 
 
+ADOPT_EVERY_S = 60.0
+
+
+def _lock(path: Path) -> IO[bytes] | None:
+    """The open lock file, locked exclusively; None when another process holds it."""
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 class Publisher:
     def __init__(
         self,
         event_log: EventLog,
-        spool_path: Path,
+        spool_dir: Path,
         *,
         capacity: int = 10_000,
         batch_size: int = 500,
         linger_s: float = 0.01,
         retry_pause_s: tuple[float, float] = (0.1, 5.0),
+        adopt: Sequence[Path] = (),
     ) -> None:
         self._log = event_log
-        self.spool = Spool(spool_path)
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        self._spool_dir = spool_dir
+        self._adopt_also = list(adopt)  # spools outside the directory (the single spool of earlier versions)
+        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._claim = _lock(spool_dir / f"{name}.lock")
+        assert self._claim is not None  # a new name: nobody else holds it
+        self.spool = Spool(spool_dir / f"{name}.jsonl")
         self._queue: queue.Queue[events.Event] = queue.Queue(maxsize=capacity)
         self._batch_size = batch_size
         self._linger_s = linger_s
@@ -174,9 +204,36 @@ class Publisher:
         return self._queue.qsize()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Deliver or spool what is queued, then stop the thread."""
+        """Deliver or spool what is queued, then stop the thread and give up the spool: a spool still holding
+        events is left for the next publisher to adopt."""
         self._stopping.set()
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            return  # still writing: the lock goes with the process
+        if not len(self.spool):
+            Path(self._claim.name).unlink(missing_ok=True)
+        self._claim.close()
+
+    def adopt(self) -> int:
+        """Move the events of spools no publisher holds into this one's; return how many were moved."""
+        moved = 0
+        candidates = [path for path in sorted(self._spool_dir.glob("*.jsonl")) if path != self.spool.path]
+        for path in [*self._adopt_also, *candidates]:
+            lock = _lock(path.with_suffix(".lock"))
+            if lock is None:
+                continue  # its publisher is alive
+            try:
+                if path.exists():
+                    orphaned = [event for _, event in Spool(path).read()]
+                    if orphaned:
+                        self.spool.write(orphaned)  # durable here before it is deleted there
+                        log.warning("adopted %d spooled event(s) from %s", len(orphaned), path)
+                        moved += len(orphaned)
+                    path.unlink()
+                path.with_suffix(".lock").unlink(missing_ok=True)
+            finally:
+                lock.close()
+        return moved
 
     # -- the thread ----------------------------------------------------------------------------------
 
@@ -186,8 +243,11 @@ class Publisher:
                 self._deliver(self._holding)
                 self._holding = []
             pause = self._first_pause_s
-            next_replay = 0.0
+            next_replay = next_adoption = 0.0
             while not (self._stopping.is_set() and self._queue.empty()):
+                if time.monotonic() >= next_adoption:
+                    self.adopt()
+                    next_adoption = time.monotonic() + ADOPT_EVERY_S
                 if len(self.spool) and time.monotonic() >= next_replay:
                     if self._replay():
                         pause = self._first_pause_s

@@ -242,9 +242,9 @@ class Settings(BaseSettings):
         return Path(self.model) if self.model else self.data_dir / "model"
 
     @property
-    def spool_path(self) -> Path:
-        """Where the gateway spools events while the event log is unavailable."""
-        return self.data_dir / "spool.jsonl"
+    def spool_dir(self) -> Path:
+        """Where gateways spool events while the event log is unavailable, one file each."""
+        return self.data_dir / "spool"
 
     @property
     def event_log_path(self) -> Path:

@@ -33,13 +33,13 @@ def wait_until_spool_is_empty(publisher: Publisher, timeout_s: float = 60) -> No
 
 def test_events_reach_the_log_in_order(tmp_path: Path) -> None:
     log = SqliteEventLog(tmp_path / "events.db")
-    publisher = Publisher(log, tmp_path / "spool.jsonl")
+    publisher = Publisher(log, tmp_path / "spool")
     publisher.start()
     for n in range(200):
         publisher.publish(turn("one-session", n))
     publisher.stop()
     assert arrived(log, 200) == list(range(200))
-    assert not (tmp_path / "spool.jsonl").exists()
+    assert not list((tmp_path / "spool").iterdir())  # nothing spooled: no spool and no claim left behind
     log.close()
 
 
@@ -48,7 +48,7 @@ def test_an_event_that_cannot_be_written_is_set_aside_and_the_rest_go_on(tmp_pat
     behind it; each becomes a dead letter with its reason, the others arrive in order, whether the log took
     them at once or from the spool."""
     log = SqliteEventLog(tmp_path / "events.db")
-    publisher = Publisher(log, tmp_path / "spool.jsonl")
+    publisher = Publisher(log, tmp_path / "spool")
     publisher.start()
     lone = turn("one-session", 1, content="\ud800")
     huge = turn("one-session", 3, content="x" * (MAX_EVENT_BYTES + 1))
@@ -85,7 +85,7 @@ class _CountingLog(SqliteEventLog):
 
 def test_events_published_together_are_written_together(tmp_path: Path) -> None:
     log = _CountingLog(tmp_path / "events.db")
-    publisher = Publisher(log, tmp_path / "spool.jsonl", linger_s=2.0)  # far longer than 50 publishes take
+    publisher = Publisher(log, tmp_path / "spool", linger_s=2.0)  # far longer than 50 publishes take
     publisher.start()
     for n in range(50):
         publisher.publish(turn("one-session", n))
@@ -98,7 +98,7 @@ def test_events_published_together_are_written_together(tmp_path: Path) -> None:
 @pytest.mark.kafka
 def test_while_the_log_is_down_events_spool_and_then_arrive_once_in_order(tansu: Tansu, tmp_path: Path) -> None:
     log = KafkaEventLog(tansu.bootstrap_servers, request_timeout_ms=1000, session_timeout_ms=2000)
-    publisher = Publisher(log, tmp_path / "spool.jsonl", retry_pause_s=(0.1, 0.5))
+    publisher = Publisher(log, tmp_path / "spool", retry_pause_s=(0.1, 0.5))
     publisher.start()
     publisher.publish(turn("s", 0))
     assert arrived(log, 1) == [0]
@@ -120,15 +120,15 @@ def test_while_the_log_is_down_events_spool_and_then_arrive_once_in_order(tansu:
 def test_a_restarted_gateway_replays_the_spool_it_finds(tansu: Tansu, tmp_path: Path) -> None:
     log = KafkaEventLog(tansu.bootstrap_servers, request_timeout_ms=1000, session_timeout_ms=2000)
     tansu.stop()
-    before = Publisher(log, tmp_path / "spool.jsonl", retry_pause_s=(0.1, 0.5))
+    before = Publisher(log, tmp_path / "spool", retry_pause_s=(0.1, 0.5))
     before.start()
     for n in range(10):
         before.publish(turn("s", n))
     before.stop(timeout_s=30)  # the log is down: what was queued is spooled before the thread ends
-    assert len(Spool(tmp_path / "spool.jsonl")) == 10
+    assert len(before.spool) == 10 and before.spool.path.exists()
 
     tansu.start()
-    after = Publisher(log, tmp_path / "spool.jsonl")
+    after = Publisher(log, tmp_path / "spool")
     after.start()
     wait_until_spool_is_empty(after)
     after.stop()
@@ -157,7 +157,7 @@ class _Unavailable:
 
 
 def test_a_full_queue_spills_to_the_spool_and_loses_nothing(tmp_path: Path) -> None:
-    publisher = Publisher(_Unavailable(), tmp_path / "spool.jsonl", capacity=1)  # type: ignore[arg-type]
+    publisher = Publisher(_Unavailable(), tmp_path / "spool", capacity=1)  # type: ignore[arg-type]
     publisher.start()
     for n in range(50):
         publisher.publish(turn(f"s{n}", n))
@@ -180,7 +180,7 @@ class _BrokenOnce:
 
 def test_a_dead_publisher_says_so_and_a_restart_delivers_everything_in_order(tmp_path: Path) -> None:
     log = SqliteEventLog(tmp_path / "events.db")
-    publisher = Publisher(_BrokenOnce(log), tmp_path / "spool.jsonl")  # type: ignore[arg-type]
+    publisher = Publisher(_BrokenOnce(log), tmp_path / "spool")  # type: ignore[arg-type]
     publisher.start()
     publisher.publish(turn("s", 0))
     eventually(lambda: publisher.failure, "the publisher to fail")
@@ -193,3 +193,32 @@ def test_a_dead_publisher_says_so_and_a_restart_delivers_everything_in_order(tmp
     assert arrived(log, 3) == [0, 1, 2]  # the batch the dead thread held came first
     with pytest.raises(PublisherStopped):
         publisher.publish(turn("s", 3))
+
+
+def test_publishers_sharing_a_directory_spool_apart_and_a_spool_left_behind_is_adopted(tmp_path: Path) -> None:
+    """Gateway replicas share a data directory: each spools to a file of its own, and one that is gone
+    (stopped with the log down, killed) leaves its spool to the next publisher, which replays it."""
+    directory = tmp_path / "spool"
+    left, alive = (Publisher(_Unavailable(), directory, retry_pause_s=(0.1, 0.5))  # type: ignore[arg-type]
+                   for _ in range(2))
+    legacy = Spool(tmp_path / "spool.jsonl")  # where earlier versions kept the one spool
+    legacy.write([turn("old", n) for n in range(3)])
+    left.start(), alive.start()
+    for n in range(10):
+        left.publish(turn("left", n))
+        alive.publish(turn("alive", n))
+    eventually(lambda: len(left.spool) == 10 and len(alive.spool) == 10, "both spools written")
+    assert left.spool.path != alive.spool.path
+    left.stop()  # the log is down: its spool stays, unclaimed
+
+    log = SqliteEventLog(tmp_path / "events.db")
+    adopter = Publisher(log, directory, adopt=[legacy.path])
+    adopter.start()
+    wait_until_spool_is_empty(adopter)
+    adopter.stop()
+    got = arrived(log, 13)
+    assert sorted(got) == sorted([*range(3), *range(10)])  # the legacy spool's 3, left's 10
+    assert not left.spool.path.exists() and not legacy.path.exists()
+    assert len(alive.spool) == 10 and alive.spool.path.exists()  # a live publisher's spool is not taken
+    alive.stop()
+    log.close()

@@ -85,7 +85,7 @@ def test_the_gateway_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.upstream_url, settings.model) == ("http://upstream:9000/v1", "big-model")
     assert settings.tenant_keys == {"sk-a": "acme", "sk-b": "globex"}
     assert (settings.host, settings.port, settings.admin_key) == ("0.0.0.0", 9001, "sk-admin")
-    assert settings.spool_path == Path(".nextturn/spool.jsonl")
+    assert settings.spool_dir == Path(".nextturn/spool")
 
 
 def test_an_upstream_engine_needs_its_url_and_model(monkeypatch: pytest.MonkeyPatch) -> None:
