@@ -153,8 +153,9 @@ class Publisher:
         self._spool_dir = spool_dir
         self._adopt_also = list(adopt)  # spools outside the directory (the single spool of earlier versions)
         name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._claim = _lock(spool_dir / f"{name}.lock")
-        assert self._claim is not None  # a new name: nobody else holds it
+        claim = _lock(spool_dir / f"{name}.lock")
+        assert claim is not None  # a new name: nobody else holds it
+        self._claim = claim
         self.spool = Spool(spool_dir / f"{name}.jsonl")
         self._queue: queue.Queue[events.Event] = queue.Queue(maxsize=capacity)
         self._batch_size = batch_size
