@@ -244,7 +244,8 @@ def test_standing_hints_teach_a_tenants_later_samples(base: Policy, tiny_model: 
     other = served(base, 4, tenant="globex")
     record(store, sqlite_log, hinted, signal(hinted, reward=None, hint="Answer with one word."))
     record(store, sqlite_log, *thanked, called, other, *(signal(t) for t in [*thanked, called, other]))
-    worker = trainer(sqlite_log, store, tiny_model, tmp_path, batch_size=6)
+    # Five of acme's samples and one of globex's in a batch: no cap on a tenant's share here.
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, batch_size=6, max_tenant_share=1.0)
     worker.drain(0.3)
     worker.close()
     data = published(tmp_path)[1]["data"]
