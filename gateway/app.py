@@ -123,7 +123,8 @@ def create_app(settings: Settings) -> FastAPI:
         await engine.start()
         limits = TenantLimits(settings.tenant_requests_per_minute, settings.tenant_tokens_per_minute,
                               settings.tenant_concurrent_requests)
-        service = TurnService(engine, SessionLinker(lookup=store.find_link), publisher, metrics, limits=limits)
+        service = TurnService(engine, SessionLinker(lookup=store.find_link), publisher, metrics, limits=limits,
+                              scope_by=settings.scope_by)
         watcher = DeploymentWatcher(service.router, engine, store, event_log, metrics,
                                     interval_s=settings.rollout_check_interval_s, drain_s=settings.rollout_drain_s)
         await watcher.start()  # the deployed versions are loaded before the first request

@@ -67,7 +67,9 @@ class ChatCompletionsRoute:
         request = _parse(await _body(receive))
         service: TurnService = scope["app"].state.turns
         session = headers.get(b"x-session-id")
-        turn = await service.begin(tenant, request, session.decode("latin-1") if session is not None else None)
+        user = headers.get(b"x-nextturn-user")
+        turn = await service.begin(tenant, request, session.decode("latin-1") if session is not None else None,
+                                   user=user.decode("utf-8", "replace") if user is not None else None)
         adapter = (ADAPTER_HEADER.lower().encode(), turn.adapter.encode())
         if not request.stream:
             body = json.dumps(await service.complete(turn)).encode()

@@ -50,6 +50,7 @@ class ChatCompletionRequest(BaseModel):
     n: Literal[1] = 1
     tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Any = None
+    user: str | None = None  # the end user (OpenAI's field); with NEXTTURN_SCOPE_BY=user, it picks the scope
 
     @field_validator("stop")
     @classmethod

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.engines import Delta, Engine, Generation, Stream
-from gateway.errors import GatewayError, error_body
+from gateway.errors import GatewayError, InvalidRequest, error_body
 from gateway.limits import TenantLimits
 from gateway.metrics import Metrics
 from gateway.publisher import Publisher
 from gateway.routing import Router
 from gateway.schemas import ChatCompletionRequest
 from gateway.sessions import Link, SessionLinker
-from nextturn import events
+from nextturn import events, scopes
 from nextturn.flaws import flaw
 
 
@@ -35,6 +35,7 @@ class Turn:
     turn_id: str
     adapter: str  # the adapter version that serves it
     pinned: bool  # the client named the version
+    scope: str  # the scope it learns into (nextturn.scopes); the adapter names the one that serves it
     started_at: Any  # datetime
     started: float  # monotonic
     recorded: bool = False
@@ -42,8 +43,10 @@ class Turn:
 
 class TurnService:
     def __init__(self, engine: Engine, linker: SessionLinker, publisher: Publisher, metrics: Metrics, *,
-                 recent: int = 100_000, limits: TenantLimits | None = None) -> None:
+                 recent: int = 100_000, limits: TenantLimits | None = None,
+                 scope_by: scopes.ScopeBy = "deployment") -> None:
         self.engine = engine
+        self.scope_by = scope_by
         self.limits = limits or TenantLimits()
         self.metrics = metrics
         self.router = Router(engine)
@@ -57,19 +60,26 @@ class TurnService:
         """(tenant, session id) of a turn this replica served recently."""
         return self._recent.get(turn_id)
 
-    async def begin(self, tenant: str, request: ChatCompletionRequest, session_id: str | None) -> Turn:
+    async def begin(self, tenant: str, request: ChatCompletionRequest, session_id: str | None,
+                    user: str | None = None) -> Turn:
+        """Admit, link and route a request. ``user``: the X-Nextturn-User header, which wins over the body's
+        ``user`` field (a trusted application in front of the gateway names its end user there)."""
+        user = user if user is not None else request.user
+        if user is not None and len(user) > scopes.MAX_USER_CHARS:
+            raise InvalidRequest(f"a user is at most {scopes.MAX_USER_CHARS} characters", param="user")
+        scope = scopes.scope_of(self.scope_by, tenant, user)
         self.limits.admit(tenant)  # released when the turn is recorded
         try:
             link = await self.linker.resolve(tenant, request.messages, session_id)
             # No await from routing until the engine has taken the request (complete/open_stream): a version
             # cannot be removed in between.
-            adapter = self.router.route(request.model, tenant, link.session_id, link.parent_adapter)
+            adapter = self.router.route(request.model, tenant, link.session_id, link.parent_adapter, scope)
             pinned = self.router.pinned(request.model)
         except BaseException:
             self.limits.done(tenant, 0)
             raise
         self.metrics.in_flight.inc()  # until the turn is recorded: every path below records it once
-        return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", adapter, pinned, events.utc_now(),
+        return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", adapter, pinned, scope, events.utc_now(),
                     time.monotonic())
 
     async def complete(self, turn: Turn) -> dict[str, Any]:
@@ -139,7 +149,7 @@ class TurnService:
                           generation.prompt_tokens if generation else 0,
                           generation.completion_tokens if generation else 0)
         recorded = events.TurnRecorded(
-            tenant=turn.tenant, session_id=turn.link.session_id, turn_id=turn.turn_id,
+            tenant=turn.tenant, scope=turn.scope, session_id=turn.link.session_id, turn_id=turn.turn_id,
             parent_turn_id=turn.link.parent_turn_id, model=turn.request.model, adapter_version=turn.adapter,
             messages=turn.request.messages, tools=turn.request.tool_definitions(), params=turn.request.sampling(),
             response=generation.message if generation else None,

@@ -1,10 +1,11 @@
-"""The gateway's view of the deployment: learn each change, load what it needs, route, unload what it dropped.
+"""The gateway's view of the deployments: learn each change, load what it needs, route, unload what it dropped.
 
-Every replica reads the same state, from the store (:mod:`nextturn.deployments`). It re-reads it when a
-``DeploymentChanged`` for its scope arrives on the event log (read from the end, in no consumer group:
-every replica sees every change), and every ``interval_s`` in any case, so a late or lost event only
-delays a change. For a new state it loads the stable version and the canary into the engine first, then
-routes by the new state (:class:`gateway.routing.Router`), then unloads what the state dropped: a
+Every replica reads the same state, from the store (:mod:`nextturn.deployments`): every scope's deployment
+in one read, so the reads do not grow with the number of scopes. It re-reads them when a
+``DeploymentChanged`` arrives on the event log (read from the end, in no consumer group: every replica sees
+every change), and every ``interval_s`` in any case, so a late or lost event only delays a change. For a
+scope whose state changed it loads the stable version and the canary into the engine first, then routes by
+the new state (:class:`gateway.routing.Router`, one lane per scope), then unloads what the state dropped: a
 rolled-back version at once, a replaced one once its sessions went quiet for ``drain_s``. The engine
 finishes the requests running on a version before it unloads it.
 
@@ -44,8 +45,7 @@ class DeploymentWatcher:
         self._metrics = metrics
         self._interval_s = interval_s
         self._drain_s = drain_s
-        self._scope = router.deployment.scope
-        self._applied: str | None = None  # the last change applied in full
+        self._applied: dict[str, str | None] = {}  # scope -> the last change applied in full
         self._failed_loads: set[str] = set()  # logged once each
         self._lock = asyncio.Lock()
         self._consumer: Consumer | None = None
@@ -74,13 +74,15 @@ class DeploymentWatcher:
             self._consumer.close()
 
     async def refresh(self) -> Deployment:
-        """Read the deployment from the store and apply it; return it."""
+        """Read every scope's deployment from the store and apply those that changed; return ``default``'s."""
         async with self._lock:
-            deployment = await asyncio.to_thread(Deployment.read, self._store, self._scope)
-            if deployment.last_event_id != self._applied:
-                await self._apply(deployment)
-            await self._rewards(deployment)
-            return deployment
+            found = await asyncio.to_thread(Deployment.read_all, self._store)
+            for deployment in found:
+                if deployment.scope not in self._applied or deployment.last_event_id != self._applied[deployment.scope]:
+                    await self._apply(deployment)
+            shared = next(deployment for deployment in found if deployment.scope == events.DEFAULT_SCOPE)
+            await self._rewards(shared)
+            return shared
 
     async def _run(self) -> None:
         due = time.monotonic() + self._interval_s
@@ -88,8 +90,7 @@ class DeploymentWatcher:
             try:
                 assert self._consumer is not None
                 deliveries = await asyncio.to_thread(self._consumer.poll, 100, min(0.25, self._interval_s))
-                news = any(isinstance(d.event, events.DeploymentChanged) and d.event.scope == self._scope
-                           for d in deliveries)
+                news = any(isinstance(d.event, events.DeploymentChanged) for d in deliveries)
                 if news or time.monotonic() >= due:
                     due = time.monotonic() + self._interval_s
                     await self.refresh()
@@ -108,18 +109,20 @@ class DeploymentWatcher:
         for version in (deployment.stable, deployment.canary):
             if version is not None and not await self._load(deployment, version):
                 complete = False
-        statuses = await asyncio.to_thread(self._store.adapter_statuses, self._scope)
+        statuses = await asyncio.to_thread(self._store.adapter_statuses, deployment.scope)
         bad = {deployment.name(version) for version, status in statuses.items() if status in BAD}
         for name in self._router.apply(deployment, self._loaded, bad):
             self._unload(name, "it was rolled back")
         if complete:
-            self._applied = deployment.last_event_id
+            self._applied[deployment.scope] = deployment.last_event_id
         self._metrics.weight.clear()
-        self._metrics.weight.labels(self._router.stable, "stable").set(1.0 - self._router.weight)
-        if self._router.canary is not None:
-            self._metrics.weight.labels(self._router.canary, "canary").set(self._router.weight)
-        for name in self._router.draining:
-            self._metrics.weight.labels(name, "draining").set(0.0)
+        for lane in self._router.lanes.values():
+            if lane.stable != events.BASE_VERSION or lane.deployment.scope == events.DEFAULT_SCOPE:
+                self._metrics.weight.labels(lane.stable, "stable").set(1.0 - lane.weight)
+            if lane.canary is not None:
+                self._metrics.weight.labels(lane.canary, "canary").set(lane.weight)
+            for name in lane.draining:
+                self._metrics.weight.labels(name, "draining").set(0.0)
 
     def _loaded(self, name: str) -> bool:
         return name == events.BASE_VERSION or self._engine.adapter_for(name) is not None
@@ -128,10 +131,10 @@ class DeploymentWatcher:
         name = deployment.name(version)
         if self._loaded(name):
             return True
-        row = await asyncio.to_thread(self._store.get, tables.Adapter, (self._scope, version))
+        row = await asyncio.to_thread(self._store.get, tables.Adapter, (deployment.scope, version))
         try:
             if row is None:
-                raise GatewayError(f"version {version} of {self._scope!r} is not in the store")
+                raise GatewayError(f"version {version} of {deployment.scope!r} is not in the store")
             await self._engine.add_adapter(name, row.path)
         except GatewayError as exc:
             if name not in self._failed_loads:

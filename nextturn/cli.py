@@ -320,7 +320,18 @@ def signals_status(
     _show(figures, as_json, title=f"signals ({figures['extractor_version']})", leave_out="extractor_version")
 
 
-ScopeOption = Annotated[str, typer.Option("--scope", help="The adapter lineage: the deployment, or one tenant.")]
+def _scope_name(name: str) -> str:
+    from nextturn.scopes import MAX_NAME, valid
+
+    if not valid(name):
+        raise typer.BadParameter(f"a scope is at most {MAX_NAME} of a-z, 0-9, '.', '_' and '-', starting with a "
+                                 "letter or digit (e.g. default, t.acme)")
+    return name
+
+
+ScopeOption = Annotated[str, typer.Option(
+    "--scope", callback=_scope_name,
+    help="The adapter lineage: default (shared), t.<tenant>, or t.<tenant>.u.<digest> (docs/rollouts.md).")]
 
 
 @trainer_app.command("run")

@@ -53,6 +53,14 @@ class Deployment:
         return cls.from_row(store.get(tables.Deployment, scope), scope)
 
     @classmethod
+    def read_all(cls, store: Store) -> list[Deployment]:
+        """Every scope's deployment (``default`` too, when it never changed)."""
+        found = [cls.from_row(row, row.scope) for row in store.deployments()]
+        if all(deployment.scope != events.DEFAULT_SCOPE for deployment in found):
+            found.append(cls(events.DEFAULT_SCOPE))
+        return found
+
+    @classmethod
     def from_row(cls, row: tables.Deployment | None, scope: str = events.DEFAULT_SCOPE) -> Deployment:
         if row is None:
             return cls(scope)

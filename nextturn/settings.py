@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     judge_api_key: str | None = None
     judge_votes: int = Field(default=3, ge=1, le=15)
 
+    # Which adapter lineage a request learns into and is served from (DESIGN, Scopes; nextturn/scopes.py):
+    # deployment (one shared), tenant (each API key's tenant) or user (each end user of a tenant: the request's
+    # `user` field or the X-Nextturn-User header). A scope without a version is served by its parent's.
+    # `deployment` stays the default until one trainer and one rollout controller serve every scope.
+    scope_by: Literal["deployment", "tenant", "user"] = "deployment"
+
     # The trainer (DESIGN, Trainer). rl: rewards only; opd: hints only; combined: both; none: no training.
     train_method: Literal["combined", "rl", "opd", "none"] = "combined"
     # How a hint teaches: "sampled" reweights the tokens the model sampled (the per-token advantage of the

@@ -176,6 +176,14 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"cannot write to the store at {_safe(self.url)}: {exc}") from exc
 
+    def deployments(self) -> list[tables.Deployment]:
+        """Every scope's deployment, in one read."""
+        try:
+            with self.session() as db:
+                return list(db.exec(select(tables.Deployment)))
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"cannot read the store at {_safe(self.url)}: {exc}") from exc
+
     def deployment_changes(self, scope: str, limit: int = 20) -> list[tables.DeploymentChange]:
         """The latest changes first."""
         with self.session() as db:

@@ -62,6 +62,9 @@ def test_errors_are_one_clear_line_and_a_non_zero_exit(tmp_path: Path) -> None:
     assert bad_settings.returncode == 1
     assert len(bad_settings.stderr.strip().splitlines()) == 1
     assert "NEXTTURN_KAFKA_BOOTSTRAP_SERVERS" in bad_settings.stderr
+    for scope in ("../x", "T.Acme", "a/b"):  # a scope names directories: never a path out of them
+        refused = nextturn("rollout", "status", "--scope", scope, data_dir=tmp_path)
+        assert refused.returncode == 2 and "a scope is at most 64" in refused.stderr, refused.stderr
 
 
 def test_model_init_writes_a_loadable_model(tmp_path: Path) -> None:

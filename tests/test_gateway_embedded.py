@@ -91,7 +91,7 @@ def test_admin_routes_need_the_admin_key_and_say_what_is_wrong(gateway: Uvicorn,
     assert httpx.post(url, headers=ADMIN, json={"version": "v8", "path": str(tiny_adapters["a1"])},
                       timeout=30).status_code == 400  # already loaded
     serving = httpx.delete(f"{url}/base", headers=ADMIN)
-    assert serving.status_code == 409 and "part of the deployment" in serving.json()["error"]["message"]
+    assert serving.status_code == 409 and "part of a deployment" in serving.json()["error"]["message"]
     assert httpx.delete(f"{url}/v8", headers=ADMIN, timeout=60).status_code == 200
     assert httpx.delete(f"{url}/v8", headers=ADMIN).status_code == 404
 

@@ -62,3 +62,43 @@ def test_a_version_that_did_not_load_gets_no_sessions() -> None:
     router.apply(Deployment(stable=4, canary=5, weight=0.9, schedule=(0.9,)), lambda name: name == "base", ())
     assert (router.stable, router.canary) == ("base", None)
     assert {route(router, f"s{n}") for n in range(50)} == {"base"}
+
+
+def deployed(scope: str, stable: int | None = None, canary: int | None = None, weight: float = 0.0) -> Deployment:
+    return Deployment(scope, stable, canary, weight, schedule=(weight,) if canary else ())
+
+
+def test_each_scope_is_served_its_own_versions_and_falls_back_along_its_chain() -> None:
+    router = Router(Loaded())  # type: ignore[arg-type]
+    for deployment in (deployed("default", stable=3), deployed("t.acme", stable=2), deployed("t.globex", stable=1),
+                       deployed("t.acme.u.ana", stable=5)):
+        router.apply(deployment, lambda _: True, ())
+
+    def served(scope: str, session: str = "s") -> str:
+        return router.route("tiny", "acme", session, None, scope)
+
+    assert served("t.acme") == "t.acme-v2" and served("t.globex") == "t.globex-v1"
+    assert served("t.initech") == "default-v3"  # no version of its own: the shared one
+    assert served("t.acme.u.ana") == "t.acme.u.ana-v5"
+    assert served("t.acme.u.ben") == "t.acme-v2"  # a user without a version: its tenant's
+    assert served("default") == "default-v3"
+    # a session keeps its version while that serves in its own chain, never another tenant's
+    assert router.route("tiny", "acme", "s", "t.acme-v2", "t.acme.u.ben") == "t.acme-v2"
+    assert router.route("tiny", "acme", "s", "t.globex-v1", "t.acme") == "t.acme-v2"
+
+
+def test_a_canary_in_one_scope_never_changes_another_scopes_routing() -> None:
+    router = Router(Loaded())  # type: ignore[arg-type]
+    router.apply(deployed("default", stable=3), lambda _: True, ())
+    router.apply(deployed("t.globex", stable=1), lambda _: True, ())
+    sessions = [f"s{n}" for n in range(300)]
+    before = {(scope, s): router.route("tiny", "acme", s, None, scope) for scope in ("t.globex", "t.initech")
+              for s in sessions}
+    router.apply(deployed("t.acme", canary=1, weight=0.5), lambda _: True, ())
+    after = {(scope, s): router.route("tiny", "acme", s, None, scope) for scope in ("t.globex", "t.initech")
+             for s in sessions}
+    assert after == before
+    acme = {s: router.route("tiny", "acme", s, None, "t.acme") for s in sessions}
+    # acme's first canary takes its share; the rest of acme is served what its parent serves, not the base
+    assert set(acme.values()) == {"t.acme-v1", "default-v3"}
+    assert {s for s, v in acme.items() if v == "t.acme-v1"} == {s for s in sessions if bucket("acme", s) < 0.5}

@@ -301,16 +301,17 @@ class EmbeddedEngine:
     def _add(self, command: _Command) -> None:
         try:
             loaded = set(self._peft.peft_config) if self._peft is not None else set()
-            if command.version in loaded:
+            name = _peft_name(command.version)
+            if name in loaded:
                 raise InvalidRequest(f"an adapter {command.version!r} is already loaded", code="adapter_exists")
             if self._peft is None:
                 from peft import PeftModel
 
-                self._peft = PeftModel.from_pretrained(self._model, command.path, adapter_name=command.version)
+                self._peft = PeftModel.from_pretrained(self._model, command.path, adapter_name=name)
             else:
-                self._peft.load_adapter(command.path, adapter_name=command.version)
+                self._peft.load_adapter(command.path, adapter_name=name)
                 if self._peft.active_adapter not in self._peft.peft_config:
-                    self._peft.set_adapter(command.version)  # the previous active one was deleted
+                    self._peft.set_adapter(name)  # the previous active one was deleted
         except InvalidRequest as exc:
             command.done.set_exception(exc)
         except Exception as exc:  # peft/safetensors/OS errors: the directory is not a loadable adapter
@@ -325,10 +326,11 @@ class EmbeddedEngine:
         for command in [command for command in removals if command.version not in busy]:
             removals.remove(command)
             try:
-                others = [name for name in self._peft.peft_config if name != command.version]
-                if self._peft.active_adapter == command.version and others:
+                name = _peft_name(command.version)
+                others = [other for other in self._peft.peft_config if other != name]
+                if self._peft.active_adapter == name and others:
                     self._peft.set_adapter(others[0])  # peft warns when the active adapter is deleted
-                self._peft.delete_adapter(command.version)
+                self._peft.delete_adapter(name)
             except Exception as exc:  # the engine keeps serving; the caller learns why the removal failed
                 log.exception("removing adapter %s failed", command.version)
                 command.done.set_exception(EngineUnavailable(f"removing the adapter failed: {exc!r}"))
@@ -338,7 +340,7 @@ class EmbeddedEngine:
     def _forward(self, adapters: list[str], **inputs: Any) -> torch.Tensor:
         """Logits of the last position, [rows, vocab]; each row on its adapter."""
         if self._peft is not None and self._peft.peft_config:
-            names = [PEFT_BASE if adapter == events.BASE_VERSION else adapter for adapter in adapters]
+            names = [PEFT_BASE if adapter == events.BASE_VERSION else _peft_name(adapter) for adapter in adapters]
             output = self._peft(**inputs, adapter_names=names, use_cache=True, logits_to_keep=1)
         else:
             output = self._model(**inputs, use_cache=True, logits_to_keep=1)
@@ -430,3 +432,14 @@ def cache_keyword(model: Any) -> str:
 def _cache_tensors(cache: Any) -> KV:
     """The keys and values a DynamicCache holds, layer by layer."""
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _peft_name(version: str) -> str:
+    """The name peft holds a version under: a model id may hold dots (a scope's ``t.acme-v1``), and peft's
+    adapter names become torch module names, which may not. One to one (``_`` is escaped too), and never
+    peft's name for the base model.
+
+    >>> _peft_name("t.acme-v1"), _peft_name("my_lora")
+    ('v_t_dacme-v1', 'v_my__lora')
+    """
+    return "v_" + version.replace("_", "__").replace(".", "_d")

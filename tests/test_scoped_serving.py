@@ -1,0 +1,80 @@
+"""Scopes served side by side on the embedded engine: each tenant (and user) its own versions, falling back
+along its chain, with the openai SDK over real uvicorn and deployments made in the real store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.app import create_app
+from nextturn import deployments, events, scopes
+from nextturn.settings import Settings
+from nextturn.store import Store
+
+from support.event_logs import recorded
+from support.eventually import eventually
+from support.services import Uvicorn
+
+KEYS = "sk-acme:acme,sk-globex:globex,sk-initech:initech"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("scoped")
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_model: Path, data_dir: Path) -> Iterator[Uvicorn]:
+    settings = Settings(data_dir=data_dir, engine="embedded", model=str(tiny_model), api_keys=KEYS,
+                        scope_by="user", rollout_check_interval_s=0.2)
+    with Uvicorn(create_app(settings)) as server:
+        yield server
+
+
+def promote(store: Store, scope: str, path: Path) -> None:
+    """Version 1 of ``scope`` published and made stable, as the trainer and an operator would."""
+    store.apply([events.AdapterPublished(scope=scope, version=1, base_model="tiny", path=str(path))])
+    deployments.operate(store, scope, "promote", "ops", "a version of its own", lambda _: None, version=1)
+
+
+def ask(gateway: Uvicorn, key: str, *, user: str | None = None, header: str | None = None) -> tuple[str, str]:
+    """(the adapter that served, the turn id) of one question as ``key``'s tenant."""
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=key, max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=[{"role": "user", "content": f"who serves {user or header}?"}], max_tokens=2,
+            user=user or openai.NOT_GIVEN, extra_headers={"X-Nextturn-User": header} if header else None)
+    return raw.headers["X-Nextturn-Adapter"], raw.parse().id
+
+
+def test_tenants_and_users_are_served_their_own_versions_and_fall_back_along_their_chain(
+    gateway: Uvicorn, data_dir: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    store = Store(Settings(data_dir=data_dir).store_url)
+    ana = scopes.user_scope("acme", "ana")
+    for scope, adapter in ((events.DEFAULT_SCOPE, "a1"), ("t.acme", "a2"), ("t.globex", "a1"), (ana, "a2")):
+        promote(store, scope, tiny_adapters[adapter])
+    store.close()
+    expected = {("sk-acme", None): "t.acme-v1", ("sk-globex", None): "t.globex-v1",
+                ("sk-initech", None): "default-v1",  # no version of its own: the shared one
+                ("sk-acme", "ana"): f"{ana}-v1", ("sk-acme", "ben"): "t.acme-v1",  # ben: his tenant's
+                ("sk-globex", "ana"): "t.globex-v1"}  # another tenant's ana is not acme's
+
+    def served() -> dict[tuple[str, str | None], str]:
+        return {(key, user): ask(gateway, key, user=user)[0] for key, user in expected}
+
+    eventually(served, "every scope's version to serve", until=lambda found: found == expected, timeout_s=30)
+    adapter, turn_id = ask(gateway, "sk-acme", header="ana")  # the header names the user too
+    turn = recorded(data_dir, turn_id)
+    assert (adapter, turn.scope, turn.adapter_version) == (f"{ana}-v1", ana, f"{ana}-v1")
+    _, turn_id = ask(gateway, "sk-initech", user="carl")
+    turn = recorded(data_dir, turn_id)  # learns into its own scope while the shared version serves it
+    assert (turn.scope, turn.adapter_version) == (scopes.user_scope("initech", "carl"), "default-v1")
+
+
+def test_a_user_longer_than_the_limit_is_a_400(gateway: Uvicorn) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(gateway, "sk-acme", user="x" * (scopes.MAX_USER_CHARS + 1))
+    assert refused.value.body["param"] == "user"  # type: ignore[index]
