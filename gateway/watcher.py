@@ -28,7 +28,7 @@ from nextturn import events, tables
 from nextturn.bus import Consumer, EventLog
 from nextturn.deployments import BAD, Deployment
 from nextturn.errors import NextturnError
-from nextturn.store import Store
+from nextturn.store import Evidence, Store
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,11 @@ class DeploymentWatcher:
         """Each serving version's resolved turns and mean reward since the deployment last changed."""
         since = deployment.canary_since or deployment.updated_at
         names = sorted({self._router.stable, *([self._router.canary] if self._router.canary else [])})
-        rewards: list[tuple[str, str, float]] = []
-        if since is not None:
-            rewards = await asyncio.to_thread(self._store.rewards, names, since)
         by_version: dict[str, list[float]] = {name: [] for name in names}
-        for version, _, reward in rewards:
-            by_version[version].append(reward)
+        if since is not None:
+            for name in names:
+                found = await asyncio.to_thread(self._store.rewards, Evidence(events.DEFAULT_SCOPE, (name,)), since)
+                by_version[name] = [reward for _, reward in found]
         self._metrics.resolved.clear()
         self._metrics.reward.clear()
         for version, values in by_version.items():

@@ -31,7 +31,8 @@ from typing import Any
 
 from nextturn import events, tables
 from nextturn.errors import DeploymentConflict, InvalidChange
-from nextturn.store import Store
+from nextturn.scopes import chain
+from nextturn.store import Evidence, Store
 
 CONTROLLER = "controller"
 
@@ -238,29 +239,42 @@ class Arm:
                 "capped": self.capped}
 
 
-def arms(store: Store, state: Deployment, max_tenant_share: float = MAX_TENANT_SHARE) -> tuple[Arm, Arm] | None:
-    """(canary, stable) since the canary began; None without a canary. Turns a client pinned to a version are
-    no evidence, and where several tenants' rewards are in, no tenant's make more than ``max_tenant_share``
-    of an arm's (:func:`capped`): one tenant cannot vote a canary in or out for the others."""
-    if state.canary_name is None or state.canary_since is None:
+def evidence(state: Deployment) -> tuple[Evidence, Evidence] | None:
+    """Which turns are the (canary, stable) arms' evidence; None without a canary. Both are turns of the
+    scope (or a scope below it) that the client did not pin. The stable arm is what the scope's other
+    sessions are served: its stable version, or while it has none, what its chain serves (an ancestor's
+    version, or the base model)."""
+    if state.canary_name is None:
         return None
-    found = {name: Arm(name) for name in (state.canary_name, state.stable_name)}
+    canary = Evidence(state.scope, (state.canary_name,))
+    if state.stable is not None:
+        return canary, Evidence(state.scope, (state.stable_name,))
+    return canary, Evidence(state.scope, (events.BASE_VERSION,), ancestors=chain(state.scope)[1:])
+
+
+def arms(store: Store, state: Deployment, max_tenant_share: float = MAX_TENANT_SHARE) -> tuple[Arm, Arm] | None:
+    """(canary, stable) since the canary began; None without a canary (:func:`evidence` says which turns
+    count). Where several tenants' rewards are in, no tenant's make more than ``max_tenant_share`` of an
+    arm's (:func:`capped`): one tenant cannot vote a canary in or out for the others."""
+    which = evidence(state)
+    if which is None or state.canary_name is None or state.canary_since is None:
+        return None
+    found = (Arm(state.canary_name), Arm(state.stable_name))
     step_began = state.updated_at or state.canary_since
-    for version, flaw, turns, since_step in store.served_turns(list(found), state.canary_since, step_began):
-        arm = found[version]
-        arm.turns += turns
-        arm.turns_since_step += since_step or 0
-        if flaw is not None:
-            arm.flaws[flaw] += turns
-    for arm in found.values():
-        arm.latencies_ms = store.latencies(arm.version, state.canary_since, LATENCY_WINDOW)
-    rewards = store.rewards(list(found), state.canary_since)
-    shared = len({tenant for _, tenant, _ in rewards}) > 1
-    for arm in found.values():
-        mine = [(tenant, reward) for version, tenant, reward in rewards if version == arm.version]
+    rewards = []
+    for arm, turns_of in zip(found, which, strict=True):
+        for flaw, turns, since_step in store.served_turns(turns_of, state.canary_since, step_began):
+            arm.turns += turns
+            arm.turns_since_step += since_step or 0
+            if flaw is not None:
+                arm.flaws[flaw] += turns
+        arm.latencies_ms = store.latencies(turns_of, state.canary_since, LATENCY_WINDOW)
+        rewards.append(store.rewards(turns_of, state.canary_since))
+    shared = len({tenant for of_arm in rewards for tenant, _ in of_arm}) > 1
+    for arm, mine in zip(found, rewards, strict=True):
         arm.rewards = capped(mine, max_tenant_share) if shared else [reward for _, reward in mine]
         arm.capped = len(mine) - len(arm.rewards)
-    return found[state.canary_name], found[state.stable_name]
+    return found
 
 
 def capped(rewards: list[tuple[str, float]], share: float) -> list[float]:

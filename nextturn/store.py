@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -16,7 +17,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, Insert, case, create_engine, event, literal, update
+from sqlalchemy import Connection, Engine, Insert, case, create_engine, event, literal, or_, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
@@ -90,6 +91,30 @@ def _safe(url: str) -> str:
         return url
     scheme, _, credentials = head.partition("://")
     return f"{scheme}://{credentials.split(':')[0]}@{tail}"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Which turns are one arm's evidence in a rollout: not pinned to a version by the client; learning into
+    ``scope`` or a scope below it (any turn, for ``default``); served by one of ``versions``, or by a
+    version of one of the ``ancestors`` (what serves a scope that has no stable version of its own)."""
+
+    scope: str
+    versions: tuple[str, ...]
+    ancestors: tuple[str, ...] = ()
+
+    def where(self, turns: Any) -> list[Any]:
+        served = [turns.c.adapter_version.in_(list(self.versions))]
+        served += [turns.c.adapter_version.like(f"{_like(scope)}-v%", escape="\\") for scope in self.ancestors]
+        found = [turns.c.pinned.is_(False), or_(*served)]
+        if self.scope != events.DEFAULT_SCOPE:
+            found.append(or_(turns.c.scope == self.scope, turns.c.scope.like(f"{_like(self.scope)}.u.%", escape="\\")))
+        return found
+
+
+def _like(text: str) -> str:
+    """``text`` matched literally in a LIKE pattern."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class Store:
@@ -201,22 +226,19 @@ class Store:
                 tables.Adapter.scope == scope, tables.Adapter.version > newer_than, tables.Adapter.status == status,
             ).order_by(tables.Adapter.version.desc())).first()  # type: ignore[attr-defined]
 
-    def served_turns(self, versions: Sequence[str], since: datetime, step_since: datetime) -> list[Any]:
-        """(adapter_version, flaw, turns, of them since ``step_since``) of the turns the deployment routed to
-        these versions since ``since`` (pinned turns are no evidence), counted by the database."""
+    def served_turns(self, evidence: Evidence, since: datetime, step_since: datetime) -> list[Any]:
+        """(flaw, turns, of them since ``step_since``) of the turns that are ``evidence`` since ``since``,
+        counted by the database."""
         table = tables.table_of(tables.Turn)
         recent = func.sum(case((table.c.started_at >= step_since, 1), else_=0))
-        return self._read(sa_select(table.c.adapter_version, table.c.flaw, func.count(), recent)
-                          .where(table.c.adapter_version.in_(list(versions)), table.c.started_at >= since,
-                                 table.c.pinned.is_(False))
-                          .group_by(table.c.adapter_version, table.c.flaw))
+        return self._read(sa_select(table.c.flaw, func.count(), recent)
+                          .where(*evidence.where(table), table.c.started_at >= since).group_by(table.c.flaw))
 
-    def latencies(self, version: str, since: datetime, limit: int) -> list[float]:
-        """The latency of the latest ``limit`` turns the deployment routed to ``version`` since ``since``."""
+    def latencies(self, evidence: Evidence, since: datetime, limit: int) -> list[float]:
+        """The latency of the latest ``limit`` turns that are ``evidence`` since ``since``."""
         table = tables.table_of(tables.Turn)
         return [row[0] for row in self._read(
-            sa_select(table.c.latency_ms).where(table.c.adapter_version == version, table.c.started_at >= since,
-                                                table.c.pinned.is_(False))
+            sa_select(table.c.latency_ms).where(*evidence.where(table), table.c.started_at >= since)
             .order_by(table.c.started_at.desc()).limit(limit))]
 
     def scope_tenants(self, scope: str, limit: int) -> list[str]:
@@ -225,22 +247,20 @@ class Store:
         return [row[0] for row in self._read(
             sa_select(signals.c.tenant).where(signals.c.scope == scope).distinct().limit(limit))]
 
-    def rewards(self, versions: Sequence[str], since: datetime) -> list[tuple[str, str, float]]:
-        """(adapter_version, tenant, reward) of the turns the deployment routed to these versions since
-        ``since`` whose latest signal revision carries a reward, in the order they were served."""
+    def rewards(self, evidence: Evidence, since: datetime) -> list[tuple[str, float]]:
+        """(tenant, reward) of the turns that are ``evidence`` since ``since`` whose latest signal revision
+        carries a reward, in the order they were served."""
         signals, turns = tables.table_of(tables.Signal), tables.table_of(tables.Turn)
         rows = self._read(
-            sa_select(signals.c.adapter_version, signals.c.tenant, signals.c.signal_id, signals.c.revision,
-                      signals.c.reward)
+            sa_select(signals.c.tenant, signals.c.signal_id, signals.c.revision, signals.c.reward)
             .join(turns, turns.c.id == signals.c.turn_id)
-            .where(signals.c.adapter_version.in_(list(versions)), turns.c.started_at >= since,
-                   turns.c.pinned.is_(False))
+            .where(*evidence.where(turns), turns.c.started_at >= since)
             .order_by(turns.c.started_at, turns.c.id))
-        latest: dict[str, tuple[int, str, str, float | None]] = {}
-        for version, tenant, signal_id, revision, reward in rows:
+        latest: dict[str, tuple[int, str, float | None]] = {}
+        for tenant, signal_id, revision, reward in rows:
             if signal_id not in latest or revision > latest[signal_id][0]:
-                latest[signal_id] = (revision, version, tenant, reward)
-        return [(version, tenant, reward) for _, version, tenant, reward in latest.values() if reward is not None]
+                latest[signal_id] = (revision, tenant, reward)
+        return [(tenant, reward) for _, tenant, reward in latest.values() if reward is not None]
 
     def loop_counts(self, scope: str, recent: int) -> dict[str, Any]:
         """What a live status shows: the scope's turns (and failed ones), turns with a signal, with a reward,

@@ -50,19 +50,20 @@ def controller(log: EventLog, store: Store, clock: Clock | None = None, **policy
 
 def served(store: Store, version: str, n: int, *, reward: float | None = None, content: str | None = "fine",
            latency_ms: float = 20.0, tenant: str = "acme", pinned: bool = False,
-           failed_by: events.Cause | None = None) -> None:
+           failed_by: events.Cause | None = None, scope: str = events.DEFAULT_SCOPE) -> None:
     """``n`` turns served by ``version`` now, each with a signal carrying ``reward`` (None: no signal);
     ``failed_by``: each failed, caused by the client or the server."""
     batch: list[events.Event] = []
     for k in range(n):
         failed = {"status": "failed", "error": "refused", "cause": failed_by, "response": None} if failed_by else {}
         item = turn(f"{version}-{events.new_id()[:8]}", k).model_copy(update={
-            "adapter_version": version, "latency_ms": latency_ms, "tenant": tenant, "pinned": pinned,
+            "adapter_version": version, "latency_ms": latency_ms, "tenant": tenant, "pinned": pinned, "scope": scope,
             "response": events.ChatMessage(role="assistant", content=content), **failed})
         batch.append(item)
         if reward is not None:
             batch.append(events.SignalExtracted(
-                signal_id=f"{item.turn_id}:x", tenant=tenant, session_id=item.session_id, turn_id=item.turn_id,
+                signal_id=f"{item.turn_id}:x", tenant=tenant, scope=scope, session_id=item.session_id,
+                turn_id=item.turn_id,
                 adapter_version=version, reward=reward, confidence=1.0, extractor_version="x"))
     store.apply(batch)
 
@@ -165,6 +166,29 @@ def test_turns_pinned_to_a_version_are_no_evidence(log: EventLog, store: Store, 
     figures = deployments.status(store, "default")
     assert figures["arms"]["canary"]["turns"] == 0
     served(store, "default-v1", 30, reward=1.0)  # routed by the deployment: evidence
+    stepped = ctl.check()
+    assert stepped is not None and stepped.action == "step", ctl.verdict
+
+
+def test_a_scope_is_decided_on_its_own_turns_against_what_its_chain_serves_it(
+    log: EventLog, store: Store, tmp_path: Path
+) -> None:
+    """t.acme has no stable version: its sessions off the canary are served the shared default-v3, and that
+    is what its canary is compared with; other tenants' turns on default-v3, and a user scope's own
+    versions, are no evidence for it."""
+    ana = "t.acme.u.ana"
+    ctl = RolloutController(log, store, scope="t.acme", policy=POLICY)
+    publish(log, 1, tmp_path / "acme-v1", scope="t.acme")
+    began = ctl.run_once(0.5)
+    assert began is not None and (began.scope, began.canary_version) == ("t.acme", 1)
+    served(store, "t.acme-v1", 30, reward=0.5, scope="t.acme")
+    served(store, "default-v3", 30, reward=0.0, scope="t.acme")
+    served(store, "default-v3", 5, reward=0.0, scope=ana)  # ana has no version: through t.acme's lane
+    served(store, "default-v3", 100, reward=1.0, tenant="globex", scope="t.globex")
+    served(store, f"{ana}-v1", 50, reward=-1.0, scope=ana)
+    evidence = deployments.status(store, "t.acme")["arms"]
+    assert (evidence["canary"]["turns"], evidence["stable"]["turns"]) == (30, 35)
+    assert (evidence["canary"]["mean_reward"], evidence["stable"]["mean_reward"]) == (0.5, 0.0)
     stepped = ctl.check()
     assert stepped is not None and stepped.action == "step", ctl.verdict
 
