@@ -251,8 +251,13 @@ def create_app(settings: Settings) -> FastAPI:
         return turn_view(db, who, turn_id)
 
     @app.get("/v1/models")
-    async def models(_: Annotated[str, Depends(tenant)]) -> dict[str, Any]:
-        return {"object": "list",
-                "data": [{"id": name, "object": "model", "owned_by": "nextturn"} for name in engine.models()]}
+    async def models(request: Request, tenant_name: Annotated[str, Depends(tenant)],
+                     x_nextturn_user: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+        """The served model and the versions the caller's scope may use (its own, its tenant's, the shared
+        ones, and adapters an operator loaded by hand)."""
+        service: TurnService = request.app.state.turns
+        scope = service.scope_for(tenant_name, x_nextturn_user)
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "nextturn"}
+                                           for name in service.router.models(scope)]}
 
     return app

@@ -60,7 +60,7 @@ class Router:
     def route(self, model: str, tenant: str = "", session_id: str = "", parent_adapter: str | None = None,
               scope: str = events.DEFAULT_SCOPE) -> str:
         adapter = self._engine.adapter_for(model)
-        if adapter is None:
+        if adapter is None or not self.visible(adapter, scope):  # another tenant's: as if it did not exist
             raise NotFound(f"the model {model!r} does not exist; see /v1/models", param="model",
                            code="model_not_found")
         if adapter != events.BASE_VERSION:
@@ -76,6 +76,13 @@ class Router:
             if (picked := lane.pick(tenant, session_id)) is not None:
                 return picked
         return events.BASE_VERSION
+
+    @staticmethod
+    def visible(adapter: str, scope: str) -> bool:
+        """Whether a request in ``scope`` may see and pin ``adapter``: the base model, an adapter an operator
+        loaded by hand, or a version of a scope in its chain (another tenant's is as missing as no model)."""
+        served = events.served_version(adapter)
+        return served is None or served[0] is None or served[0] in chain(scope)
 
     def pinned(self, model: str) -> bool:
         """Whether ``model`` names a version rather than the served model."""
@@ -110,6 +117,11 @@ class Router:
     def versions(self) -> list[str]:
         """The adapter versions loaded (the model ids other than the served model)."""
         return [model for model in self._engine.models() if self._engine.adapter_for(model) != events.BASE_VERSION]
+
+    def models(self, scope: str) -> list[str]:
+        """The model ids a request in ``scope`` may name (/v1/models)."""
+        return [model for model in self._engine.models()
+                if (adapter := self._engine.adapter_for(model)) is not None and self.visible(adapter, scope)]
 
     def apply(self, deployment: Deployment, loaded: Callable[[str], bool], bad: Collection[str]) -> list[str]:
         """Route ``deployment``'s scope by it, as far as the engine has loaded its versions (a stable version

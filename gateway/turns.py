@@ -60,14 +60,17 @@ class TurnService:
         """(tenant, session id) of a turn this replica served recently."""
         return self._recent.get(turn_id)
 
+    def scope_for(self, tenant: str, user: str | None) -> str:
+        """The scope a request of ``tenant`` (and ``user``, under NEXTTURN_SCOPE_BY=user) learns into."""
+        if user is not None and len(user) > scopes.MAX_USER_CHARS:
+            raise InvalidRequest(f"a user is at most {scopes.MAX_USER_CHARS} characters", param="user")
+        return scopes.scope_of(self.scope_by, tenant, user)
+
     async def begin(self, tenant: str, request: ChatCompletionRequest, session_id: str | None,
                     user: str | None = None) -> Turn:
         """Admit, link and route a request. ``user``: the X-Nextturn-User header, which wins over the body's
         ``user`` field (a trusted application in front of the gateway names its end user there)."""
-        user = user if user is not None else request.user
-        if user is not None and len(user) > scopes.MAX_USER_CHARS:
-            raise InvalidRequest(f"a user is at most {scopes.MAX_USER_CHARS} characters", param="user")
-        scope = scopes.scope_of(self.scope_by, tenant, user)
+        scope = self.scope_for(tenant, user if user is not None else request.user)
         self.limits.admit(tenant)  # released when the turn is recorded
         try:
             link = await self.linker.resolve(tenant, request.messages, session_id)

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from nextturn import deployments, events, scopes
+from nextturn import deployments, events, scopes, tables
 from nextturn.settings import Settings
 from nextturn.store import Store
 
@@ -78,3 +78,31 @@ def test_a_user_longer_than_the_limit_is_a_400(gateway: Uvicorn) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         ask(gateway, "sk-acme", user="x" * (scopes.MAX_USER_CHARS + 1))
     assert refused.value.body["param"] == "user"  # type: ignore[index]
+
+
+def test_a_tenant_sees_and_pins_only_the_versions_of_its_chain(gateway: Uvicorn, data_dir: Path,
+                                                               tiny_adapters: dict[str, Path]) -> None:
+    ana = scopes.user_scope("acme", "ana")
+    store = Store(Settings(data_dir=data_dir).store_url)
+    for scope, adapter in ((events.DEFAULT_SCOPE, "a1"), ("t.acme", "a2"), ("t.globex", "a1"), (ana, "a2")):
+        if store.get(tables.Deployment, scope) is None:  # run alone, this test makes the versions it needs
+            promote(store, scope, tiny_adapters[adapter])
+    store.close()
+
+    def models(key: str, user: str | None = None) -> set[str]:
+        with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=key, max_retries=0) as client:
+            return {model.id for model in client.models.list(extra_headers={"X-Nextturn-User": user} if user else None)}
+
+    eventually(lambda: models("sk-acme", "ana") | models("sk-globex"), "every version to be loaded",
+               until=lambda found: {"t.acme-v1", f"{ana}-v1", "t.globex-v1", "default-v1"} <= found, timeout_s=30)
+    assert {"tiny", "default-v1", "t.acme-v1"} <= models("sk-acme") and "t.globex-v1" not in models("sk-acme")
+    assert "t.acme-v1" not in models("sk-globex") and "t.globex-v1" in models("sk-globex")
+    assert f"{ana}-v1" in models("sk-acme", "ana")
+    assert f"{ana}-v1" not in models("sk-acme", "ben") and f"{ana}-v1" not in models("sk-acme")
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-acme", max_retries=0) as client:
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model="t.globex-v1", messages=[{"role": "user", "content": "hi"}])
+        assert missing.value.code == "model_not_found"  # exactly as a model that does not exist
+        pinned = client.chat.completions.with_raw_response.create(
+            model="t.acme-v1", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert pinned.headers["X-Nextturn-Adapter"] == "t.acme-v1"
