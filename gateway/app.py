@@ -207,6 +207,10 @@ def create_app(settings: Settings) -> FastAPI:
         watcher: DeploymentWatcher = request.app.state.watcher
         return {**found, "replica": watcher.status()}
 
+    @app.get("/v1/admin/scopes", dependencies=[Depends(admin)])
+    async def scopes_list(db: Annotated[Store, Depends(store)]) -> dict[str, Any]:
+        return {"object": "list", "data": await asyncio.to_thread(deployments.overview, db)}
+
     @app.post("/v1/admin/rollout/{action}", dependencies=[Depends(admin)])
     async def rollout_act(action: Literal["promote", "rollback", "pause", "resume"], body: RolloutAction,
                           request: Request, db: Annotated[Store, Depends(store)],

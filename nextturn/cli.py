@@ -45,6 +45,8 @@ app.add_typer(trainer_app, name="trainer")
 rollout_app = typer.Typer(help="Rollouts: each published version behind a canary that promotes or rolls back.",
                           no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
+scopes_app = typer.Typer(help="Scopes: the adapter lineages (shared, per tenant, per user).", no_args_is_help=True)
+app.add_typer(scopes_app, name="scopes")
 vllm_app = typer.Typer(help="A vLLM server for NEXTTURN_ENGINE=vllm.", no_args_is_help=True)
 app.add_typer(vllm_app, name="vllm")
 
@@ -484,6 +486,34 @@ def rollout_resume(ctx: typer.Context, reason: Reason, scope: ScopeOption = even
                    actor: Actor = None) -> None:
     """Let the controller decide again."""
     _operate(ctx, "resume", scope, actor, reason)
+
+
+@scopes_app.command("list")
+def scopes_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Every scope: stable and canary, versions, turns resolved in the last day and their mean reward, and
+    what serves it while it has no stable version."""
+    from nextturn.deployments import overview
+
+    settings = _settings(ctx)
+    store = _open_store(settings)
+    try:
+        found = overview(store)
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("scope", "stable", "canary", "versions", "resolved (1 day)", "mean reward", "falls back to",
+                  title="scopes")
+    for scope in found:
+        canary = f"{scope['canary']} at {scope['canary_weight']:.0%}" if scope["canary"] else "-"
+        reward = "-" if scope["mean_reward"] is None else f"{scope['mean_reward']:+.2f}"
+        table.add_row(scope["scope"], scope["stable"] or "-", canary, str(scope["versions"]), str(scope["resolved"]),
+                      reward, scope["falls_back_to"])
+    Console().print(table)
 
 
 def _show(figures: dict[str, object], as_json: bool, *, title: str, leave_out: str) -> None:

@@ -26,7 +26,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nextturn import events, tables
@@ -341,6 +341,24 @@ def operate(store: Store, scope: str, action: str, actor: str, reason: str, publ
         return pause(state, actor, reason) if action == "pause" else resume(state, actor, reason)
 
     return commit(store, scope, move, publish)
+
+
+def overview(store: Store, lately_s: float = 86_400.0) -> list[dict[str, Any]]:
+    """Every scope (with a deployment, a version or signals lately): its stable version and canary, published
+    versions, turns resolved in the last ``lately_s`` with their mean reward, and what serves it while it has
+    no stable version (its chain's first scope that has one, else the base model)."""
+    states = {state.scope: state for state in Deployment.read_all(store)}
+    figures = store.scope_figures(events.utc_now() - timedelta(seconds=lately_s))
+    found = []
+    for scope in sorted(set(states) | set(figures)):
+        state = states.get(scope, Deployment(scope))
+        parents = [states[parent] for parent in chain(scope)[1:] if parent in states]
+        fallback = next((parent.stable_name for parent in parents if parent.stable is not None), events.BASE_VERSION)
+        found.append({"scope": scope, "stable": state.stable_name if state.stable is not None else None,
+                      "canary": state.canary_name, "canary_weight": state.weight, "paused": state.paused,
+                      **figures.get(scope, {"versions": 0, "resolved": 0, "mean_reward": None}),
+                      "falls_back_to": fallback})
+    return found
 
 
 def status(store: Store, scope: str = events.DEFAULT_SCOPE, history: int = 10,

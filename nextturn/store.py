@@ -262,6 +262,27 @@ class Store:
                 latest[signal_id] = (revision, tenant, reward)
         return [(tenant, reward) for _, tenant, reward in latest.values() if reward is not None]
 
+    def scope_figures(self, since: datetime) -> dict[str, dict[str, Any]]:
+        """Per scope: published versions, and the turns resolved since ``since`` with their mean reward (each
+        signal's latest revision), in three grouped reads however many scopes there are."""
+        adapters, signals = tables.table_of(tables.Adapter), tables.table_of(tables.Signal)
+        figures: dict[str, dict[str, Any]] = {}
+
+        def of(scope: str) -> dict[str, Any]:
+            return figures.setdefault(scope, {"versions": 0, "resolved": 0, "mean_reward": None})
+
+        for scope, count in self._read(sa_select(adapters.c.scope, func.count()).group_by(adapters.c.scope)):
+            of(scope)["versions"] = int(count)
+        latest = (sa_select(signals.c.signal_id, func.max(signals.c.revision).label("revision"))
+                  .where(signals.c.created_at >= since).group_by(signals.c.signal_id).subquery())
+        resolved = self._read(
+            sa_select(signals.c.scope, func.count(), func.avg(signals.c.reward))
+            .join(latest, (signals.c.signal_id == latest.c.signal_id) & (signals.c.revision == latest.c.revision))
+            .group_by(signals.c.scope))
+        for scope, count, mean in resolved:
+            of(scope).update(resolved=int(count), mean_reward=None if mean is None else round(float(mean), 4))
+        return figures
+
     def loop_counts(self, scope: str, recent: int) -> dict[str, Any]:
         """What a live status shows: the scope's turns (and failed ones), turns with a signal, with a reward,
         with a hint (counted once per signal, over its revisions), the latest ``recent`` rewards, versions."""

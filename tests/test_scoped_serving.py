@@ -3,9 +3,11 @@ along its chain, with the openai SDK over real uvicorn and deployments made in t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -14,6 +16,7 @@ from nextturn import deployments, events, scopes, tables
 from nextturn.settings import Settings
 from nextturn.store import Store
 
+from support.cli import nextturn
 from support.event_logs import recorded
 from support.eventually import eventually
 from support.services import Uvicorn
@@ -29,7 +32,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def gateway(tiny_model: Path, data_dir: Path) -> Iterator[Uvicorn]:
     settings = Settings(data_dir=data_dir, engine="embedded", model=str(tiny_model), api_keys=KEYS,
-                        scope_by="user", rollout_check_interval_s=0.2)
+                        scope_by="user", rollout_check_interval_s=0.2, admin_key="sk-admin")
     with Uvicorn(create_app(settings)) as server:
         yield server
 
@@ -106,3 +109,34 @@ def test_a_tenant_sees_and_pins_only_the_versions_of_its_chain(gateway: Uvicorn,
         pinned = client.chat.completions.with_raw_response.create(
             model="t.acme-v1", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert pinned.headers["X-Nextturn-Adapter"] == "t.acme-v1"
+
+
+def test_scopes_list_shows_each_scope_its_versions_and_what_it_falls_back_to(
+    gateway: Uvicorn, data_dir: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    ana = scopes.user_scope("acme", "ana")
+    store = Store(Settings(data_dir=data_dir).store_url)
+    for scope, adapter in ((events.DEFAULT_SCOPE, "a1"), ("t.acme", "a2"), (ana, "a2")):
+        if store.get(tables.Deployment, scope) is None:
+            promote(store, scope, tiny_adapters[adapter])
+    store.apply([events.AdapterPublished(scope="t.initech", version=1, base_model="tiny",
+                                         path=str(tiny_adapters["a1"]))])  # published, not deployed
+    store.apply([events.SignalExtracted(event_id=f"sig-{n}.{revision}", signal_id=f"sig-{n}", revision=revision,
+                                        tenant="globex", scope="t.globex", session_id="s", turn_id=f"turn-{n}",
+                                        adapter_version="default-v1", reward=reward, confidence=1.0,
+                                        extractor_version="x")
+                 for n, revision, reward in ((0, 0, -1.0), (0, 1, 1.0), (1, 0, 0.5))])  # sig-0 revised
+    store.close()
+    listed = nextturn("scopes", "list", "--json", data_dir=data_dir)
+    assert listed.returncode == 0, listed.stderr
+    found = {scope["scope"]: scope for scope in json.loads(listed.stdout)}
+    assert {name: (found[name]["stable"], found[name]["falls_back_to"]) for name in
+            (events.DEFAULT_SCOPE, "t.acme", ana, "t.initech")} == {
+        events.DEFAULT_SCOPE: ("default-v1", "base"), "t.acme": ("t.acme-v1", "default-v1"),
+        ana: (f"{ana}-v1", "t.acme-v1"), "t.initech": (None, "default-v1")}
+    assert found["t.initech"]["versions"] == 1
+    assert (found["t.globex"]["resolved"], found["t.globex"]["mean_reward"]) == (2, 0.75)  # latest revisions
+    admin = httpx.get(f"{gateway.url}/v1/admin/scopes", headers={"Authorization": "Bearer sk-admin"}, timeout=10)
+    assert {scope["scope"] for scope in admin.json()["data"]} == set(found)
+    tenant = httpx.get(f"{gateway.url}/v1/admin/scopes", headers={"Authorization": "Bearer sk-acme"}, timeout=10)
+    assert tenant.status_code == 403
