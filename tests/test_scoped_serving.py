@@ -14,7 +14,7 @@ import pytest
 from gateway.app import create_app
 from nextturn import deployments, events, scopes, tables
 from nextturn.settings import Settings
-from nextturn.store import Store
+from nextturn.store import Store, upgrade
 
 from support.cli import nextturn
 from support.event_logs import recorded
@@ -140,3 +140,20 @@ def test_scopes_list_shows_each_scope_its_versions_and_what_it_falls_back_to(
     assert {scope["scope"] for scope in admin.json()["data"]} == set(found)
     tenant = httpx.get(f"{gateway.url}/v1/admin/scopes", headers={"Authorization": "Bearer sk-acme"}, timeout=10)
     assert tenant.status_code == 403
+
+
+def test_an_install_upgraded_from_before_scopes_serves_what_it_served(tiny_model: Path, tiny_adapters: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    """A store made before scopes (revision 0005) holds the shared deployment: after the upgrade, with
+    tenant scopes on, every tenant is still served its version (no tenant has one of its own yet)."""
+    settings = Settings(data_dir=tmp_path, engine="embedded", model=str(tiny_model), api_keys="sk-acme:acme",
+                        scope_by="tenant", rollout_check_interval_s=0.2)
+    upgrade(settings.store_url, "0005")
+    store = Store(settings.store_url)
+    promote(store, events.DEFAULT_SCOPE, tiny_adapters["a1"])
+    store.close()
+    with Uvicorn(create_app(settings)) as server:  # the embedded default migrates its store as it starts
+        eventually(lambda: ask(server, "sk-acme")[0], "the shared version", until=lambda found: found == "default-v1",
+                   timeout_s=30)
+        _, turn_id = ask(server, "sk-acme")
+    assert recorded(tmp_path, turn_id).scope == "t.acme"  # it learns into the tenant's own scope from now on
