@@ -220,6 +220,13 @@ class Store:
         return {row.version: row.status for row in self._read(
             sa_select(table.c.version, table.c.status).where(table.c.scope == scope))}
 
+    def newest_published(self) -> dict[str, int]:
+        """Each scope's newest version still waiting for the rollout (status published), in one read."""
+        table = tables.table_of(tables.Adapter)
+        return {scope: int(version) for scope, version in self._read(
+            sa_select(table.c.scope, func.max(table.c.version)).where(table.c.status == "published")
+            .group_by(table.c.scope))}
+
     def newest_adapter(self, scope: str, *, newer_than: int, status: str = "published") -> tables.Adapter | None:
         with self.session() as db:
             return db.exec(select(tables.Adapter).where(

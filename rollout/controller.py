@@ -2,19 +2,22 @@
 promotes it or rolls it back by itself (rules: :mod:`rollout.gates`; state and moves:
 :mod:`nextturn.deployments`).
 
+One controller serves every scope (``scope=None``; ``nextturn rollout run`` without ``--scope``), or one.
 Each check, in order:
-1. poll ``adapters`` (group ``rollout-<scope>``) and store what was published (the recorder may not have
-   yet), so that a new version is seen at once rather than at the next check;
+1. poll ``adapters`` (group ``rollout``, or ``rollout-<scope>`` for one scope) and store what was published
+   (the recorder may not have yet), so that a new version is seen at once rather than at the next check;
 2. publish any change a previous check wrote to the store but could not put on the event log;
-3. read the deployment from the store. Without a canary, the newest published version newer than the
-   stable one is rejected (collapse guards) or becomes the canary; older published ones are skipped
-   (paused: no new canary).
-   With one, gather each arm's evidence and decide: wait, step, promote or roll back;
+3. read every scope's deployment and each scope's newest published version from the store (two reads,
+   however many scopes). For each scope, on its own: without a canary, the newest published version newer
+   than the stable one is rejected (collapse guards) or becomes the canary; older published ones are
+   skipped (paused: no new canary). With one, gather each arm's evidence and decide: wait, step, promote
+   or roll back. The reads grow with the number of canaries, not of scopes;
 4. write the change to the store as a compare-and-set on the state it was decided on (an operator who
    acted meanwhile wins, and the next check decides again on the new state), then append it to the log;
 5. commit the polled offsets.
 All the state is in the store, so a controller that restarts goes on from where the last one was. Run one
-controller per scope; a second one is harmless (its compare-and-set fails) but useless.
+controller for all scopes (or one per scope); a second one is harmless (its compare-and-set fails) but
+useless.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import threading
 from collections.abc import Callable
 from datetime import datetime
 
-from nextturn import deployments, events
+from nextturn import deployments, events, tables
 from nextturn.bus import EventLog
 from nextturn.deployments import CONTROLLER, Deployment
 from nextturn.errors import CommitFailed, DeploymentConflict, EventLogUnavailable, InvalidChange, StoreUnavailable
@@ -35,16 +38,21 @@ log = logging.getLogger(__name__)
 
 
 class RolloutController:
-    def __init__(self, event_log: EventLog, store: Store, *, scope: str = events.DEFAULT_SCOPE,
+    def __init__(self, event_log: EventLog, store: Store, *, scope: str | None = events.DEFAULT_SCOPE,
                  policy: GatePolicy | None = None, clock: Callable[[], datetime] = events.utc_now) -> None:
-        self.scope = scope
+        self.scope = scope  # None: every scope
         self.policy = policy or GatePolicy()
-        self.verdict: Verdict | None = None  # the last decision, "wait" included
+        self.verdicts: dict[str, Verdict] = {}  # each scope's last decision, "wait" included
         self._log = event_log
         self._store = store
         self._clock = clock
         self._unpublished: list[events.DeploymentChanged] = []
-        self._consumer = event_log.consumer(f"rollout-{scope}", [events.ADAPTERS])
+        self._consumer = event_log.consumer("rollout" if scope is None else f"rollout-{scope}", [events.ADAPTERS])
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """The last decision on the controller's scope (``default`` when it serves every scope)."""
+        return self.verdicts.get(self.scope or events.DEFAULT_SCOPE)
 
     def run(self, stop: threading.Event, interval_s: float = 2.0, pause_s: tuple[float, float] = (0.5, 30.0)) -> None:
         """Check until ``stop`` is set. A store or log that is down is a pause (doubling up to its maximum),
@@ -63,8 +71,8 @@ class RolloutController:
     def run_once(self, timeout_s: float = 1.0) -> events.DeploymentChanged | None:
         """One check (waiting up to ``timeout_s`` for a published version); the change it made, if any."""
         deliveries = self._consumer.poll(100, timeout_s)
-        published = [d.event for d in deliveries
-                     if isinstance(d.event, events.AdapterPublished) and d.event.scope == self.scope]
+        published = [d.event for d in deliveries if isinstance(d.event, events.AdapterPublished)
+                     and self.scope in (None, d.event.scope)]
         if published:
             self._store.apply(published)
         self._publish()
@@ -76,38 +84,52 @@ class RolloutController:
         return change
 
     def check(self) -> events.DeploymentChanged | None:
-        state = Deployment.read(self._store, self.scope)
+        """Decide every scope this controller serves; return the last change made, if any."""
+        newest = self._store.newest_published()
+        if self.scope is not None:
+            states = [Deployment.read(self._store, self.scope)]
+        else:
+            known = {state.scope: state for state in Deployment.read_all(self._store)}
+            states = [*known.values(), *(Deployment(scope) for scope in newest if scope not in known)]
+        change = None
+        for state in states:
+            change = self._check(state, newest.get(state.scope)) or change
+        return change
+
+    def _check(self, state: Deployment, newest: int | None) -> events.DeploymentChanged | None:
         if state.canary is None:
-            return self._begin(state)
+            return self._begin(state, newest)
         evidence = deployments.arms(self._store, state, self.policy.max_tenant_share)
         assert evidence is not None  # there is a canary
-        self.verdict = decide(state, *evidence, self.policy, self._clock())
+        verdict = self.verdicts[state.scope] = decide(state, *evidence, self.policy, self._clock())
         moves = {"step": deployments.step, "promote": deployments.promote, "rollback": deployments.rollback}
-        if self.verdict.action == "wait":
+        if verdict.action == "wait":
             return None
-        return self._make(state, moves[self.verdict.action](state, CONTROLLER, self.verdict.reason))
+        return self._make(state, moves[verdict.action](state, CONTROLLER, verdict.reason))
 
     def close(self) -> None:
         self._consumer.close()
 
-    def _begin(self, state: Deployment) -> events.DeploymentChanged | None:
-        """The newest published version: rejected, or the new canary."""
+    def _begin(self, state: Deployment, newest: int | None) -> events.DeploymentChanged | None:
+        """The newest published version (``newest``, read for every scope at once): rejected, or the new
+        canary."""
+        scope = state.scope
         if state.paused:
-            self.verdict = Verdict("wait", "paused")
+            self.verdicts[scope] = Verdict("wait", "paused")
             return None
-        found = self._store.newest_adapter(self.scope, newer_than=state.stable or 0)
-        if found is None:
-            self.verdict = Verdict("wait", "no new version")
+        found = self._store.get(tables.Adapter, (scope, newest)) if newest and newest > (state.stable or 0) else None
+        if found is None or found.status != "published":
+            self.verdicts[scope] = Verdict("wait", "no new version")
             return None
         guards = found.meta.get("guards")
         rejected = collapse(guards, self.policy)
         if rejected is not None:
-            self.verdict = Verdict("rollback", f"collapse guard: {rejected}")
-            return self._make(state, deployments.reject(state, found.version, CONTROLLER, self.verdict.reason))
+            verdict = self.verdicts[scope] = Verdict("rollback", f"collapse guard: {rejected}")
+            return self._make(state, deployments.reject(state, found.version, CONTROLLER, verdict.reason))
         checked = "collapse guards within bounds" if guards and guards.get("prompts") else "no collapse guards measured"
-        self.verdict = Verdict("step", f"published; {checked}")
+        verdict = self.verdicts[scope] = Verdict("step", f"published; {checked}")
         try:
-            change = deployments.canary(state, found.version, self.policy.schedule, CONTROLLER, self.verdict.reason,
+            change = deployments.canary(state, found.version, self.policy.schedule, CONTROLLER, verdict.reason,
                                         self._clock())
         except InvalidChange as exc:
             log.error("version %s cannot become the canary: %s", found.version, exc)

@@ -193,6 +193,26 @@ def test_a_scope_is_decided_on_its_own_turns_against_what_its_chain_serves_it(
     assert stepped is not None and stepped.action == "step", ctl.verdict
 
 
+def test_one_controller_decides_every_scope_on_its_own(log: EventLog, store: Store, tmp_path: Path) -> None:
+    ctl = RolloutController(log, store, scope=None, policy=POLICY)
+    for scope in (events.DEFAULT_SCOPE, "t.acme", "t.globex"):
+        publish(log, 1, tmp_path / scope, scope=scope)
+    ctl.run_once(0.5)
+    assert {scope: Deployment.read(store, scope).canary for scope in ("default", "t.acme", "t.globex")} == {
+        "default": 1, "t.acme": 1, "t.globex": 1}
+    # acme's canary answers worse than what acme is otherwise served; globex's better; default has no evidence
+    served(store, "base", 30, reward=0.5, scope="t.acme")
+    served(store, "t.globex-v1", 30, reward=0.5, tenant="globex", scope="t.globex")
+    served(store, "base", 30, reward=0.0, tenant="globex", scope="t.globex")
+    served(store, "t.acme-v1", 30, reward=-1.0, scope="t.acme")
+    ctl.check()
+    assert store.get(tables.Adapter, ("t.acme", 1)).status == "rolled_back"  # type: ignore[union-attr]
+    assert Deployment.read(store, "t.globex").weight == 0.5  # stepped up
+    assert Deployment.read(store, events.DEFAULT_SCOPE).weight == 0.2  # waits for evidence of its own
+    assert ctl.verdict == ctl.verdicts["default"] and ctl.verdict.action == "wait"
+    assert "0 resolved canary turns" in ctl.verdict.reason
+
+
 def test_one_tenant_cannot_vote_a_canary_in_for_the_others(log: EventLog, store: Store, tmp_path: Path) -> None:
     ctl = controller(log, store)
     canary_of(log, store, ctl, 1, tmp_path)
