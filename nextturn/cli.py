@@ -322,10 +322,10 @@ def signals_status(
     _show(figures, as_json, title=f"signals ({figures['extractor_version']})", leave_out="extractor_version")
 
 
-def _scope_name(name: str) -> str:
+def _scope_name(name: str | None) -> str | None:
     from nextturn.scopes import MAX_NAME, valid
 
-    if not valid(name):
+    if name is not None and not valid(name):
         raise typer.BadParameter(f"a scope is at most {MAX_NAME} of a-z, 0-9, '.', '_' and '-', starting with a "
                                  "letter or digit (e.g. default, t.acme)")
     return name
@@ -383,9 +383,14 @@ def trainer_status(
     _show(figures, as_json, title=f"trainer of scope {scope!r}", leave_out="scope")
 
 
+AllScopesOption = Annotated[str | None, typer.Option(
+    "--scope", callback=_scope_name, help="Only this scope (default: every scope).")]
+
+
 @rollout_app.command("run")
-def rollout_run(ctx: typer.Context, scope: ScopeOption = events.DEFAULT_SCOPE) -> None:
-    """Canary each published version; step it up, promote it or roll it back by the gates, until Ctrl-C."""
+def rollout_run(ctx: typer.Context, scope: AllScopesOption = None) -> None:
+    """Canary each published version of every scope (or of one); step it up, promote it or roll it back by
+    the gates, until Ctrl-C."""
     from rollout.controller import RolloutController
     from rollout.gates import GatePolicy
 
@@ -394,8 +399,9 @@ def rollout_run(ctx: typer.Context, scope: ScopeOption = events.DEFAULT_SCOPE) -
     event_log = open_event_log(settings)
     controller = RolloutController(event_log, store, scope=scope, policy=GatePolicy.from_settings(settings))
     stop = _stop_on_interrupt()
-    typer.echo(f"rollout controller of scope {scope!r} running (schedule {settings.rollout_schedule}); "
-               "Ctrl-C stops it", err=True)
+    which = "every scope" if scope is None else f"scope {scope!r}"
+    typer.echo(f"rollout controller of {which} running (schedule {settings.rollout_schedule}); Ctrl-C stops it",
+               err=True)
     try:
         controller.run(stop, settings.rollout_check_interval_s)
     finally:
