@@ -61,7 +61,7 @@ def build_engine(settings: Settings) -> Engine:
         if not (settings.model_path / "config.json").is_file():
             raise ConfigError(f"no model in {settings.model_path}; build one with `nextturn model init "
                               f"{settings.model_path}`, or set NEXTTURN_MODEL to a local Hugging Face model directory")
-        return EmbeddedEngine(settings.model_path)
+        return EmbeddedEngine(settings.model_path, max_adapters=settings.engine_max_adapters)
     from gateway.engines.vllm import VllmEngine
 
     try:

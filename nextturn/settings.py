@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     vllm_python: str | None = None  # the Python of vLLM's environment; default: the one running nextturn
     vllm_max_loras: int = Field(default=4, ge=1)  # adapters served at once: stable, canary, draining ones
     vllm_max_lora_rank: int = Field(default=16, ge=1)  # must be at least trainer_lora_rank
+    # engine=embedded: adapters kept in memory at once (least recently used ones are dropped past it, and
+    # loaded again from disk by the next request for them).
+    engine_max_adapters: int = Field(default=16, ge=1)
     # How long the gateway waits on a model server: for a connection, and for each piece of its answer.
     engine_connect_timeout_s: float = Field(default=10.0, gt=0)
     engine_read_timeout_s: float = Field(default=120.0, gt=0)

@@ -27,9 +27,9 @@ def ask(text: str, **params: Any) -> ChatCompletionRequest:
     return ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": text}], **params)
 
 
-def run(model: Path, scenario: Callable[[EmbeddedEngine], Awaitable[None]]) -> None:
+def run(model: Path, scenario: Callable[[EmbeddedEngine], Awaitable[None]], **engine_options: Any) -> None:
     async def main() -> None:
-        engine = EmbeddedEngine(model, max_batch=4)
+        engine = EmbeddedEngine(model, max_batch=4, **engine_options)
         await engine.start()
         try:
             await scenario(engine)
@@ -128,6 +128,29 @@ def test_a_removed_adapter_finishes_its_requests_and_takes_no_new_ones(
 
     run(tiny_model, scenario)
     assert seen == ["generation finished", "adapter removed"]
+
+
+def test_more_adapters_than_fit_are_dropped_and_loaded_again_without_a_wrong_or_failed_answer(
+    tiny_model: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    """Three times as many scopes' versions as slots, asked all at once, round after round: each answer is
+    sampled on its own adapter (its logprobs are that adapter's), and none fails because of an eviction."""
+    paths = {f"t.s{n}-v1": tiny_adapters["a1" if n % 2 else "a2"] for n in range(6)}
+
+    async def scenario(engine: EmbeddedEngine) -> None:
+        for name, path in paths.items():
+            await engine.add_adapter(name, path)
+        assert engine.models() == ["tiny", *sorted(paths)]
+        for round_ in range(3):
+            asked = [(name, ask(f"round {round_} for {name}", max_tokens=6, temperature=0)) for name in paths]
+            answers = await asyncio.gather(*(engine.complete(request, name) for name, request in asked))
+            for (name, _), answer in zip(asked, answers, strict=True):
+                expected = reference_logprobs(tiny_model, paths[name], answer.prompt_token_ids,
+                                              answer.response_token_ids)
+                assert answer.response_logprobs == pytest.approx(expected, abs=1e-4), name
+        assert engine.evictions > 0 and engine.loads > 0
+
+    run(tiny_model, scenario, max_adapters=2)
 
 
 def test_bad_adapters_and_oversized_requests_are_refused_clearly(tiny_model: Path, tmp_path: Path) -> None:

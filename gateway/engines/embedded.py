@@ -3,7 +3,11 @@
 One generation thread owns the model. Each pass of its loop:
 
 1. applies adapter commands: an added adapter is loaded; a removed one is deleted once no request that
-   started on it is still running (in-flight requests finish on the adapter they started with);
+   started on it is still running (in-flight requests finish on the adapter they started with). At most
+   ``max_adapters`` stay resident: past that, the least recently used one that no running request is on is
+   dropped from memory (it stays added, and is loaded again from its directory by the next
+   request for it, which waits for the load; a request is never served by another adapter, and never fails
+   because its adapter was dropped);
 2. admits waiting requests up to ``max_batch``: each new prompt is prefilled on its own, its first token
    sampled, and its KV cache joins the running batch, left-padded to the batch's length;
 3. runs one decode step for the whole batch, each row on its own adapter (peft's mixed-adapter batch),
@@ -28,7 +32,7 @@ import inspect
 import logging
 import queue
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -146,10 +150,17 @@ class _Batch:
 class EmbeddedEngine:
     name = "engine"
 
-    def __init__(self, model_dir: str | Path, *, max_batch: int = 16, device: str | None = None) -> None:
+    def __init__(self, model_dir: str | Path, *, max_batch: int = 16, device: str | None = None,
+                 max_adapters: int = 16) -> None:
         self._dir = Path(model_dir)
         self._served = self._dir.name
         self._max_batch = max_batch
+        self._max_adapters = max_adapters
+        # The generation thread's own: each added adapter's directory, and those in memory, least recent first.
+        self._paths: dict[str, Path] = {}
+        self._resident: OrderedDict[str, None] = OrderedDict()
+        self.loads = 0  # adapters loaded again after being dropped
+        self.evictions = 0
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._inbox: queue.Queue[_Sequence | _Command | None] = queue.Queue()
         self._available: frozenset[str] = frozenset()  # adapters a new request may use
@@ -269,6 +280,7 @@ class EmbeddedEngine:
                     self._receive(waiting, removals, block=not batch.rows and not waiting)
                     self._load_now = len(batch.rows) + len(waiting)
                     self._remove_idle(removals, batch, waiting)
+                    self._evict(batch)
                     while waiting and len(batch.rows) < self._max_batch:
                         self._admit(waiting.popleft(), batch)
                     if batch.rows:
@@ -300,18 +312,11 @@ class EmbeddedEngine:
 
     def _add(self, command: _Command) -> None:
         try:
-            loaded = set(self._peft.peft_config) if self._peft is not None else set()
-            name = _peft_name(command.version)
-            if name in loaded:
+            if command.version in self._paths:
                 raise InvalidRequest(f"an adapter {command.version!r} is already loaded", code="adapter_exists")
-            if self._peft is None:
-                from peft import PeftModel
-
-                self._peft = PeftModel.from_pretrained(self._model, command.path, adapter_name=name)
-            else:
-                self._peft.load_adapter(command.path, adapter_name=name)
-                if self._peft.active_adapter not in self._peft.peft_config:
-                    self._peft.set_adapter(name)  # the previous active one was deleted
+            assert command.path is not None
+            self._load_adapter(command.version, command.path)
+            self._paths[command.version] = command.path
         except InvalidRequest as exc:
             command.done.set_exception(exc)
         except Exception as exc:  # peft/safetensors/OS errors: the directory is not a loadable adapter
@@ -321,16 +326,59 @@ class EmbeddedEngine:
             self._available = self._available | {command.version}
             command.done.set_result(None)
 
+    def _load_adapter(self, version: str, path: Path) -> None:
+        name = _peft_name(version)
+        if self._peft is None:
+            from peft import PeftModel
+
+            self._peft = PeftModel.from_pretrained(self._model, path, adapter_name=name)
+        else:
+            self._peft.load_adapter(path, adapter_name=name)
+            if self._peft.active_adapter not in self._peft.peft_config:
+                self._peft.set_adapter(name)  # the previous active one was deleted
+        self._resident[version] = None
+
+    def _drop_adapter(self, version: str) -> None:
+        """Free an adapter's weights (it may stay added: see _ensure)."""
+        if version not in self._resident:
+            return
+        del self._resident[version]
+        name = _peft_name(version)
+        others = [other for other in self._peft.peft_config if other != name]
+        if self._peft.active_adapter == name and others:
+            self._peft.set_adapter(others[0])  # peft warns when the active adapter is deleted
+        self._peft.delete_adapter(name)
+
+    def _ensure(self, version: str) -> None:
+        """The adapter in memory, loaded again from its directory if it was dropped; the most recent now."""
+        if version == events.BASE_VERSION:
+            return
+        if version in self._resident:
+            self._resident.move_to_end(version)
+            return
+        self._load_adapter(version, self._paths[version])
+        self.loads += 1
+
+    def _evict(self, batch: _Batch) -> None:
+        """Drop least recently used adapters past ``max_adapters``; never one a running request is on (so at
+        most ``max_adapters`` plus one per row are in memory). A waiting request's adapter is loaded again
+        when the request is admitted."""
+        if len(self._resident) <= self._max_adapters:
+            return
+        busy = {sequence.adapter for sequence in batch.rows}
+        for version in [version for version in self._resident if version not in busy]:
+            if len(self._resident) <= self._max_adapters:
+                return
+            self._drop_adapter(version)
+            self.evictions += 1
+
     def _remove_idle(self, removals: list[_Command], batch: _Batch, waiting: deque[_Sequence]) -> None:
         busy = {sequence.adapter for sequence in [*batch.rows, *waiting]}
         for command in [command for command in removals if command.version not in busy]:
             removals.remove(command)
             try:
-                name = _peft_name(command.version)
-                others = [other for other in self._peft.peft_config if other != name]
-                if self._peft.active_adapter == name and others:
-                    self._peft.set_adapter(others[0])  # peft warns when the active adapter is deleted
-                self._peft.delete_adapter(name)
+                self._drop_adapter(command.version)
+                self._paths.pop(command.version, None)
             except Exception as exc:  # the engine keeps serving; the caller learns why the removal failed
                 log.exception("removing adapter %s failed", command.version)
                 command.done.set_exception(EngineUnavailable(f"removing the adapter failed: {exc!r}"))
@@ -350,6 +398,7 @@ class EmbeddedEngine:
         if sequence.cancelled:
             return
         try:
+            self._ensure(sequence.adapter)
             cache = DynamicCache()
             prompt = torch.tensor([sequence.prompt], device=self._device)
             logits = self._forward([sequence.adapter], input_ids=prompt, **{self._cache_keyword: cache})
