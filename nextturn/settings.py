@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     vllm_python: str | None = None  # the Python of vLLM's environment; default: the one running nextturn
     vllm_max_loras: int = Field(default=4, ge=1)  # adapters served at once: stable, canary, draining ones
     vllm_max_lora_rank: int = Field(default=16, ge=1)  # must be at least trainer_lora_rank
+    # Adapters vLLM keeps in CPU memory (its own LRU cache: every scope's versions are registered, and vLLM
+    # loads one on use and drops the least recently used); at least vllm_max_loras.
+    vllm_max_cpu_loras: int = Field(default=64, ge=1)
     # engine=embedded: adapters kept in memory at once (least recently used ones are dropped past it, and
     # loaded again from disk by the next request for them).
     engine_max_adapters: int = Field(default=16, ge=1)

@@ -47,6 +47,7 @@ class VllmServer:
     port: int
     max_loras: int
     max_lora_rank: int
+    max_cpu_loras: int | None = None  # vLLM's LRU cache of adapters in memory (it loads them on use)
     api_key: str | None = None
     extra: Sequence[str] = ()
     echo: IO[str] | None = None  # where vLLM's output goes as it comes (besides the tail kept for errors)
@@ -61,7 +62,9 @@ class VllmServer:
             raise ConfigError(f"NEXTTURN_VLLM_URL must be an http:// URL to start vLLM at, not {settings.vllm_url!r}")
         return cls(python=settings.vllm_python or sys.executable, model_dir=settings.model_path,
                    host=url.hostname, port=url.port or 80, max_loras=settings.vllm_max_loras,
-                   max_lora_rank=settings.vllm_max_lora_rank, api_key=settings.vllm_api_key, extra=extra, echo=echo)
+                   max_lora_rank=settings.vllm_max_lora_rank,
+                   max_cpu_loras=max(settings.vllm_max_cpu_loras, settings.vllm_max_loras),
+                   api_key=settings.vllm_api_key, extra=extra, echo=echo)
 
     @property
     def url(self) -> str:
@@ -70,14 +73,16 @@ class VllmServer:
     def command(self) -> list[str]:
         """The command line.
 
-        >>> server = VllmServer("py", Path("/m/tiny"), "127.0.0.1", 8001, 4, 16, extra=["--enforce-eager"])
+        >>> server = VllmServer("py", Path("/m/tiny"), "127.0.0.1", 8001, 4, 16, 64, extra=["--enforce-eager"])
         >>> print(" ".join(server.command()[3:]))
         --model /m/tiny --served-model-name tiny --host 127.0.0.1 --port 8001 --enable-lora --max-loras 4 \
---max-lora-rank 16 --enforce-eager
+--max-lora-rank 16 --max-cpu-loras 64 --enforce-eager
         """
         argv = [self.python, "-m", MODULE, "--model", str(self.model_dir), "--served-model-name", self.model_dir.name,
                 "--host", self.host, "--port", str(self.port), "--enable-lora", "--max-loras", str(self.max_loras),
                 "--max-lora-rank", str(self.max_lora_rank)]
+        if self.max_cpu_loras is not None:
+            argv += ["--max-cpu-loras", str(self.max_cpu_loras)]
         if self.api_key:
             argv += ["--api-key", self.api_key]
         return argv + list(self.extra)
