@@ -59,6 +59,11 @@ class GatePolicy:
     max_kl: float = 2.0
     min_distinct: float = 0.9
     max_tenant_share: float = 0.5  # of an arm's rewards (nextturn.deployments.arms)
+    # The low-traffic gate (offline): promote when the estimated lift over what the scope is served, less
+    # z standard errors, is at least the margin, on an effective sample of at least min ESS turns.
+    offline_margin: float = 0.0
+    offline_z: float = 1.645
+    offline_min_ess: float = 8.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatePolicy:
@@ -167,6 +172,28 @@ def guardrails(canary: Arm, stable: Arm, policy: GatePolicy) -> str | None:
         if mine_p99 > policy.latency_factor * theirs_p99 + policy.latency_slack_ms:
             return f"latency p99 {mine_p99:.0f} ms against {theirs_p99:.0f} ms on stable"
     return None
+
+
+def offline(lift: float, se: float, ess: float, policy: GatePolicy) -> Verdict:
+    """The low-traffic gate: whether a version's offline evidence alone may promote it.
+
+    ``lift`` is the version's expected reward minus what the scope is served now, both estimated on the
+    scope's held-out turns (the version's by self-normalised importance sampling from the answers that were
+    served and rewarded: trainer.guards), ``se`` the standard error of that difference, and ``ess`` the
+    version's estimate's effective sample size (few turns carry the estimate when the version moved far
+    from what was served). Promote when the lift's lower bound (``offline_z`` standard errors below it)
+    clears ``offline_margin``. The rule's error rates on simulated scopes whose truth is known are printed
+    by bench/low_traffic_gate.py (docs/rollouts.md).
+
+    >>> [offline(lift, se, ess, GatePolicy()).action for lift, se, ess in ((0.3, 0.1, 16), (0.1, 0.1, 16),
+    ...                                                                        (0.9, 0.1, 3))]
+    ['promote', 'wait', 'wait']
+    """
+    if ess < policy.offline_min_ess:
+        return Verdict("wait", f"offline evidence on an effective {ess:.1f} turns; {policy.offline_min_ess:g} needed")
+    bound = lift - policy.offline_z * se
+    said = f"offline: estimated lift {lift:+.2f} ± {se:.2f} on an effective {ess:.1f} turns (lower bound {bound:+.2f})"
+    return Verdict("promote", said) if bound >= policy.offline_margin else Verdict("wait", said)
 
 
 def posterior(canary: Arm, stable: Arm, policy: GatePolicy) -> tuple[float, float]:
