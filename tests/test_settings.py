@@ -109,12 +109,13 @@ def test_the_vllm_settings_decide_how_vllm_is_started(monkeypatch: pytest.Monkey
     monkeypatch.setenv("NEXTTURN_VLLM_PYTHON", "/opt/vllm/bin/python")
     monkeypatch.setenv("NEXTTURN_VLLM_MAX_LORAS", "6")
     monkeypatch.setenv("NEXTTURN_VLLM_MAX_LORA_RANK", "32")
+    monkeypatch.setenv("NEXTTURN_VLLM_MAX_CPU_LORAS", "128")
     monkeypatch.setenv("NEXTTURN_VLLM_API_KEY", "sk-vllm")
     command = VllmServer.from_settings(Settings.load(), extra=["--enforce-eager"]).command()
     assert command == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model",
                        str(tmp_path / "base"), "--served-model-name", "base", "--host", "10.0.0.5", "--port", "9001",
-                       "--enable-lora", "--max-loras", "6", "--max-lora-rank", "32", "--api-key", "sk-vllm",
-                       "--enforce-eager"]
+                       "--enable-lora", "--max-loras", "6", "--max-lora-rank", "32", "--max-cpu-loras", "128",
+                       "--api-key", "sk-vllm", "--enforce-eager"]
     monkeypatch.setenv("NEXTTURN_VLLM_URL", "https://vllm.example:443")
     with pytest.raises(ConfigError, match="http://"):
         VllmServer.from_settings(Settings.load())
