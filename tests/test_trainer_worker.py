@@ -26,7 +26,7 @@ from trainer.worker import TrainerConfig, TrainerWorker
 
 from support.event_logs import open_log
 from support.eventually import eventually
-from support.trained import STAGES, published, record, run_until_crash, served, signal, trainer
+from support.trained import STAGES, config, published, record, run_until_crash, served, signal, trainer
 
 pytestmark = pytest.mark.slow  # trainers on a real model, killed at every step
 
@@ -212,6 +212,22 @@ def test_one_tenant_fills_at_most_its_share_of_a_batch_where_tenants_share_a_sco
     uncapped.drain(0.3)
     uncapped.close()
     assert uncapped.ledger.counts["samples_trained"] == 8 and len(uncapped.ledger.waiting) == 2
+
+
+def test_a_tenant_scope_learns_from_its_turns_that_the_shared_version_served(
+    base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path
+) -> None:
+    """Until a tenant has a version of its own, the shared one serves it: those turns teach the tenant's
+    lineage (as off-policy samples: the drift guard applies), while another tenant's versions stay foreign."""
+    mine = [served(base, n, adapter_version="default-v3").model_copy(update={"scope": "t.acme"}) for n in range(4)]
+    foreign = served(base, 4, adapter_version="t.globex-v1").model_copy(update={"scope": "t.acme"})
+    record(store, sqlite_log, *mine, foreign, *(signal(t) for t in (*mine, foreign)))
+    worker = TrainerWorker(sqlite_log, store, model_dir=tiny_model, adapters_root=tmp_path / "adapters",
+                           trainer_root=tmp_path / "trainer", scope="t.acme", config=config(standing_hints=0))
+    worker.drain(0.3)
+    worker.close()
+    assert worker.ledger.counts["refused_foreign_adapter"] == 1 and worker.ledger.counts["samples_trained"] == 4
+    assert list(published(tmp_path, "t.acme")) == [1]
 
 
 def test_a_signal_is_trained_once_and_again_only_when_a_later_revision_changes_it(

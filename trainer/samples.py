@@ -24,6 +24,7 @@ from typing import Any
 from nextturn import tables
 from nextturn.conversation import prompt_token_ids, teacher_context
 from nextturn.events import ChatMessage, served_version
+from nextturn.scopes import chain
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ def refusal(turn: tables.Turn, *, scope: str, lag: Callable[[int], int], max_lag
     """Why a turn cannot be trained on now, or None. ``lag``: how far the trainer has moved on from a version
     (:meth:`trainer.ledger.Ledger.lag`).
 
+    A turn served by a version of a scope above this one (a tenant's turn served the shared version while
+    the tenant had none of its own) is not of this lineage, so it has no lag: it is trained on as an
+    off-policy sample, and the drift guard takes its reward away when the served answer is too far from the
+    trainer's policy (``trainer_max_drift``). A version of any other scope is foreign.
+
     >>> from datetime import UTC, datetime
     >>> now = datetime.now(UTC)
     >>> turn = tables.Turn(id="t", event_id="e", tenant="a", scope="default", session_id="s", model="m",
@@ -54,6 +60,10 @@ def refusal(turn: tables.Turn, *, scope: str, lag: Callable[[int], int], max_lag
     ...     response_logprobs=[-0.5], status="ok", latency_ms=1.0, started_at=now, finished_at=now)
     >>> [refusal(turn, scope="default", lag=lambda version: head - version, max_lag=2) for head in (5, 6)]
     [None, 'stale']
+    >>> [refusal(turn, scope=scope, lag=lambda version: 9, max_lag=2) for scope in ("t.acme", "t.acme.u.x")]
+    [None, None]
+    >>> refusal(turn.model_copy(update={"adapter_version": "t.globex-v1"}), scope="t.acme", lag=len, max_lag=2)
+    'foreign_adapter'
     """
     if turn.status != "ok" or not turn.response_token_ids:
         return "failed"
@@ -63,8 +73,8 @@ def refusal(turn: tables.Turn, *, scope: str, lag: Callable[[int], int], max_lag
     if served is None:
         return "unknown_adapter"  # loaded by hand under a name the trainer did not give: no lineage to place
     served_scope, version = served
-    if served_scope not in (None, scope):
-        return "foreign_adapter"
+    if served_scope is not None and served_scope != scope:
+        return None if served_scope in chain(scope) else "foreign_adapter"
     if lag(version) > max_lag:
         return "stale"
     return None

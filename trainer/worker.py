@@ -343,7 +343,8 @@ class TrainerWorker:
         fresh = []
         for sample in batch:
             served = events.served_version(sample.adapter_version)
-            if served is not None and self.ledger.lag(served[1]) > self.config.max_version_lag:
+            ours = served is not None and served[0] in (None, self.scope)  # an ancestor's version has no lag here
+            if served is not None and ours and self.ledger.lag(served[1]) > self.config.max_version_lag:
                 self._ready.pop(sample.signal_id)
                 self.ledger.finish(sample.signal_id, sample.revision, sample.reward, sample.hint)
                 self.ledger.count("refused_stale")
