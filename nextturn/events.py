@@ -269,10 +269,19 @@ class SignalExtracted(_Event):
     verdicts: list[Verdict] = []
     extractor_version: str
     evidence: list[str] = []  # event ids this revision was computed from; "idle": the session went quiet
+    # Scopes besides `scope` whose trainers learn from it: the shared one, when the tenant opted in to feed
+    # it (NEXTTURN_SHARED_LEARNING). Version 1 had none.
+    also_trains: list[str] = []
+
+    schema_version: Literal[1, 2] = 2  # type: ignore[assignment]  # reads 1 and 2; 2 added also_trains
 
     @property
     def partition_key(self) -> str:
         return self.session_id
+
+    def trains(self, scope: str) -> bool:
+        """Whether the trainer of ``scope`` learns from this signal."""
+        return scope == self.scope or scope in self.also_trains
 
 
 class AdapterPublished(_Event):

@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     # `user` field or the X-Nextturn-User header). A scope without a version is served by its parent's.
     # `deployment` stays the default until one trainer and one rollout controller serve every scope.
     scope_by: Literal["deployment", "tenant", "user"] = "deployment"
+    # Tenants whose signals also train the shared lineage (the `default` scope), besides their own scope: a
+    # JSON list in the environment, ["*"] for every tenant. Off by default: a tenant's corrections teach
+    # only what that tenant is served.
+    shared_learning: list[str] = []
 
     # The trainer (DESIGN, Trainer). rl: rewards only; opd: hints only; combined: both; none: no training.
     train_method: Literal["combined", "rl", "opd", "none"] = "combined"

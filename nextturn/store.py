@@ -381,7 +381,7 @@ class Store:
             "hint": signal.hint, "hint_source": signal.hint_source, "confidence": signal.confidence,
             "verdicts": [verdict.model_dump() for verdict in signal.verdicts],
             "extractor_version": signal.extractor_version, "evidence": signal.evidence,
-            "created_at": signal.occurred_at,
+            "also_trains": signal.also_trains, "created_at": signal.occurred_at,
         }))
 
     def _adapter(self, conn: Connection, adapter: events.AdapterPublished) -> int:

@@ -146,6 +146,7 @@ class Signal(SQLModel, table=True):
     extractor_version: str
     # Event ids of what this revision was computed from (the turn, the next request, feedback, "idle").
     evidence: list[str] = _json(default_factory=list)
+    also_trains: list[str] | None = _json(default=None)  # events.SignalExtracted.also_trains (None before 0007)
     # The outbox: the signals worker writes a row before it publishes it, and marks it once published; a
     # worker that died in between leaves it unpublished, and the next one publishes it.
     published: bool = Field(default=True, index=True)

@@ -261,7 +261,7 @@ class Casebook:
             session_id=row.session_id, turn_id=row.turn_id, adapter_version=row.adapter_version,
             reward=row.reward, hint=row.hint, hint_source=row.hint_source, confidence=row.confidence,
             verdicts=[Verdict.model_validate(v) for v in row.verdicts], extractor_version=row.extractor_version,
-            evidence=list(row.evidence), occurred_at=row.created_at,
+            evidence=list(row.evidence), also_trains=list(row.also_trains or []), occurred_at=row.created_at,
         ) for row in rows]
 
 
@@ -282,6 +282,7 @@ def _signal_row(signal: SignalExtracted) -> dict[str, object]:
         "adapter_version": signal.adapter_version, "reward": signal.reward, "hint": signal.hint,
         "hint_source": signal.hint_source, "confidence": signal.confidence,
         "verdicts": [verdict.model_dump() for verdict in signal.verdicts],
-        "extractor_version": signal.extractor_version, "evidence": signal.evidence, "published": False,
+        "extractor_version": signal.extractor_version, "evidence": signal.evidence,
+        "also_trains": signal.also_trains, "published": False,
         "created_at": signal.occurred_at,
     }

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,6 +79,7 @@ class SignalsWorker:
         group: str = GROUP,
         on_bad_record: BadRecordPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        shared_learning: Collection[str] = (),
     ) -> None:
         """``on_bad_record``: what to do with a record that is not a readable event; by default it goes to the
         dead-letter table and is counted (``Crash`` stops the worker instead, for a tool that must not skip)."""
@@ -91,6 +92,7 @@ class SignalsWorker:
         self._judge = judge
         self._batch_size = batch_size
         self._clock = clock
+        self._shared = frozenset(shared_learning)  # tenants whose signals also train `default` ("*": all)
         self.counts: Counter[str] = Counter()
         self._consumer = event_log.consumer(group, TOPICS, on_bad_record=on_bad_record or self._set_aside)
         self._outbox_dirty = True  # a previous worker may have died between writing and publishing
@@ -196,10 +198,16 @@ class SignalsWorker:
         for case in changed.values():
             if case.judge is None and case.turn_id in judged:
                 case.judge, case.judge_hint = judged[case.turn_id]
-        signals = self._casebook.revise(conn, changed, known)
+        signals = [self._also_shared(signal) for signal in self._casebook.revise(conn, changed, known)]
         for signal in signals:
             self._count(signal)
         return signals
+
+    def _also_shared(self, signal: SignalExtracted) -> SignalExtracted:
+        """The signal, also training the shared scope when its tenant opted in (NEXTTURN_SHARED_LEARNING)."""
+        if signal.scope == events.DEFAULT_SCOPE or not ({signal.tenant, "*"} & self._shared):
+            return signal
+        return signal.model_copy(update={"also_trains": [events.DEFAULT_SCOPE]})
 
     def _count(self, signal: SignalExtracted) -> None:
         self.counts["revisions" if signal.revision else "resolved"] += 1
@@ -297,7 +305,7 @@ def from_settings(settings: Settings, event_log: EventLog, store: Store, **optio
                             votes=settings.judge_votes)
     return SignalsWorker(event_log, store, idle_timeout_s=settings.signals_idle_timeout_s,
                          retention_s=settings.signals_retention_s, max_open_cases=settings.signals_max_open_cases,
-                         judge=judge, **options)  # type: ignore[arg-type]
+                         judge=judge, shared_learning=settings.shared_learning, **options)  # type: ignore[arg-type]
 
 
 def _play(cases: dict[str, Case], items: Sequence[Delivery]) -> Play:

@@ -100,6 +100,22 @@ def test_a_session_resolves_each_turn_by_what_came_next(sqlite_log: EventLog, st
     assert all(row.published for row in signal_rows(store))
 
 
+def test_a_tenant_that_opted_in_also_trains_the_shared_scope(sqlite_log: EventLog, store_url: str) -> None:
+    store = Store(store_url)
+    acme, globex, shared = (turn(f"s-{name}", 1, tenant=name).model_copy(update={"scope": scope})
+                            for name, scope in (("acme", "t.acme"), ("globex", "t.globex"), ("initech", "default")))
+    sqlite_log.append([acme, globex, shared, *(feedback(t, value=1.0) for t in (acme, globex, shared))])
+    worker = SignalsWorker(sqlite_log, store, idle_timeout_s=3600, shared_learning=["acme"])
+    worker.drain(0.3)
+    worker.close()
+    stored = latest(store)
+    assert {t.tenant: stored[t.turn_id].also_trains for t in (acme, globex, shared)} == {
+        "acme": ["default"], "globex": [], "initech": []}
+    on_log = {signal.turn_id: signal for signal in published(sqlite_log)}
+    assert on_log[acme.turn_id].trains("default") and on_log[acme.turn_id].trains("t.acme")
+    assert not on_log[globex.turn_id].trains("default")
+
+
 def test_parallel_tool_results_resolve_the_turn_that_called_the_tools(sqlite_log: EventLog, store_url: str) -> None:
     store = Store(store_url)
     calls = [events.ToolCall(id=f"call_{n}", function=events.ToolCallFunction(name="run", arguments="{}"))

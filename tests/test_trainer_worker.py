@@ -230,6 +230,21 @@ def test_a_tenant_scope_learns_from_its_turns_that_the_shared_version_served(
     assert list(published(tmp_path, "t.acme")) == [1]
 
 
+def test_the_shared_scope_learns_from_the_tenants_that_feed_it_and_only_those(
+    base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path
+) -> None:
+    fed = [served(base, n, adapter_version="t.acme-v1").model_copy(update={"scope": "t.acme"}) for n in range(4)]
+    kept = [served(base, n, adapter_version="t.globex-v1", tenant="globex").model_copy(update={"scope": "t.globex"})
+            for n in range(4, 8)]
+    record(store, sqlite_log, *fed, *kept, *(signal(t).model_copy(update={"also_trains": ["default"]}) for t in fed),
+           *(signal(t) for t in kept))
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, standing_hints=0)
+    worker.drain(0.3)
+    worker.close()
+    assert worker.ledger.counts["received"] == 4 and worker.ledger.counts["samples_trained"] == 4
+    assert list(published(tmp_path)) == [1]
+
+
 def test_a_signal_is_trained_once_and_again_only_when_a_later_revision_changes_it(
         base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path) -> None:
     turns = [served(base, n) for n in range(8)]

@@ -44,14 +44,16 @@ class Sample:
     teacher_prompt_ids: list[int] | None  # the prompt with teacher_hint; None without one
 
 
-def refusal(turn: tables.Turn, *, scope: str, lag: Callable[[int], int], max_lag: int) -> str | None:
+def refusal(turn: tables.Turn, *, scope: str, lag: Callable[[int], int], max_lag: int,
+            shared: bool = False) -> str | None:
     """Why a turn cannot be trained on now, or None. ``lag``: how far the trainer has moved on from a version
     (:meth:`trainer.ledger.Ledger.lag`).
 
     A turn served by a version of a scope above this one (a tenant's turn served the shared version while
-    the tenant had none of its own) is not of this lineage, so it has no lag: it is trained on as an
-    off-policy sample, and the drift guard takes its reward away when the served answer is too far from the
-    trainer's policy (``trainer_max_drift``). A version of any other scope is foreign.
+    the tenant had none of its own), or below it when the signal was ``shared`` with this scope (a tenant
+    that feeds the shared lineage: NEXTTURN_SHARED_LEARNING), is not of this lineage, so it has no lag: it
+    is trained on as an off-policy sample, and the drift guard takes its reward away when the served answer
+    is too far from the trainer's policy (``trainer_max_drift``). A version of any other scope is foreign.
 
     >>> from datetime import UTC, datetime
     >>> now = datetime.now(UTC)
@@ -62,8 +64,10 @@ def refusal(turn: tables.Turn, *, scope: str, lag: Callable[[int], int], max_lag
     [None, 'stale']
     >>> [refusal(turn, scope=scope, lag=lambda version: 9, max_lag=2) for scope in ("t.acme", "t.acme.u.x")]
     [None, None]
-    >>> refusal(turn.model_copy(update={"adapter_version": "t.globex-v1"}), scope="t.acme", lag=len, max_lag=2)
-    'foreign_adapter'
+    >>> globex = turn.model_copy(update={"adapter_version": "t.globex-v1"})
+    >>> [refusal(globex, scope=scope, lag=len, max_lag=2, shared=shared)
+    ...  for scope, shared in (("t.acme", False), ("default", False), ("default", True))]
+    ['foreign_adapter', 'foreign_adapter', None]
     """
     if turn.status != "ok" or not turn.response_token_ids:
         return "failed"
@@ -74,7 +78,8 @@ def refusal(turn: tables.Turn, *, scope: str, lag: Callable[[int], int], max_lag
         return "unknown_adapter"  # loaded by hand under a name the trainer did not give: no lineage to place
     served_scope, version = served
     if served_scope is not None and served_scope != scope:
-        return None if served_scope in chain(scope) else "foreign_adapter"
+        related = served_scope in chain(scope) or (shared and scope in chain(served_scope))
+        return None if related else "foreign_adapter"
     if lag(version) > max_lag:
         return "stale"
     return None

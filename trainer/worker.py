@@ -225,7 +225,7 @@ class TrainerWorker:
         return total
 
     def _offer(self, signal: SignalExtracted) -> None:
-        if signal.scope != self.scope:
+        if not signal.trains(self.scope):
             return  # another scope's trainer takes it
         self.ledger.count("received")
         self._saw(signal.tenant)
@@ -260,7 +260,8 @@ class TrainerWorker:
                 self.ledger.hold_out(key, signal.revision, turn.id)
                 self.ledger.count("held_out")
                 continue
-            why = refusal(turn, scope=self.scope, lag=self.ledger.lag, max_lag=self.config.max_version_lag)
+            why = refusal(turn, scope=self.scope, lag=self.ledger.lag, max_lag=self.config.max_version_lag,
+                          shared=self.scope in (signal.also_trains or []))
             w_rl, w_opd = WEIGHTS[self.config.method]
             standing = [] if signal.hint else self._standing(turn)
             teaches = (signal.reward is not None and w_rl) or ((signal.hint or standing) and w_opd)
