@@ -41,14 +41,20 @@ class Lane:
     weight: float = 0.0
     draining: dict[str, float] = field(default_factory=dict)  # replaced version -> when a session last used it
 
+    @property
+    def inherits(self) -> bool:
+        """No stable version of its own: its sessions off the canary are served by the next in the chain
+        (the shared scope's ``base`` is a stable version: the base model serves)."""
+        return self.stable == events.BASE_VERSION and self.deployment.scope != events.DEFAULT_SCOPE
+
     def serves(self, version: str) -> bool:
-        return version in (self.stable, self.canary) or version in self.draining
+        return version == self.canary or version in self.draining or (version == self.stable and not self.inherits)
 
     def pick(self, tenant: str, session_id: str) -> str | None:
         """The version for a new session; None: this lane has none for it (ask the next in the chain)."""
         if self.canary is not None and bucket(tenant, session_id) < self.weight:
             return self.canary
-        return None if self.stable == events.BASE_VERSION else self.stable
+        return None if self.stable == events.BASE_VERSION else self.stable  # the shared base: chain's end
 
 
 class Router:
@@ -134,7 +140,8 @@ class Router:
         now = self._clock()
         for replaced in {lane.stable, lane.canary} - {stable, canary, None}:
             assert replaced is not None
-            lane.draining[replaced] = now
+            if not (replaced == lane.stable and lane.inherits):  # a placeholder served no session
+                lane.draining[replaced] = now
         for version in (stable, canary):
             lane.draining.pop(version, None)  # type: ignore[arg-type]
         dropped = [version for version in lane.draining if version in bad]

@@ -102,3 +102,18 @@ def test_a_canary_in_one_scope_never_changes_another_scopes_routing() -> None:
     # acme's first canary takes its share; the rest of acme is served what its parent serves, not the base
     assert set(acme.values()) == {"t.acme-v1", "default-v3"}
     assert {s for s, v in acme.items() if v == "t.acme-v1"} == {s for s in sessions if bucket("acme", s) < 0.5}
+
+
+def test_a_scope_without_a_stable_version_never_holds_sessions_on_the_base_model() -> None:
+    """Its `base` is a placeholder for "what the chain serves": a session that began on the base model keeps
+    it only while the shared scope really serves it (or drains it)."""
+    clock = Clock()
+    router = Router(Loaded(), clock=clock)  # type: ignore[arg-type]
+    router.apply(deployed("t.acme", canary=1, weight=0.5), lambda _: True, ())
+    router.apply(deployed("default", stable=3), lambda _: True, ())  # base drains in the shared lane
+    clock.now = 10_000.0
+    router.drained(60.0)
+    off_canary = next(s for s in (f"s{n}" for n in range(100)) if bucket("acme", s) >= 0.5)
+    assert router.route("tiny", "acme", off_canary, "base", "t.acme") == "default-v3"
+    router.apply(deployed("t.acme", stable=1), lambda _: True, ())  # promoted: nothing drains in acme's lane
+    assert router.lanes["t.acme"].draining == {}
