@@ -62,7 +62,7 @@ class TurnService:
 
     def scope_for(self, tenant: str, user: str | None) -> str:
         """The scope a request of ``tenant`` (and ``user``, under NEXTTURN_SCOPE_BY=user) learns into."""
-        if user is not None and len(user) > scopes.MAX_USER_CHARS:
+        if self.scope_by == "user" and user is not None and len(user) > scopes.MAX_USER_CHARS:
             raise InvalidRequest(f"a user is at most {scopes.MAX_USER_CHARS} characters", param="user")
         return scopes.scope_of(self.scope_by, tenant, user)
 
