@@ -67,9 +67,11 @@ class SessionLinker:
         that session's turns link."""
         return self._link(tenant, messages, prefix_hashes(tenant, messages), session_id)
 
-    async def resolve(self, tenant: str, messages: Sequence[ChatMessage], session_id: str | None = None) -> Link:
-        """:meth:`link`, and for a request it cannot link, the store."""
-        hashes = prefix_hashes(tenant, messages)
+    async def resolve(self, tenant: str, messages: Sequence[ChatMessage], session_id: str | None = None,
+                      namespace: str | None = None) -> Link:
+        """:meth:`link`, and for a request it cannot link, the store. ``namespace``: what the turns' keys are
+        hashed under, when not the tenant alone (:func:`nextturn.scopes.link_namespace`)."""
+        hashes = prefix_hashes(namespace or tenant, messages)
         link = self._link(tenant, messages, hashes, session_id)
         if link.parent_turn_id is not None or self._lookup is None:
             return link
@@ -101,10 +103,10 @@ class SessionLinker:
 
     def remember(
         self, tenant: str, session_id: str, turn_id: str, messages: Sequence[ChatMessage], response: ChatMessage,
-        adapter: str = BASE_VERSION,
+        adapter: str = BASE_VERSION, namespace: str | None = None,
     ) -> None:
         """Make a served turn linkable by the requests that continue it."""
-        key = turn_key(tenant, messages, response)
+        key = turn_key(namespace or tenant, messages, response)
         self._turns[key] = _Known(turn_id, session_id, adapter, self._clock())
         self._turns.move_to_end(key)
         while len(self._turns) > self._capacity:

@@ -73,7 +73,8 @@ class TurnService:
         scope = self.scope_for(tenant, user if user is not None else request.user)
         self.limits.admit(tenant)  # released when the turn is recorded
         try:
-            link = await self.linker.resolve(tenant, request.messages, session_id)
+            link = await self.linker.resolve(tenant, request.messages, session_id,
+                                             scopes.link_namespace(tenant, scope))
             # No await from routing until the engine has taken the request (complete/open_stream): a version
             # cannot be removed in between.
             adapter = self.router.route(request.model, tenant, link.session_id, link.parent_adapter, scope)
@@ -172,7 +173,7 @@ class TurnService:
             self._recent.popitem(last=False)
         if generation is not None:
             self.linker.remember(turn.tenant, turn.link.session_id, turn.turn_id, turn.request.messages,
-                                 generation.message, turn.adapter)
+                                 generation.message, turn.adapter, scopes.link_namespace(turn.tenant, turn.scope))
 
 
 class ClientDisconnected(Exception):

@@ -84,6 +84,17 @@ def chain(scope: str) -> tuple[str, ...]:
     return (scope, tenant, DEFAULT_SCOPE) if sep else (scope, DEFAULT_SCOPE)
 
 
+def link_namespace(tenant: str, scope: str) -> str:
+    """What a turn's implicit session links are hashed under (nextturn.conversation): its tenant, and for a
+    user's scope also that scope, so that two users of one tenant who send the same conversation never
+    continue each other's sessions.
+
+    >>> link_namespace("acme", "t.acme"), link_namespace("acme", "t.acme.u.e86e").split(chr(0))
+    ('acme', ['acme', 't.acme.u.e86e'])
+    """
+    return f"{tenant}\x00{scope}" if len(chain(scope)) == 3 else tenant
+
+
 def valid(name: str) -> bool:
     """Whether ``name`` can be a scope: what :func:`scope_of` makes, or a name an operator chose that is as
     safe in a path and a model id.

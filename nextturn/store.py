@@ -28,6 +28,7 @@ from nextturn import events, tables
 from nextturn.conversation import turn_key
 from nextturn.errors import DeploymentConflict, SchemaOutOfDate, StoreUnavailable
 from nextturn.flaws import flaw
+from nextturn.scopes import link_namespace
 from nextturn.settings import Settings
 
 _Row = TypeVar("_Row", bound=SQLModel)
@@ -340,7 +341,8 @@ class Store:
         new = self._insert_new(conn, tables.Turn, {
             "id": turn.turn_id, "event_id": turn.event_id, "tenant": turn.tenant, "scope": turn.scope,
             "session_id": turn.session_id, "parent_turn_id": turn.parent_turn_id, "model": turn.model,
-            "link_hash": turn_key(turn.tenant, turn.messages, turn.response) if turn.response else None,
+            "link_hash": turn_key(link_namespace(turn.tenant, turn.scope), turn.messages, turn.response)
+            if turn.response else None,
             "adapter_version": turn.adapter_version, "messages": dumped["messages"], "tools": turn.tools,
             "params": dumped["params"], "response": dumped["response"],
             "prompt_token_ids": turn.prompt_token_ids, "response_token_ids": turn.response_token_ids,

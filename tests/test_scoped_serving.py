@@ -157,3 +157,22 @@ def test_an_install_upgraded_from_before_scopes_serves_what_it_served(tiny_model
                    timeout_s=30)
         _, turn_id = ask(server, "sk-acme")
     assert recorded(tmp_path, turn_id).scope == "t.acme"  # it learns into the tenant's own scope from now on
+
+
+def test_two_users_of_a_tenant_with_the_same_conversation_keep_their_own_sessions(gateway: Uvicorn,
+                                                                                    data_dir: Path) -> None:
+    """With scopes per user, implicit linking is per user too: ben, sending exactly what ana sent and was
+    answered, starts his own session instead of continuing hers (and learning into her scope's turns)."""
+    asked = [{"role": "user", "content": "the same question from two people"}]
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-acme", max_retries=0) as client:
+        first = client.chat.completions.create(model="tiny", messages=asked, max_tokens=3, temperature=0,  # type: ignore[arg-type]
+                                               user="ana")
+        history = [*asked, {"role": "assistant", "content": first.choices[0].message.content},
+                   {"role": "user", "content": "and then?"}]
+        ben = client.chat.completions.create(model="tiny", messages=history, max_tokens=2, user="ben")  # type: ignore[arg-type]
+        ana = client.chat.completions.create(model="tiny", messages=history, max_tokens=2, user="ana")  # type: ignore[arg-type]
+    turns = {name: recorded(data_dir, completion.id) for name, completion in
+             (("first", first), ("ben", ben), ("ana", ana))}
+    assert turns["ana"].parent_turn_id == first.id and turns["ana"].session_id == turns["first"].session_id
+    assert turns["ben"].parent_turn_id is None and turns["ben"].session_id != turns["first"].session_id
+    assert turns["ben"].scope == scopes.user_scope("acme", "ben")
