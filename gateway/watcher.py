@@ -4,9 +4,10 @@ Every replica reads the same state, from the store (:mod:`nextturn.deployments`)
 in one read, so the reads do not grow with the number of scopes. It re-reads them when a
 ``DeploymentChanged`` arrives on the event log (read from the end, in no consumer group: every replica sees
 every change), and every ``interval_s`` in any case, so a late or lost event only delays a change. For a
-scope whose state changed it loads the stable version and the canary into the engine first, then routes by
-the new state (:class:`gateway.routing.Router`, one lane per scope), then unloads what the state dropped: a
-rolled-back version at once, a replaced one once its sessions went quiet for ``drain_s``. The engine
+scope whose state changed it adds the stable version and the canary to the engine first (an engine loads an
+adapter on its first request and keeps the recently used ones, so 1,000 scopes start as fast as one),
+then routes by the new state (:class:`gateway.routing.Router`, one lane per scope), then unloads what the
+state dropped: a rolled-back version at once, a replaced one once its sessions went quiet for ``drain_s``. The engine
 finishes the requests running on a version before it unloads it.
 
 The watcher is one background task; /healthz names it if it dies. The store or the event log being down

@@ -149,6 +149,8 @@ def test_more_adapters_than_fit_are_dropped_and_loaded_again_without_a_wrong_or_
                                               answer.response_token_ids)
                 assert answer.response_logprobs == pytest.approx(expected, abs=1e-4), name
         assert engine.evictions > 0 and engine.loads > 0
+        with pytest.raises(InvalidRequest, match="no adapter_config.json"):  # full: checked, not loaded
+            await engine.add_adapter("t.s9-v1", tiny_model)
 
     run(tiny_model, scenario, max_adapters=2)
 

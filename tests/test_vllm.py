@@ -214,6 +214,80 @@ def test_an_adapter_is_unloaded_only_after_the_requests_running_on_it_finish(
     assert order == ["finished length 300", "removed"]
 
 
+def held(server: VllmServer) -> set[str]:
+    """The names vLLM serves now."""
+    return {model["id"] for model in httpx.get(f"{server.url}/v1/models").json()["data"]}
+
+
+def test_replicas_sharing_one_vllm_never_cut_each_others_requests(
+    vllm: VllmServer, small_model: Path, small_adapters: dict[str, Path]
+) -> None:
+    """Two gateway replicas' engines on one vLLM: one removes a version while the other streams on it, then
+    the other's next request on it loads it again."""
+    found: dict[str, Any] = {}
+
+    async def main() -> None:
+        first, second = VllmEngine(vllm.url, small_model), VllmEngine(vllm.url, small_model)
+        await first.start()
+        await second.start()
+        try:
+            for engine in (first, second):
+                await engine.add_adapter("shared-v1", small_adapters["a1"])
+            found["before use"] = "shared-v1" in held(vllm)  # loaded on first use only
+            items = await second.stream(ask("go on", max_tokens=300, temperature=1.0, seed=1), "shared-v1")
+            iterator = aiter(items)
+            await anext(iterator)  # the second replica's request is running in vLLM
+            found["first"] = await first.complete(ask("hi", max_tokens=4, temperature=0), "shared-v1")
+            await first.remove_adapter("shared-v1")
+            found["after removal"] = "shared-v1" in held(vllm)
+            async for item in iterator:
+                if isinstance(item, Generation):
+                    found["stream"] = item
+            found["again"] = await second.complete(ask("hi", max_tokens=4, temperature=0), "shared-v1")
+            found["reloaded"] = "shared-v1" in held(vllm)
+            await second.remove_adapter("shared-v1")
+        finally:
+            await first.close()
+            await second.close()
+
+    asyncio.run(main())
+    assert (found["before use"], found["after removal"], found["reloaded"]) == (False, False, True)
+    stream: Generation = found["stream"]
+    assert (stream.finish_reason, len(stream.response_token_ids)) == ("length", 300)
+    assert found["again"].response_token_ids == found["first"].response_token_ids  # the same adapter's answer
+
+
+def test_three_times_more_adapters_than_vllm_holds_lose_no_request(
+    vllm: VllmServer, small_model: Path, tmp_path: Path
+) -> None:
+    """12 adapters on a vLLM that holds 4 (``--max-loras 4``; its CPU cache the same): loaded on use,
+    evicted by vLLM's LRU and loaded again, every request answered by its own adapter."""
+    adapters = {f"many-v{n}": random_adapter(small_model, tmp_path / f"a{n}", seed=100 + n) for n in range(12)}
+    rounds: list[dict[str, Generation]] = []
+
+    async def scenario(engine: VllmEngine) -> None:
+        for name, path in adapters.items():
+            await engine.add_adapter(name, path)
+        for _ in range(2):
+            names = list(adapters)
+            answers = await asyncio.gather(*(engine.complete(ask("count", max_tokens=6, temperature=0), name)
+                                             for name in names))
+            rounds.append(dict(zip(names, answers, strict=True)))
+        for name in adapters:
+            await engine.remove_adapter(name)
+
+    run(vllm, small_model, scenario)
+    first, second = rounds
+    assert {name: g.response_token_ids for name, g in first.items()} == {
+        name: g.response_token_ids for name, g in second.items()}
+    assert len({tuple(g.response_token_ids) for g in first.values()}) > 1  # the adapters differ, and so do answers
+    for name in ("many-v0", "many-v11"):
+        generation = second[name]
+        expected = reference_logprobs(small_model, adapters[name], generation.prompt_token_ids,
+                                      generation.response_token_ids)
+        assert generation.response_logprobs == pytest.approx(expected, abs=LOGPROB_TOLERANCE)
+
+
 def test_refusals_are_clear_errors(vllm: VllmServer, small_model: Path, tmp_path: Path) -> None:
     async def scenario(engine: VllmEngine) -> None:
         with pytest.raises(InvalidRequest) as long:

@@ -2,12 +2,13 @@
 
 One generation thread owns the model. Each pass of its loop:
 
-1. applies adapter commands: an added adapter is loaded; a removed one is deleted once no request that
-   started on it is still running (in-flight requests finish on the adapter they started with). At most
-   ``max_adapters`` stay resident: past that, the least recently used one that no running request is on is
-   dropped from memory (it stays added, and is loaded again from its directory by the next
-   request for it, which waits for the load; a request is never served by another adapter, and never fails
-   because its adapter was dropped);
+1. applies adapter commands: an added adapter is loaded while fewer than ``max_adapters`` are in memory
+   (else it is only checked to be an adapter directory, and loaded by its first request); a removed one
+   is deleted once no request that started on it is still running (in-flight requests finish on the
+   adapter they started with). At most ``max_adapters`` stay resident: past that, the least recently used
+   one that no running request is on is dropped from memory (it stays added, and is loaded again from its
+   directory by the next request for it, which waits for the load; a request is never served by another
+   adapter, and never fails because its adapter was dropped);
 2. admits waiting requests up to ``max_batch``: each new prompt is prefilled on its own, its first token
    sampled, and its KV cache joins the running batch, left-padded to the batch's length;
 3. runs one decode step for the whole batch, each row on its own adapter (peft's mixed-adapter batch),
@@ -315,8 +316,12 @@ class EmbeddedEngine:
             if command.version in self._paths:
                 raise InvalidRequest(f"an adapter {command.version!r} is already loaded", code="adapter_exists")
             assert command.path is not None
-            self._load_adapter(command.version, command.path)
-            self._paths[command.version] = command.path
+            if len(self._resident) < self._max_adapters:
+                self._load_adapter(command.version, command.path)  # room for it: checked in full, and ready
+            elif not (command.path / "adapter_config.json").is_file():
+                raise InvalidRequest(f"cannot load the adapter {command.version!r} from {command.path}: "
+                                     "no adapter_config.json there")
+            self._paths[command.version] = command.path  # else loaded on its first request
         except InvalidRequest as exc:
             command.done.set_exception(exc)
         except Exception as exc:  # peft/safetensors/OS errors: the directory is not a loadable adapter

@@ -18,11 +18,16 @@ vLLM's ``/v1/chat/completions``:
 The logprobs are vLLM's default ``raw_logprobs``: the model's own distribution, before temperature and
 top-p, as the embedded engine records them (the tests check the two agree on the same tokens).
 
-Adapters: ``add_adapter`` calls ``/v1/load_lora_adapter`` under the version's name, never in place; a
-version vLLM already holds from the same path (another gateway replica loaded it, or this one before a
-restart) counts as loaded. ``remove_adapter`` stops routing to the version at once and unloads it once
-the requests running on it here have finished. The directory must be readable by the vLLM server at the
-same path (one machine, or a shared volume).
+Adapters, many scopes' worth: ``add_adapter`` only registers a version's directory (which the gateway and
+the vLLM server both read at the same path: one machine, or a shared volume); the version is loaded into
+vLLM through ``/v1/load_lora_adapter`` on its first request, one load at a time per version, and the
+requests that arrive meanwhile wait for it. vLLM keeps at most ``--max-loras`` adapters on the GPU and
+``--max-cpu-loras`` in memory, least recently used first out, loading an evicted one again from its path
+when a request needs it: so nothing here counts or evicts. ``remove_adapter`` stops routing to the version
+at once and asks vLLM to forget its name once the requests running on it here have finished. Several
+replicas share one vLLM safely: forgetting a name does not touch a request already running on it (vLLM's
+request holds the adapter's path), and a replica whose next request finds its version forgotten by another
+replica loads it again and sends the request once more.
 """
 
 from __future__ import annotations
@@ -60,7 +65,9 @@ class VllmEngine:
         self._origin: Origin | None = None
         self._tokenizer: Any = None
         self._context = 0
-        self._available: dict[str, str] = {}  # version -> the path vLLM loaded it from
+        self._paths: dict[str, str] = {}  # version -> its directory: the versions requests may use
+        self._loaded: set[str] = set()  # of them, those vLLM holds, as far as this replica knows
+        self._loading: dict[str, asyncio.Lock] = {}
         self._running: Counter[str] = Counter()  # requests running here, per adapter version
         self._idle = asyncio.Condition()
 
@@ -76,51 +83,62 @@ class VllmEngine:
                                     f"{self._served!r}; start it with `nextturn vllm serve` on {self._dir}")
         base = served[self._served]
         self._context = int(base.get("max_model_len") or 0) or self._config_context()
-        self._available = {name: str(model.get("root") or "") for name, model in served.items()
-                           if model.get("parent") == self._served}
 
     async def close(self) -> None:
         if self._origin is not None:
             await self._origin.close()
 
     def models(self) -> list[str]:
-        return [self._served, *sorted(self._available)]
+        return [self._served, *sorted(self._paths)]
 
     def adapter_for(self, model: str) -> str | None:
         if model == self._served:
             return events.BASE_VERSION
-        return model if model in self._available else None
+        return model if model in self._paths else None
 
     # --- adapters --------------------------------------------------------------------------------------
 
     async def add_adapter(self, version: str, path: str | Path) -> None:
+        """Route ``version`` to the adapter in ``path``, loaded into vLLM on its first request."""
         if version in (*RESERVED, self._served):
             raise InvalidRequest(f"{version!r} is reserved; name the adapter by its version", param="version")
-        if version in self._available:
+        if version in self._paths:
             raise InvalidRequest(f"an adapter {version!r} is already loaded", code="adapter_exists")
-        body = {"lora_name": version, "lora_path": str(path)}
-        status, text = await self._post("/v1/load_lora_adapter", body, "loading an adapter")
-        if status >= 400:
-            held = (await self._models()).get(version)
-            if held is not None and held.get("root") == str(path):
-                self._available[version] = str(path)  # loaded already, from this path: by another replica
-                return
-            if held is not None:
-                raise InvalidRequest(f"vLLM already holds an adapter {version!r}, from {held.get('root')}",
-                                     code="adapter_exists")
-            raise InvalidRequest(f"cannot load the adapter {version!r} from {path}: {_message(text)}")
-        self._available[version] = str(path)
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise InvalidRequest(f"cannot load the adapter {version!r} from {path}: no adapter_config.json there")
+        self._paths[version] = str(path)
 
     async def remove_adapter(self, version: str) -> None:
-        """Stop sending new requests to ``version``; unload it once the last one running on it here finished."""
-        if version not in self._available:
+        """Stop sending new requests to ``version``; have vLLM forget it once the last one running on it here
+        finished (another replica's running requests are not cut: see the module's docstring)."""
+        if version not in self._paths:
             raise NotFound(f"no adapter {version!r} is loaded", code="adapter_not_found")
-        del self._available[version]
+        del self._paths[version]
         async with self._idle:
             await self._idle.wait_for(lambda: not self._running[version])
+        if version in self._paths:
+            return  # added again meanwhile
+        self._loaded.discard(version)
         status, text = await self._post("/v1/unload_lora_adapter", {"lora_name": version}, "unloading an adapter")
         if status >= 400 and status != 404:
             raise EngineUnavailable(f"vLLM would not unload {version!r}: {_message(text)}")
+
+    async def _ensure(self, version: str, path: str) -> None:
+        """``version`` held by vLLM: loaded now unless this replica knows it is (another replica may have
+        loaded it from the same path: that counts)."""
+        lock = self._loading.setdefault(version, asyncio.Lock())
+        async with lock:
+            if version in self._loaded:
+                return
+            body = {"lora_name": version, "lora_path": path}
+            status, text = await self._post("/v1/load_lora_adapter", body, "loading an adapter")
+            if status >= 400:
+                held = (await self._models()).get(version)
+                if held is None or held.get("root") != path:
+                    why = (f"vLLM holds an adapter {version!r} from {held.get('root')}" if held is not None
+                           else _message(text))
+                    raise EngineUnavailable(f"cannot load the adapter {version!r} from {path}: {why}")
+            self._loaded.add(version)
 
     # --- generation ------------------------------------------------------------------------------------
 
@@ -140,7 +158,7 @@ class VllmEngine:
     async def _start(self, request: ChatCompletionRequest, adapter: str, *,
                      stream: bool) -> Stream:
         assert self._origin is not None, "start() the engine first"
-        if adapter != events.BASE_VERSION and adapter not in self._available:
+        if adapter != events.BASE_VERSION and adapter not in self._paths:
             raise NotFound(f"no adapter {adapter!r} is loaded", code="model_not_found")
         prompt, wanted = render(self._tokenizer, request, self._context)
         self._running[adapter] += 1  # before any await: the version cannot be unloaded under this request
@@ -161,6 +179,8 @@ class VllmEngine:
 
     async def _send(self, request: ChatCompletionRequest, adapter: str, prompt: list[int], wanted: int, *,
                     stream: bool) -> StreamedResponse:
+        """The request sent to vLLM, its adapter loaded first; when vLLM forgot the adapter meanwhile (another
+        replica removed it), loaded again and sent once more."""
         assert self._origin is not None
         params = request.sampling()
         body: dict[str, Any] = {
@@ -171,19 +191,26 @@ class VllmEngine:
         }
         if params.seed is not None:
             body["seed"] = params.seed
-        try:
-            response = await self._origin.stream("POST", "/v1/completions", json.dumps(body).encode())
-            if response.status >= 400:
+        path = self._paths.get(adapter)  # kept: a removal may come meanwhile, and waits for this request
+        for attempt in (1, 2):
+            if path is not None:
+                await self._ensure(adapter, path)
+            try:
+                response = await self._origin.stream("POST", "/v1/completions", json.dumps(body).encode())
+                if response.status < 400:
+                    return response
                 text = (await response.read()).decode(errors="replace")
-                if response.status == 404:
-                    raise NotFound(f"vLLM does not serve {body['model']!r}: {_message(text)}",
-                                   code="model_not_found")
-                if response.status < 500:
-                    raise InvalidRequest(f"vLLM refused the request: {_message(text)}")
-                raise EngineUnavailable(f"vLLM failed ({response.status}): {_message(text)}")
-        except OriginError as exc:
-            raise _translate(exc, "vLLM is unreachable") from exc
-        return response
+            except OriginError as exc:
+                raise _translate(exc, "vLLM is unreachable") from exc
+            if response.status == 404 and adapter in self._loaded and attempt == 1:
+                self._loaded.discard(adapter)  # forgotten by vLLM: load it again
+                continue
+            if response.status == 404:
+                raise NotFound(f"vLLM does not serve {body['model']!r}: {_message(text)}", code="model_not_found")
+            if response.status < 500:
+                raise InvalidRequest(f"vLLM refused the request: {_message(text)}")
+            raise EngineUnavailable(f"vLLM failed ({response.status}): {_message(text)}")
+        raise AssertionError("unreachable")
 
     @staticmethod
     async def _whole(response: StreamedResponse) -> AsyncIterator[Step]:
