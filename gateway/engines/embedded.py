@@ -1,4 +1,4 @@
-"""The ``embedded`` engine: a transformers model and its LoRA adapters (peft), in this process.
+"""The ``embedded`` engine: a transformers model and its LoRA adapters, in this process.
 
 One generation thread owns the model. Each pass of its loop:
 
@@ -11,7 +11,7 @@ One generation thread owns the model. Each pass of its loop:
    adapter, and never fails because its adapter was dropped);
 2. admits waiting requests up to ``max_batch``: each new prompt is prefilled on its own, its first token
    sampled, and its KV cache joins the running batch, left-padded to the batch's length;
-3. runs one decode step for the whole batch, each row on its own adapter (peft's mixed-adapter batch),
+3. runs one decode step for the whole batch, each row on its own adapter (:mod:`gateway.engines.lora_bank`),
    samples one token per row and hands it to the request's asyncio queue;
 4. drops finished and cancelled rows, and trims the pad columns no row needs any more.
 
@@ -21,7 +21,7 @@ What is recorded is what was sampled: the token ids and, for each, its log-proba
 model's own distribution (the raw logits, before temperature and top-p, as vLLM reports them by
 default). That is the number the trainer recomputes, so a policy ratio starts at exactly 1.
 
-torch, transformers and peft are imported only when this engine is built (gateway/app.py imports this
+torch and transformers are imported only when this engine is built (gateway/app.py imports this
 module lazily), so a gateway in front of an upstream never loads them.
 """
 
@@ -46,13 +46,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from gateway.engines import Generation, Stream
 from gateway.engines.decoding import Answer, Step, generation, render
+from gateway.engines.lora_bank import LoraBank
 from gateway.errors import EngineUnavailable, InvalidRequest, NotFound
 from gateway.schemas import ChatCompletionRequest
 from nextturn import events
 
 log = logging.getLogger(__name__)
 
-PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, [batch, kv_heads, length, head_dim]
 # A temperature this low samples the most likely token anyway, and dividing logits by it overflows (as vLLM).
 GREEDY_BELOW = 1e-5
@@ -159,7 +159,7 @@ class EmbeddedEngine:
         self._max_adapters = max_adapters
         # The generation thread's own: each added adapter's directory, and those in memory, least recent first.
         self._paths: dict[str, Path] = {}
-        self._resident: OrderedDict[str, None] = OrderedDict()
+        self._resident: OrderedDict[str, int] = OrderedDict()  # version -> its slot in the bank
         self.loads = 0  # adapters loaded again after being dropped
         self.evictions = 0
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -171,7 +171,7 @@ class EmbeddedEngine:
         self._load_now = 0  # requests running or waiting, as the generation thread last counted
         self._model: Any = None
         self._cache_keyword = "cache"  # set from the model's forward when it is loaded
-        self._peft: Any = None
+        self._bank: LoraBank | None = None
         self._tokenizer: Any = None
 
     # --- the request side (event loop) ----------------------------------------------------------------
@@ -201,7 +201,7 @@ class EmbeddedEngine:
         return model if model in self._available else None
 
     async def add_adapter(self, version: str, path: str | Path) -> None:
-        if version in (events.BASE_VERSION, self._served, PEFT_BASE):
+        if version in (events.BASE_VERSION, self._served):
             raise InvalidRequest(f"{version!r} is reserved; name the adapter by its version", param="version")
         await self._command(_Command("add", version, Path(path)))
 
@@ -270,6 +270,7 @@ class EmbeddedEngine:
         self._tokenizer = AutoTokenizer.from_pretrained(self._dir)
         self._model = AutoModelForCausalLM.from_pretrained(self._dir).to(self._device).eval()
         self._cache_keyword = cache_keyword(self._model)
+        self._bank = LoraBank(self._model, slots=min(self._max_adapters, 64))
 
     def _run(self) -> None:
         batch = _Batch()
@@ -324,7 +325,7 @@ class EmbeddedEngine:
             self._paths[command.version] = command.path  # else loaded on its first request
         except InvalidRequest as exc:
             command.done.set_exception(exc)
-        except Exception as exc:  # peft/safetensors/OS errors: the directory is not a loadable adapter
+        except Exception as exc:  # config/safetensors/OS errors: the directory is not a servable adapter
             command.done.set_exception(
                 InvalidRequest(f"cannot load the adapter {command.version!r} from {command.path}: {exc}"))
         else:
@@ -332,27 +333,14 @@ class EmbeddedEngine:
             command.done.set_result(None)
 
     def _load_adapter(self, version: str, path: Path) -> None:
-        name = _peft_name(version)
-        if self._peft is None:
-            from peft import PeftModel
-
-            self._peft = PeftModel.from_pretrained(self._model, path, adapter_name=name)
-        else:
-            self._peft.load_adapter(path, adapter_name=name)
-            if self._peft.active_adapter not in self._peft.peft_config:
-                self._peft.set_adapter(name)  # the previous active one was deleted
-        self._resident[version] = None
+        assert self._bank is not None
+        self._resident[version] = self._bank.load(path)
 
     def _drop_adapter(self, version: str) -> None:
-        """Free an adapter's weights (it may stay added: see _ensure)."""
-        if version not in self._resident:
-            return
-        del self._resident[version]
-        name = _peft_name(version)
-        others = [other for other in self._peft.peft_config if other != name]
-        if self._peft.active_adapter == name and others:
-            self._peft.set_adapter(others[0])  # peft warns when the active adapter is deleted
-        self._peft.delete_adapter(name)
+        """Free an adapter's slot (it may stay added: see _ensure)."""
+        if version in self._resident:
+            assert self._bank is not None
+            self._bank.free(self._resident.pop(version))
 
     def _ensure(self, version: str) -> None:
         """The adapter in memory, loaded again from its directory if it was dropped; the most recent now."""
@@ -392,10 +380,9 @@ class EmbeddedEngine:
 
     def _forward(self, adapters: list[str], **inputs: Any) -> torch.Tensor:
         """Logits of the last position, [rows, vocab]; each row on its adapter."""
-        if self._peft is not None and self._peft.peft_config:
-            names = [PEFT_BASE if adapter == events.BASE_VERSION else _peft_name(adapter) for adapter in adapters]
-            output = self._peft(**inputs, adapter_names=names, use_cache=True, logits_to_keep=1)
-        else:
+        assert self._bank is not None
+        slots = [0 if adapter == events.BASE_VERSION else self._resident[adapter] for adapter in adapters]
+        with self._bank.rows(slots):
             output = self._model(**inputs, use_cache=True, logits_to_keep=1)
         return output.logits[:, -1].float()
 
@@ -486,14 +473,3 @@ def cache_keyword(model: Any) -> str:
 def _cache_tensors(cache: Any) -> KV:
     """The keys and values a DynamicCache holds, layer by layer."""
     return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _peft_name(version: str) -> str:
-    """The name peft holds a version under: a model id may hold dots (a scope's ``t.acme-v1``), and peft's
-    adapter names become torch module names, which may not. One to one (``_`` is escaped too), and never
-    peft's name for the base model.
-
-    >>> _peft_name("t.acme-v1"), _peft_name("my_lora")
-    ('v_t_dacme-v1', 'v_my__lora')
-    """
-    return "v_" + version.replace("_", "__").replace(".", "_d")
