@@ -26,40 +26,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rollout.gates import GatePolicy, offline  # noqa: E402  (the rule under test, as the controller uses it)
+from trainer.guards import lift  # noqa: E402  (the estimator, as the trainer uses it)
 
 K = 4  # candidate answers per held-out turn
 MISALIGNMENT = 1.0  # how much of a version's change is not about the answers' worth (standard deviations)
 
 
-def scope_trial(turns: int, lift: float, generator: torch.Generator) -> tuple[float, float, float]:
+def scope_trial(turns: int, wanted: float, generator: torch.Generator) -> tuple[float, float, float]:
     """One simulated scope: the new version's estimated lift over the served policy, its standard error, and
     the version's estimate's effective sample size."""
     rewards = torch.rand(turns, K, generator=generator) * 2 - 1  # each answer's reward
     behaviour = torch.softmax(torch.randn(turns, K, generator=generator), dim=-1)
     # The new version tilts the served policy by `strength` along a direction that is only partly the
     # answers' worth (training learns more than the reward: formats, phrasings), with the strength chosen so
-    # that its true expected reward beats the served one's by `lift` on average over the held-out turns.
+    # that its true expected reward beats the served one's by `wanted` on average over the held-out turns.
     direction = rewards + MISALIGNMENT * torch.randn(turns, K, generator=generator)
-    strength = _strength_for(lift, rewards, behaviour, direction)
+    strength = _strength_for(wanted, rewards, behaviour, direction)
     version = torch.softmax(behaviour.log() + strength * direction, dim=-1)
     served = torch.multinomial(behaviour, 1, generator=generator).squeeze(1)
     # What a person says of an answer is a noisy verdict on it: +1 or -1, +1 with probability (1 + r) / 2.
     worth = rewards.gather(1, served[:, None]).squeeze(1)
     observed = torch.where(torch.rand(turns, generator=generator) < (1 + worth) / 2, 1.0, -1.0)
-    weights = (version.gather(1, served[:, None]) / behaviour.gather(1, served[:, None])).squeeze(1)
-    normalised = weights / weights.sum()
-    estimate = (normalised * observed).sum()
-    # The delta-method variance of the difference of two self-normalised estimates on the same turns (the
-    # served policy's weights are all 1): each turn's influence on the version's estimate less its influence
-    # on the served one's; the two share their noise, so the difference is much surer than either.
-    influence = normalised * (observed - estimate) - (observed - observed.mean()) / turns
-    variance = (influence**2).sum()
-    ess = float(1.0 / (normalised**2).sum())
-    return float(estimate - observed.mean()), float(variance.sqrt()), ess
+    log_weights = (version.gather(1, served[:, None]) / behaviour.gather(1, served[:, None])).squeeze(1).log()
+    return lift(log_weights, observed)  # the trainer's own estimator
 
 
-def _strength_for(lift: float, rewards: torch.Tensor, behaviour: torch.Tensor, direction: torch.Tensor) -> float:
-    """The tilt whose true lift over the behaviour policy is ``lift`` (bisection; the lift grows with it)."""
+def _strength_for(wanted: float, rewards: torch.Tensor, behaviour: torch.Tensor, direction: torch.Tensor) -> float:
+    """The tilt whose true lift over the behaviour policy is ``wanted`` (bisection; the lift grows with it)."""
     def true_lift(strength: float) -> float:
         version = torch.softmax(behaviour.log() + strength * direction, dim=-1)
         return float(((version - behaviour) * rewards).sum(-1).mean())
@@ -67,7 +60,7 @@ def _strength_for(lift: float, rewards: torch.Tensor, behaviour: torch.Tensor, d
     low, high = -20.0, 20.0
     for _ in range(40):
         middle = (low + high) / 2
-        low, high = (middle, high) if true_lift(middle) < lift else (low, middle)
+        low, high = (middle, high) if true_lift(middle) < wanted else (low, middle)
     return (low + high) / 2
 
 
@@ -81,16 +74,16 @@ def main() -> None:
     print(f"low-traffic gate: share of versions promoted, {args.trials} scopes per cell, mean ± spread over "
           f"{args.seeds} seeds (offline margin {policy.offline_margin:g}, z {policy.offline_z:g}, "
           f"min ESS {policy.offline_min_ess:g})")
-    print("held-out turns  " + "  ".join(f"lift {lift:+.2f}   " for lift in lifts))
+    print("held-out turns  " + "  ".join(f"lift {true:+.2f}   " for true in lifts))
     for turns in (8, 16, 32, 64):
         cells = []
-        for lift in lifts:
+        for true in lifts:
             shares = []
             for seed in range(args.seeds):
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + turns)
                 promoted = 0
                 for _ in range(args.trials):
-                    estimate, se, ess = scope_trial(turns, lift, generator)
+                    estimate, se, ess = scope_trial(turns, true, generator)
                     promoted += offline(estimate, se, ess, policy).action == "promote"
                 shares.append(promoted / args.trials)
             spread = statistics.stdev(shares) if len(shares) > 1 else 0.0

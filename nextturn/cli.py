@@ -417,8 +417,9 @@ def rollout_status(
     as_json: JsonOption = False,
 ) -> None:
     """What serves now, each arm's evidence, what the gates would decide, and the latest changes."""
-    from nextturn.deployments import Deployment, arms, status
-    from rollout.gates import GatePolicy, decide
+    from nextturn.deployments import Deployment, status, watched
+    from rollout.controller import judge
+    from rollout.gates import GatePolicy, watch
 
     settings = _settings(ctx)
     policy = GatePolicy.from_settings(settings)
@@ -426,10 +427,14 @@ def rollout_status(
     try:
         figures = status(store, scope, max_tenant_share=policy.max_tenant_share)
         state = Deployment.read(store, scope)
-        evidence = arms(store, state, policy.max_tenant_share)
-        if evidence is not None:
-            verdict = decide(state, *evidence, policy, events.utc_now())
+        now = events.utc_now()
+        verdict = judge(store, state, policy, now)
+        if verdict is not None:
             figures["next"] = f"{verdict.action}: {verdict.reason}"
+        arms = watched(store, state, policy.max_tenant_share)
+        if arms is not None and state.watch_since is not None:
+            said = watch(*arms, policy, (now - state.watch_since).total_seconds())
+            figures["watch"] = f"{said.action}: {said.reason}"
     finally:
         store.close()
     _show(figures, as_json, title=f"rollout of scope {scope!r}", leave_out="scope")

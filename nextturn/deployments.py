@@ -46,6 +46,7 @@ class Deployment:
     paused: bool = False
     schedule: tuple[float, ...] = ()
     canary_since: datetime | None = None
+    watch_since: datetime | None = None  # the stable version is watched since then (promoted on offline evidence)
     last_event_id: str | None = None  # the change this state came from; None: never changed
     updated_at: datetime | None = None
 
@@ -66,7 +67,8 @@ class Deployment:
         if row is None:
             return cls(scope)
         return cls(row.scope, row.stable_version, row.canary_version, row.canary_weight, row.paused,
-                   tuple(row.schedule), _aware(row.canary_since), row.last_event_id, _aware(row.updated_at))
+                   tuple(row.schedule), _aware(row.canary_since), _aware(row.watch_since), row.last_event_id,
+                   _aware(row.updated_at))
 
     def name(self, version: int | None) -> str:
         """The model id a version is served under (``base`` for None)."""
@@ -87,7 +89,7 @@ class Deployment:
         return events.DeploymentChanged(
             scope=self.scope, stable_version=now.stable, canary_version=now.canary, canary_weight=now.weight,
             paused=now.paused, schedule=list(now.schedule), canary_since=now.canary_since,
-            action=action,  # type: ignore[arg-type]
+            watch_since=now.watch_since, action=action,  # type: ignore[arg-type]
             subject_version=subject, reason=reason, actor=actor)
 
 
@@ -132,15 +134,17 @@ def step(state: Deployment, actor: str, reason: str) -> events.DeploymentChanged
     return state.change("step", actor, reason, subject=state.canary, weight=later[0])
 
 
-def promote(state: Deployment, actor: str, reason: str, version: int | None = None) -> events.DeploymentChanged:
-    """The canary (or ``version``, a published version) becomes the stable version; any canary ends."""
+def promote(state: Deployment, actor: str, reason: str, version: int | None = None, *,
+            watch_since: datetime | None = None) -> events.DeploymentChanged:
+    """The canary (or ``version``, a published version) becomes the stable version; any canary ends.
+    ``watch_since``: it was promoted on offline evidence, and is watched from then (see :func:`unwatch`)."""
     chosen = state.canary if version is None else version
     if chosen is None:
         raise InvalidChange("there is no canary to promote; name a version to make it stable")
     if chosen == state.stable and state.canary is None:
         raise InvalidChange(f"version {chosen} is already the stable version")
     return state.change("promote", actor, reason, subject=chosen, stable=chosen, canary=None, weight=0.0,
-                        schedule=(), canary_since=None)
+                        schedule=(), canary_since=None, watch_since=watch_since)
 
 
 def rollback(state: Deployment, actor: str, reason: str, back_to: int | None = None) -> events.DeploymentChanged:
@@ -151,7 +155,14 @@ def rollback(state: Deployment, actor: str, reason: str, back_to: int | None = N
                             schedule=(), canary_since=None)
     if state.stable is None:
         raise InvalidChange("the base model serves and there is no canary: there is nothing to roll back")
-    return state.change("rollback", actor, reason, subject=state.stable, stable=back_to)
+    return state.change("rollback", actor, reason, subject=state.stable, stable=back_to, watch_since=None)
+
+
+def unwatch(state: Deployment, actor: str, reason: str) -> events.DeploymentChanged:
+    """End the watch on the stable version: it held up (or the watch ran out of time)."""
+    if state.watch_since is None:
+        raise InvalidChange("the stable version is not watched")
+    return state.change("set", actor, reason, subject=None, watch_since=None)
 
 
 def reject(state: Deployment, version: int, actor: str, reason: str) -> events.DeploymentChanged:
@@ -270,11 +281,36 @@ def arms(store: Store, state: Deployment, max_tenant_share: float = MAX_TENANT_S
                 arm.flaws[flaw] += turns
         arm.latencies_ms = store.latencies(turns_of, state.canary_since, LATENCY_WINDOW)
         rewards.append(store.rewards(turns_of, state.canary_since))
+    _share_out(found, rewards, max_tenant_share)
+    return found
+
+
+WATCH_BEFORE = 200  # signal rows of the version before a watched one: its latest rewards are the yardstick
+
+
+def watched(store: Store, state: Deployment, max_tenant_share: float = MAX_TENANT_SHARE) -> tuple[Arm, Arm] | None:
+    """(the stable version since its watch began, what served the scope before it) when the stable version is
+    watched, else None. The version before is the previous stable one (:func:`previous_stable`), or while
+    there was none what the scope's chain served; its evidence is its latest rewards before the watch began.
+    Tenants' shares are capped as in :func:`arms`."""
+    if state.watch_since is None or state.stable is None:
+        return None
+    previous = previous_stable(store, state.scope, state.stable)
+    before = (Evidence(state.scope, (state.name(previous),)) if previous is not None
+              else Evidence(state.scope, (events.BASE_VERSION,), ancestors=chain(state.scope)[1:]))
+    found = (Arm(state.stable_name), Arm(state.name(previous)))
+    rewards = [store.rewards(Evidence(state.scope, (state.stable_name,)), state.watch_since),
+               store.rewards(before, None, until=state.watch_since, limit=WATCH_BEFORE)]
+    _share_out(found, rewards, max_tenant_share)
+    return found
+
+
+def _share_out(found: tuple[Arm, Arm], rewards: list[list[tuple[str, float]]], share: float) -> None:
+    """Each arm's rewards, capped per tenant where more than one tenant's are in (either arm)."""
     shared = len({tenant for of_arm in rewards for tenant, _ in of_arm}) > 1
     for arm, mine in zip(found, rewards, strict=True):
-        arm.rewards = capped(mine, max_tenant_share) if shared else [reward for _, reward in mine]
+        arm.rewards = capped(mine, share) if shared else [reward for _, reward in mine]
         arm.capped = len(mine) - len(arm.rewards)
-    return found
 
 
 def capped(rewards: list[tuple[str, float]], share: float) -> list[float]:
@@ -370,6 +406,7 @@ def status(store: Store, scope: str = events.DEFAULT_SCOPE, history: int = 10,
         "scope": scope, "stable": state.stable_name, "canary": state.canary_name, "canary_weight": state.weight,
         "schedule": list(state.schedule), "paused": state.paused,
         "canary_since": state.canary_since.isoformat() if state.canary_since else None,
+        "watch_since": state.watch_since.isoformat() if state.watch_since else None,
         "arms": {"canary": evidence[0].summary(), "stable": evidence[1].summary()} if evidence else None,
         "history": [{"at": _aware(change.changed_at).isoformat(),  # type: ignore[union-attr]
                      "action": change.action, "version": change.subject_version, "actor": change.actor,

@@ -316,10 +316,14 @@ class DeploymentChanged(_Event):
     paused: bool = False
     schedule: list[Unit] = []  # the canary's weight steps; it is promoted after the last one
     canary_since: datetime | None = None  # when the canary began: its evidence counts from here
+    # Since when the stable version is watched after a promotion on offline evidence (rollout.gates.watch).
+    watch_since: datetime | None = None
     action: Literal["set", "canary", "step", "promote", "rollback", "reject", "pause", "resume"] = "set"
     subject_version: int | None = None  # the version the action is about (the canary rolled back, ...)
     reason: str
     actor: str  # "controller" or the operator who acted
+
+    schema_version: Literal[1, 2] = 2  # type: ignore[assignment]  # reads 1 and 2; 2 added watch_since
 
     @property
     def partition_key(self) -> str:

@@ -159,6 +159,10 @@ class Settings(BaseSettings):
     rollout_max_tenant_share: float = Field(default=0.5, gt=0.0, le=1.0)
     # A canary without enough evidence to decide is rolled back after this long (paused: never).
     rollout_canary_timeout_s: float = Field(default=3600.0, gt=0)
+    # When a version's offline evidence may promote it (rollout.gates): auto (where the scope is too quiet for
+    # the reward gate), offline (always), reward (never).
+    rollout_gate: Literal["auto", "reward", "offline"] = "auto"
+    rollout_offline_timeout_s: float = Field(default=86_400.0, gt=0)  # a quiet scope's canary, and the watch
     # How often the controller checks, and gateways re-read the deployment (besides DeploymentChanged).
     rollout_check_interval_s: float = Field(default=2.0, gt=0)
     # A replaced stable version keeps serving the sessions that began on it until none of them has had a

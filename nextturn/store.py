@@ -255,20 +255,35 @@ class Store:
         return [row[0] for row in self._read(
             sa_select(signals.c.tenant).where(signals.c.scope == scope).distinct().limit(limit))]
 
-    def rewards(self, evidence: Evidence, since: datetime) -> list[tuple[str, float]]:
-        """(tenant, reward) of the turns that are ``evidence`` since ``since`` whose latest signal revision
-        carries a reward, in the order they were served."""
+    def rewards(self, evidence: Evidence, since: datetime | None, *, until: datetime | None = None,
+                limit: int | None = None) -> list[tuple[str, float]]:
+        """(tenant, reward) of the turns that are ``evidence`` served since ``since`` (None: ever) and before
+        ``until``, whose latest signal revision carries a reward, in the order they were served. ``limit``:
+        from the latest ``limit`` signal rows only (revisions count)."""
         signals, turns = tables.table_of(tables.Signal), tables.table_of(tables.Turn)
-        rows = self._read(
-            sa_select(signals.c.tenant, signals.c.signal_id, signals.c.revision, signals.c.reward)
-            .join(turns, turns.c.id == signals.c.turn_id)
-            .where(*evidence.where(turns), turns.c.started_at >= since)
-            .order_by(turns.c.started_at, turns.c.id))
+        window = [turns.c.started_at >= since] if since is not None else []
+        window += [turns.c.started_at < until] if until is not None else []
+        query = (sa_select(signals.c.tenant, signals.c.signal_id, signals.c.revision, signals.c.reward)
+                 .join(turns, turns.c.id == signals.c.turn_id).where(*evidence.where(turns), *window))
+        if limit is None:
+            rows = self._read(query.order_by(turns.c.started_at, turns.c.id))
+        else:
+            rows = self._read(query.order_by(turns.c.started_at.desc(), turns.c.id.desc()).limit(limit))[::-1]
         latest: dict[str, tuple[int, str, float | None]] = {}
         for tenant, signal_id, revision, reward in rows:
             if signal_id not in latest or revision > latest[signal_id][0]:
                 latest[signal_id] = (revision, tenant, reward)
         return [(tenant, reward) for _, tenant, reward in latest.values() if reward is not None]
+
+    def resolved(self, scope: str, since: datetime) -> int:
+        """How many turns of ``scope`` (or a scope below it) got a signal with a reward since ``since``."""
+        signals = tables.table_of(tables.Signal)
+        mine = signals.c.scope == scope
+        if scope != events.DEFAULT_SCOPE:
+            mine = or_(mine, signals.c.scope.like(f"{_like(scope)}.u.%", escape="\\"))
+        found = self._read(sa_select(func.count(func.distinct(signals.c.turn_id)))
+                           .where(mine, signals.c.reward.is_not(None), signals.c.created_at >= since))
+        return int(found[0][0])
 
     def scope_figures(self, since: datetime) -> dict[str, dict[str, Any]]:
         """Per scope: published versions, and the turns resolved since ``since`` with their mean reward (each
@@ -448,7 +463,8 @@ def _deployment_state(change: events.DeploymentChanged) -> dict[str, Any]:
     """The ``deployments`` row a change leaves behind (without the scope)."""
     return {"stable_version": change.stable_version, "canary_version": change.canary_version,
             "canary_weight": change.canary_weight, "paused": change.paused, "schedule": change.schedule,
-            "canary_since": change.canary_since, "last_event_id": change.event_id, "updated_at": change.occurred_at}
+            "canary_since": change.canary_since, "watch_since": change.watch_since, "last_event_id": change.event_id,
+            "updated_at": change.occurred_at}
 
 
 _WRITERS: dict[type, Callable[[Store, Connection, Any], int]] = {

@@ -197,6 +197,7 @@ class Deployment(SQLModel, table=True):
     paused: bool = False
     schedule: list[float] = _json(default_factory=list)
     canary_since: datetime | None = _when(default=None)
+    watch_since: datetime | None = _when(default=None)
     last_event_id: str
     updated_at: datetime = _when()
 
@@ -212,6 +213,7 @@ class DeploymentChange(SQLModel, table=True):
     paused: bool
     schedule: list[float] = _json(default_factory=list)
     canary_since: datetime | None = _when(default=None)
+    watch_since: datetime | None = _when(default=None)
     action: str = "set"
     subject_version: int | None = None
     reason: str = _text()

@@ -11,7 +11,10 @@ Each check, in order:
    however many scopes). For each scope, on its own: without a canary, the newest published version newer
    than the stable one is rejected (collapse guards) or becomes the canary; older published ones are
    skipped (paused: no new canary). With one, gather each arm's evidence and decide: wait, step, promote
-   or roll back. The reads grow with the number of canaries, not of scopes;
+   or roll back. Where the scope is too quiet for the reward gate and the version carries the trainer's
+   offline evidence, the canary is a short one and that evidence may promote it; a version so promoted is
+   watched, and rolled back if it does worse than the one before (:mod:`rollout.gates`). The reads grow
+   with the number of canaries and watches, not of scopes;
 4. write the change to the store as a compare-and-set on the state it was decided on (an operator who
    acted meanwhile wins, and the next check decides again on the new state), then append it to the log;
 5. commit the polled offsets.
@@ -25,14 +28,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import datetime
+from dataclasses import replace
+from datetime import datetime, timedelta
 
 from nextturn import deployments, events, tables
 from nextturn.bus import EventLog
 from nextturn.deployments import CONTROLLER, Deployment
 from nextturn.errors import CommitFailed, DeploymentConflict, EventLogUnavailable, InvalidChange, StoreUnavailable
 from nextturn.store import Store
-from rollout.gates import GatePolicy, Verdict, collapse, decide
+from rollout.gates import GatePolicy, Verdict, collapse, decide, offline, offline_evidence, quiet, watch
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +101,39 @@ class RolloutController:
         return change
 
     def _check(self, state: Deployment, newest: int | None) -> events.DeploymentChanged | None:
+        if state.watch_since is not None:
+            moved = self._watch(state)
+            if moved is not None:
+                return moved
         if state.canary is None:
             return self._begin(state, newest)
-        evidence = deployments.arms(self._store, state, self.policy.max_tenant_share)
-        assert evidence is not None  # there is a canary
-        verdict = self.verdicts[state.scope] = decide(state, *evidence, self.policy, self._clock())
-        moves = {"step": deployments.step, "promote": deployments.promote, "rollback": deployments.rollback}
+        verdict = judge(self._store, state, self.policy, self._clock())
+        assert verdict is not None  # there is a canary
+        self.verdicts[state.scope] = verdict
         if verdict.action == "wait":
             return None
+        if verdict.action == "promote":
+            watch_since = self._clock() if verdict.offline else None
+            return self._make(state, deployments.promote(state, CONTROLLER, verdict.reason, watch_since=watch_since))
+        moves = {"step": deployments.step, "rollback": deployments.rollback}
         return self._make(state, moves[verdict.action](state, CONTROLLER, verdict.reason))
+
+    def _watch(self, state: Deployment) -> events.DeploymentChanged | None:
+        """The watch on a version promoted on offline evidence: roll it back (its canary first), end the
+        watch, or nothing yet."""
+        found = deployments.watched(self._store, state, self.policy.max_tenant_share)
+        if found is None or state.watch_since is None:
+            return None
+        verdict = watch(*found, self.policy, (self._clock() - state.watch_since).total_seconds())
+        if verdict.action == "wait":
+            return None
+        self.verdicts[state.scope] = verdict
+        if verdict.action == "keep":
+            return self._make(state, deployments.unwatch(state, CONTROLLER, verdict.reason))
+        if state.canary is not None:  # it descends from the version going back: it goes first
+            return self._make(state, deployments.rollback(state, CONTROLLER, f"{verdict.reason}; its canary first"))
+        back_to = deployments.previous_stable(self._store, state.scope, state.stable)
+        return self._make(state, deployments.rollback(state, CONTROLLER, verdict.reason, back_to))
 
     def close(self) -> None:
         self._consumer.close()
@@ -127,10 +155,14 @@ class RolloutController:
             verdict = self.verdicts[scope] = Verdict("rollback", f"collapse guard: {rejected}")
             return self._make(state, deployments.reject(state, found.version, CONTROLLER, verdict.reason))
         checked = "collapse guards within bounds" if guards and guards.get("prompts") else "no collapse guards measured"
+        schedule = self.policy.schedule
+        if offline_for(self._store, state.scope, found.version, schedule[0], self.policy, self._clock()):
+            schedule = (self.policy.offline_weight,)
+            checked += (f"; the scope is too quiet for the reward gate: a short canary at {schedule[0]:g}, "
+                        "then its offline evidence decides")
         verdict = self.verdicts[scope] = Verdict("step", f"published; {checked}")
         try:
-            change = deployments.canary(state, found.version, self.policy.schedule, CONTROLLER, verdict.reason,
-                                        self._clock())
+            change = deployments.canary(state, found.version, schedule, CONTROLLER, verdict.reason, self._clock())
         except InvalidChange as exc:
             log.error("version %s cannot become the canary: %s", found.version, exc)
             return None
@@ -158,3 +190,43 @@ class RolloutController:
             log.warning("cannot append %d deployment change(s) to the event log yet: %s", len(self._unpublished), exc)
             return
         self._unpublished.clear()
+
+
+def judge(store: Store, state: Deployment, policy: GatePolicy, now: datetime) -> Verdict | None:
+    """What the controller decides on a deployment's canary now (None without a canary): the reward gate,
+    or in a scope too quiet for it, the version's offline evidence (:mod:`rollout.gates`)."""
+    evidence = deployments.arms(store, state, policy.max_tenant_share)
+    if evidence is None or state.canary is None:
+        return None
+    canary, stable = evidence
+    found = offline_for(store, state.scope, state.canary, state.weight, policy, now)
+    verdict = decide(state, canary, stable, policy if found is None else
+                     replace(policy, timeout_s=policy.offline_timeout_s), now)
+    if found is not None and verdict.action == "wait" and not state.paused:
+        verdict = _offline_verdict(found, canary, verdict, policy)
+    return verdict
+
+
+def offline_for(store: Store, scope: str, version: int, weight: float, policy: GatePolicy,
+                now: datetime) -> tuple[float, float, float] | None:
+    """The version's offline evidence, when the scope is too quiet at ``weight`` for the reward gate (so that
+    evidence decides); else None."""
+    if policy.gate == "reward":
+        return None
+    row = store.get(tables.Adapter, (scope, version))
+    found = offline_evidence((row.meta if row is not None else {}).get("guards"))
+    if found is None:
+        return None
+    return found if quiet(store.resolved(scope, now - timedelta(seconds=policy.timeout_s)), weight, policy) else None
+
+
+def _offline_verdict(found: tuple[float, float, float], canary: deployments.Arm, waiting: Verdict,
+                     policy: GatePolicy) -> Verdict:
+    """What the offline evidence says of a canary the reward gate cannot decide yet."""
+    said = offline(*found, policy)
+    if said.action != "promote":
+        return Verdict("wait", f"{waiting.reason}; {said.reason}")
+    if canary.turns_since_step < policy.guard_min_turns:
+        return Verdict("wait", f"{said.reason}; the fast guardrails have seen {canary.turns_since_step} of "
+                               f"{policy.guard_min_turns} canary turns")
+    return Verdict("promote", f"{said.reason}; fast guardrails clean on {canary.turns} canary turns", offline=True)

@@ -27,6 +27,18 @@ While it is the canary, at every check:
 3. **Low traffic**: without enough evidence either way, the canary waits; after ``timeout_s`` without a
    change (since it began, stepped up, or resumed; never while paused) it is rolled back, with the counts in
    the reason.
+
+**Scopes too quiet for the reward gate** (``gate`` ``auto``, the default; ``offline`` always, ``reward``
+never): a scope is quiet at a weight when its resolved turns over the last ``timeout_s``, times the weight,
+fall short of ``min_resolved`` (:func:`quiet`): a canary there would time out whatever its worth. A version
+whose ``meta.json`` carries the trainer's offline evidence (``guards.offline``: its estimated lift over
+what was served on the scope's held-out turns, the standard error, the effective sample size) then
+becomes a short canary at ``offline_weight`` (0.5); while the scope stays quiet at that weight, the canary
+is promoted once :func:`offline` passes and the fast guardrails have seen ``guard_min_turns`` canary turns,
+and its timeout is ``offline_timeout_s``. The reward gate still decides first whenever it has its counts.
+A version promoted so is **watched** (:func:`watch`): its rewards since the promotion against the previous
+stable version's latest ones; worse with ``confidence``, it is rolled back (a canary that descends from it
+first); the watch ends once it has ``min_resolved`` rewards, or after ``offline_timeout_s``.
 """
 
 from __future__ import annotations
@@ -64,6 +76,9 @@ class GatePolicy:
     offline_margin: float = 0.0
     offline_z: float = 1.645
     offline_min_ess: float = 8.0
+    gate: Literal["auto", "reward", "offline"] = "auto"  # when the offline evidence may promote (see above)
+    offline_weight: float = 0.5  # the short canary's weight
+    offline_timeout_s: float = 86_400.0  # a quiet scope's canary and watch: a day
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatePolicy:
@@ -71,13 +86,15 @@ class GatePolicy:
                    confidence=settings.rollout_confidence, margin=settings.rollout_reward_margin,
                    guard_min_turns=settings.rollout_guard_min_turns, timeout_s=settings.rollout_canary_timeout_s,
                    min_distinct=settings.rollout_min_distinct,
-                   max_tenant_share=settings.rollout_max_tenant_share)
+                   max_tenant_share=settings.rollout_max_tenant_share, gate=settings.rollout_gate,
+                   offline_timeout_s=settings.rollout_offline_timeout_s)
 
 
 @dataclass(frozen=True)
 class Verdict:
-    action: Literal["wait", "step", "promote", "rollback"]
+    action: Literal["wait", "step", "promote", "rollback", "keep"]  # keep: a watched version held up
     reason: str
+    offline: bool = False  # promoted on offline evidence: watch it
 
 
 def collapse(guards: dict[str, Any] | None, policy: GatePolicy) -> str | None:
@@ -194,6 +211,52 @@ def offline(lift: float, se: float, ess: float, policy: GatePolicy) -> Verdict:
     bound = lift - policy.offline_z * se
     said = f"offline: estimated lift {lift:+.2f} ± {se:.2f} on an effective {ess:.1f} turns (lower bound {bound:+.2f})"
     return Verdict("promote", said) if bound >= policy.offline_margin else Verdict("wait", said)
+
+
+def quiet(resolved: int, weight: float, policy: GatePolicy) -> bool:
+    """Whether the offline evidence may decide for a canary at ``weight`` in a scope that resolved ``resolved``
+    turns over the last ``timeout_s``: always under gate ``offline``, never under ``reward``, and under
+    ``auto`` when a canary at that weight would not gather ``min_resolved`` resolved turns in the timeout.
+
+    >>> quiet(100, 0.1, GatePolicy()), quiet(100, 0.5, GatePolicy()), quiet(10_000, 0.1, GatePolicy(gate="offline"))
+    (True, False, True)
+    """
+    if policy.gate != "auto":
+        return policy.gate == "offline"
+    return resolved * weight < policy.min_resolved
+
+
+def offline_evidence(guards: dict[str, Any] | None) -> tuple[float, float, float] | None:
+    """(lift, se, ess) from a version's collapse guards (the trainer's ``guards.offline``), or None."""
+    found = (guards or {}).get("offline") or {}
+    values = [found.get(name) for name in ("lift", "se", "ess")]
+    if not all(isinstance(value, int | float) and math.isfinite(value) for value in values):
+        return None
+    return float(values[0]), float(values[1]), float(values[2])  # type: ignore[arg-type]
+
+
+def watch(stable: Arm, before: Arm, policy: GatePolicy, waited_s: float) -> Verdict:
+    """A version promoted on offline evidence, against the version before it: roll it back when its rewards
+    since the promotion are worse by more than the margin with ``confidence`` (each side with at least
+    ``guard_min_turns``); keep it once it has ``min_resolved`` rewards, or after ``offline_timeout_s``.
+
+    >>> watch(Arm("v2", rewards=[-1.0] * 12), Arm("v1", rewards=[1.0] * 40), GatePolicy(), 60).action
+    'rollback'
+    >>> [watch(Arm("v2", rewards=[1.0] * n), Arm("v1", rewards=[1.0] * 40), GatePolicy(), 60).action for n in (5, 30)]
+    ['wait', 'keep']
+    """
+    counts = (f"{len(stable.rewards)} resolved turns since the promotion (mean {_mean(stable)}) against "
+              f"{len(before.rewards)} of {before.version} before (mean {_mean(before)})")
+    if min(len(stable.rewards), len(before.rewards)) >= policy.guard_min_turns:
+        _, worse = posterior(stable, before, policy)
+        if worse >= policy.confidence:
+            return Verdict("rollback", f"watch: P(worse than {before.version} by > {policy.margin:g}) = "
+                                       f"{worse:.3f} on {counts}")
+    if len(stable.rewards) >= policy.min_resolved:
+        return Verdict("keep", f"watch passed: {counts}")
+    if waited_s > policy.offline_timeout_s:
+        return Verdict("keep", f"watch ended after {waited_s:.0f} s: {counts}")
+    return Verdict("wait", f"watching: {counts}")
 
 
 def posterior(canary: Arm, stable: Arm, policy: GatePolicy) -> tuple[float, float]:

@@ -280,6 +280,85 @@ def test_low_traffic_waits_then_times_out_and_pause_holds_it(log: EventLog, stor
     assert rolled.reason.startswith("not enough evidence after 601 s (timeout 600 s): 3 resolved canary turns")
 
 
+def offline_meta(lift: float, se: float = 0.1, ess: float = 16.0) -> dict:  # type: ignore[type-arg]
+    """A version's meta.json with the trainer's offline evidence only."""
+    return {"guards": {"offline": {"lift": lift, "se": se, "ess": ess, "turns": 20}}}
+
+
+def test_a_quiet_scope_promotes_on_offline_evidence_after_a_short_canary_and_rolls_back_a_worse_version(
+    log: EventLog, store: Store, tmp_path: Path
+) -> None:
+    """12 resolved turns in the timeout: a canary at 0.2 would never gather 10 of them. So the version, with
+    offline evidence that clears the bar, serves a short canary at 0.5, is promoted once the fast
+    guardrails saw 10 canary turns, and is watched: doing worse than the base model did, it goes back."""
+    ctl = controller(log, store)
+    served(store, "base", 12, reward=1.0)
+    began = canary_of(log, store, ctl, 1, tmp_path, offline_meta(0.3))
+    assert began is not None and (began.action, began.canary_weight, began.schedule) == ("canary", 0.5, [0.5])
+    assert "too quiet for the reward gate" in began.reason
+    served(store, "default-v1", 9)
+    assert ctl.check() is None
+    assert ctl.verdict is not None and "fast guardrails have seen 9 of 10" in ctl.verdict.reason
+    served(store, "default-v1", 1)
+    promoted = ctl.check()
+    assert promoted is not None and (promoted.action, promoted.stable_version) == ("promote", 1)
+    assert promoted.reason.startswith("offline: estimated lift +0.30 ± 0.10 on an effective 16.0 turns")
+    assert deployments.status(store)["watch_since"] == Deployment.read(store).watch_since.isoformat()  # type: ignore[union-attr]
+    served(store, "default-v1", 9, reward=-1.0)
+    assert ctl.check() is None and Deployment.read(store).stable == 1  # 9 < 10: too few to judge yet
+    served(store, "default-v1", 1, reward=-1.0)
+    back = ctl.check()
+    assert back is not None and (back.action, back.stable_version, back.subject_version) == ("rollback", None, 1)
+    assert back.reason.startswith("watch: P(worse than base by > 0.05) = 1.000")
+    assert Deployment.read(store).watch_since is None
+    assert store.get(tables.Adapter, ("default", 1)).status == "rolled_back"  # type: ignore[union-attr]
+
+
+def test_a_watched_version_that_holds_up_is_kept_and_the_next_one_may_begin(
+    log: EventLog, store: Store, tmp_path: Path
+) -> None:
+    ctl = controller(log, store)
+    served(store, "base", 12, reward=0.0)
+    canary_of(log, store, ctl, 1, tmp_path, offline_meta(0.3))
+    served(store, "default-v1", 10)
+    assert ctl.check() is not None and Deployment.read(store).stable == 1
+    publish(log, 2, tmp_path / "v2", offline_meta(0.3))
+    assert ctl.run_once(0.5) is not None and Deployment.read(store).canary == 2  # a watch does not hold it up
+    served(store, "default-v1", 10, reward=0.5)
+    kept = ctl.check()
+    assert kept is not None and (kept.action, kept.stable_version, kept.canary_version) == ("set", 1, 2)
+    assert kept.reason.startswith("watch passed: 10 resolved turns since the promotion (mean +0.50)")
+    assert Deployment.read(store).watch_since is None
+
+
+@pytest.mark.parametrize(("meta", "gate", "says"), [
+    (offline_meta(0.05), "auto", "offline: estimated lift +0.05 ± 0.10 on an effective 16.0 turns (lower bound -0.11)"),
+    (offline_meta(0.9, ess=3.0), "auto", "offline evidence on an effective 3.0 turns; 8 needed"),
+    (offline_meta(0.9), "reward", "collecting evidence"),
+    ({}, "auto", "collecting evidence"),
+])
+def test_weak_or_missing_offline_evidence_or_the_reward_gate_alone_never_promotes_a_quiet_canary(
+    log: EventLog, store: Store, tmp_path: Path, meta: dict, gate: str, says: str  # type: ignore[type-arg]
+) -> None:
+    ctl = controller(log, store, gate=gate)
+    canary_of(log, store, ctl, 1, tmp_path, meta)
+    assert Deployment.read(store).weight == (0.5 if gate == "auto" and meta.get("guards") else 0.2)
+    served(store, "default-v1", 20)
+    assert ctl.check() is None and Deployment.read(store).canary == 1
+    assert ctl.verdict is not None and says in ctl.verdict.reason
+
+
+def test_a_busy_scope_is_decided_by_the_reward_gate_whatever_its_offline_evidence(
+    log: EventLog, store: Store, tmp_path: Path
+) -> None:
+    served(store, "base", 60, reward=0.0)  # 60 in the timeout: a canary at 0.2 gathers 12, enough
+    ctl = controller(log, store)
+    began = canary_of(log, store, ctl, 1, tmp_path, offline_meta(0.9))
+    assert began is not None and began.canary_weight == 0.2 and "too quiet" not in began.reason
+    served(store, "default-v1", 20)
+    assert ctl.check() is None and ctl.verdict is not None and ctl.verdict.reason.startswith("collecting evidence")
+
+
 def test_collapse_guards_reject_a_version_before_it_serves(log: EventLog, store: Store, tmp_path: Path) -> None:
     ctl = controller(log, store)
     collapsed = {**GUARDS_BASE, "distinct_2": 0.2, "kl_to_base": 0.1, "prompts": 8, "base": GUARDS_BASE}
@@ -354,10 +433,12 @@ def test_the_recorder_applies_changes_idempotently_and_the_latest_wins(store: St
 def test_every_rollout_setting_reaches_the_policy() -> None:
     settings = Settings(rollout_schedule=[0.05, 0.2, 0.7], rollout_min_resolved=99, rollout_confidence=0.9,
                         rollout_reward_margin=0.2, rollout_guard_min_turns=7, rollout_canary_timeout_s=42.0,
-                        rollout_min_distinct=0.6)
+                        rollout_min_distinct=0.6, rollout_max_tenant_share=0.3, rollout_gate="reward",
+                        rollout_offline_timeout_s=99.0)
     assert GatePolicy.from_settings(settings) == GatePolicy(schedule=(0.05, 0.2, 0.7), min_resolved=99,
                                                             confidence=0.9, margin=0.2, guard_min_turns=7,
-                                                            timeout_s=42.0, min_distinct=0.6)
+                                                            timeout_s=42.0, min_distinct=0.6, max_tenant_share=0.3,
+                                                            gate="reward", offline_timeout_s=99.0)
     assert GatePolicy.from_settings(Settings()) == GatePolicy()
 
 

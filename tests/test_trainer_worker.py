@@ -324,6 +324,10 @@ def test_held_out_turns_are_kept_for_the_collapse_guards(base: Policy, tiny_mode
     assert len(versions) == (24 - held) // 4
     last = versions[max(versions)]["guards"]
     assert last["held_out"] is True and last["prompts"] == held and isinstance(last["reward"], float)
+    evidence = last["offline"]  # the low-traffic gate's: lift over what was served on the held-out turns
+    assert evidence["turns"] == held and 1.0 <= evidence["ess"] <= held and evidence["se"] > 0
+    mean = sum(1.0 if n % 2 else -1.0 for n, t in enumerate(turns) if t.turn_id in worker.ledger.replay) / held
+    assert evidence["lift"] == pytest.approx(last["reward"] - mean, abs=1e-5)
     trained = {s for meta in versions.values() for s in meta["data"]["signals"]}
     assert not trained & {f"{turn_id}:extractor-v1.0" for turn_id in worker.ledger.replay}
 

@@ -10,7 +10,10 @@ prompts, from the version and from the base model with the same seed, and stores
 - ``length``: mean answer length in tokens;
 - ``kl_to_base``: mean KL(version ‖ base) over the positions of the version's answers;
 - ``reward``: where replay turns have outcomes, the version's expected reward estimated from the recorded
-  answers by self-normalised importance sampling (weights π_version / π_behav per answer); None without.
+  answers by self-normalised importance sampling (weights π_version / π_behav per answer); None without;
+- ``offline``: with outcomes, the low-traffic gate's evidence (:func:`lift`, rollout.gates.offline): the
+  version's estimated reward minus the mean reward of what was served on the same turns, the standard error
+  of that difference, and the effective sample size of the version's estimate.
 
 The replay prompts are held out of training (one turn in ``trainer_holdout_every``), so the reward
 estimate is on data the version never trained on. The rollout controller compares them with ``base``.
@@ -54,10 +57,15 @@ def measure(policy: Policy, replay: Replay, *, max_new_tokens: int = 32, seed: i
         base_answers = _sample(policy, replay.prompts, max_new_tokens, seed)
     guards: dict[str, Any] = {"prompts": len(replay.prompts), "held_out": replay.held_out,
                               **_behaviour(policy, replay.prompts, answers, kl=True)}
-    guards["reward"] = _reward(policy, replay.outcomes)
+    log_weights = _log_weights(policy, replay.outcomes)
+    guards["reward"] = _reward(log_weights, replay.outcomes)
+    if log_weights is not None:
+        rewards = torch.tensor([o.reward for o in replay.outcomes], dtype=log_weights.dtype)
+        found, se, ess = lift(log_weights.cpu(), rewards)
+        guards["offline"] = {"lift": found, "se": se, "ess": ess, "turns": len(replay.outcomes)}
     with policy.base():
         guards["base"] = {**_behaviour(policy, replay.prompts, base_answers, kl=False),
-                          "reward": _reward(policy, replay.outcomes)}
+                          "reward": _reward(_log_weights(policy, replay.outcomes), replay.outcomes)}
     return guards
 
 
@@ -107,8 +115,28 @@ def _behaviour(policy: Policy, prompts: list[list[int]], answers: list[list[int]
     return result
 
 
-def _reward(policy: Policy, outcomes: list[Outcome]) -> float | None:
-    """Self-normalised importance-sampling estimate of the expected reward of the policy as it is now."""
+def lift(log_weights: torch.Tensor, rewards: torch.Tensor) -> tuple[float, float, float]:
+    """(lift, standard error, effective sample size) of a version against what was served, on the same turns.
+
+    ``log_weights[i]`` is log π_version(answer i) − log π_served(answer i), ``rewards[i]`` what answer i earned.
+    The version's reward is the self-normalised importance-sampling estimate; the served policy's is the mean
+    (its weights are all 1). The variance of the difference is the delta method's, turn by turn: each turn's
+    influence on the version's estimate less its influence on the mean. The two estimates share their noise,
+    so the difference is far surer than either.
+
+    >>> found, se, ess = lift(torch.zeros(4), torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    >>> round(found, 6), round(se, 6), ess  # the version is what was served: no lift, no doubt
+    (0.0, 0.0, 4.0)
+    """
+    weights = torch.softmax(log_weights.double(), dim=0)
+    rewards = rewards.double()
+    estimate, mean = float((weights * rewards).sum()), float(rewards.mean())
+    influence = weights * (rewards - estimate) - (rewards - mean) / len(rewards)
+    return estimate - mean, float(influence.pow(2).sum().sqrt()), float(1.0 / weights.pow(2).sum())
+
+
+def _log_weights(policy: Policy, outcomes: list[Outcome]) -> torch.Tensor | None:
+    """log π_now(answer) − log π_behav(answer) per outcome; None without outcomes."""
     if not outcomes:
         return None
     packed = pack([o.prompt_ids for o in outcomes], [o.response_ids for o in outcomes],
@@ -116,7 +144,13 @@ def _reward(policy: Policy, outcomes: list[Outcome]) -> float | None:
     behaviour = response_values([o.behaviour_logprobs for o in outcomes], packed.mask)
     with torch.no_grad():
         logprobs = selective_log_softmax(response_logits(policy.model, packed), packed.response_ids)
-    log_weights = ((logprobs - behaviour) * packed.mask).sum(-1)  # [N]: log π_now(answer) − log π_behav(answer)
+    return ((logprobs - behaviour) * packed.mask).sum(-1)  # [N]
+
+
+def _reward(log_weights: torch.Tensor | None, outcomes: list[Outcome]) -> float | None:
+    """Self-normalised importance-sampling estimate of the expected reward of the policy the weights are of."""
+    if log_weights is None:
+        return None
     weights = torch.softmax(log_weights, dim=0)
     rewards = torch.tensor([o.reward for o in outcomes], device=weights.device)
     return float((weights * rewards).sum())
