@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     # Where a scope has signals from several tenants, the most of a batch one tenant's samples may fill (the
     # rest wait for the others'): no tenant alone teaches an adapter others are served. 1: no cap.
     trainer_max_tenant_share: float = Field(default=0.5, gt=0.0, le=1.0)
+    # With scopes per tenant or user, `trainer run` without --scope trains every scope with signals, up to
+    # this many (each holds its own copy of the base model).
+    trainer_max_scopes: int = Field(default=16, ge=1)
 
     # The rollout (DESIGN, Rollout controller; docs/rollouts.md). A new version serves this share of new
     # sessions, then the next, and is promoted after the last; a JSON list in the environment: [0.1, 0.5].

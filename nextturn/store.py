@@ -249,6 +249,11 @@ class Store:
             sa_select(table.c.latency_ms).where(*evidence.where(table), table.c.started_at >= since)
             .order_by(table.c.started_at.desc()).limit(limit))]
 
+    def signal_scopes(self) -> list[str]:
+        """Every scope signals were stored for, in one read."""
+        signals = tables.table_of(tables.Signal)
+        return [row[0] for row in self._read(sa_select(signals.c.scope).distinct())]
+
     def scope_tenants(self, scope: str, limit: int) -> list[str]:
         """Up to ``limit`` of the tenants with signals in ``scope``."""
         signals = tables.table_of(tables.Signal)

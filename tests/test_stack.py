@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -109,6 +110,62 @@ def test_up_runs_the_loop_restarts_a_killed_worker_and_stops_cleanly_on_ctrl_c(t
     assert up.returncode == 0, output
     assert "stopped: gateway, signals, trainer, rollout" in output
     assert not [pid for pid in everyone if _alive(pid)]  # no component outlived the supervisor
+
+
+@pytest.mark.slow
+def test_up_with_scopes_per_tenant_gives_each_tenant_versions_of_its_own(tmp_path: Path, tiny_model: Path) -> None:
+    """The newcomer's check: ``NEXTTURN_SCOPE_BY=tenant nextturn up``, two tenants rate a few answers, and each
+    gets versions of its own (in ``nextturn scopes list`` and the X-Nextturn-Adapter header) that the other
+    cannot see or pin."""
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NEXTTURN_")}
+    env = {**clean, "NEXTTURN_DATA_DIR": str(tmp_path), "NEXTTURN_MODEL": str(tiny_model), "NEXTTURN_PORT": str(port),
+           "NEXTTURN_SCOPE_BY": "tenant", "NEXTTURN_API_KEYS": "sk-acme:acme,sk-globex:globex",
+           "NEXTTURN_SIGNALS_IDLE_TIMEOUT_S": "1", "NEXTTURN_TRAINER_BATCH_SIZE": "2",
+           "NEXTTURN_TRAINER_STEPS_PER_BATCH": "1", "NEXTTURN_TRAINER_HOLDOUT_EVERY": "0"}
+    up = subprocess.Popen([sys.executable, "-m", "nextturn", "up"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    keys = {"acme": {"Authorization": "Bearer sk-acme"}, "globex": {"Authorization": "Bearer sk-globex"}}
+
+    def scopes() -> dict[str, dict[str, object]]:
+        listed = subprocess.run([sys.executable, "-m", "nextturn", "scopes", "list", "--json"], env=env,
+                                capture_output=True, text=True, check=True)
+        return {row["scope"]: row for row in json.loads(listed.stdout)}
+
+    def ask(tenant: str, model: str, text: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/chat/completions", headers=keys[tenant], timeout=60,
+                          json={"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 4})
+
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-acme", max_retries=0)
+        base = eventually(lambda: _models(client), "the gateway", timeout_s=120)[0]
+        client.close()
+        for tenant in keys:
+            for n, rating in enumerate((1.0, -1.0, 1.0, -1.0)):
+                answer = ask(tenant, base, f"{tenant} asks question {n}")
+                assert answer.status_code == 200 and answer.headers["X-Nextturn-Adapter"] == "base"
+                rated = httpx.post(f"{url}/v1/feedback", headers=keys[tenant], timeout=30,
+                                   json={"turn_id": answer.json()["id"], "kind": "rating", "value": rating})
+                assert rated.status_code == 200, rated.text
+        found = eventually(scopes, "a canary of its own in each tenant's scope", timeout_s=240, interval_s=2.0,
+                           until=lambda rows: all(rows.get(f"t.{tenant}", {}).get("canary") for tenant in keys))
+        for tenant, other in (("acme", "globex"), ("globex", "acme")):
+            mine, theirs = str(found[f"t.{tenant}"]["canary"]), str(found[f"t.{other}"]["canary"])
+            assert mine.startswith(f"t.{tenant}-v")
+            pinned = ask(tenant, mine, "again")
+            assert pinned.status_code == 200 and pinned.headers["X-Nextturn-Adapter"] == mine
+            assert ask(tenant, theirs, "again").status_code == 404  # another tenant's version: not found
+            listed = httpx.get(f"{url}/v1/models", headers=keys[tenant], timeout=30).json()["data"]
+            assert mine in {model["id"] for model in listed} and theirs not in {model["id"] for model in listed}
+        assert found["default"]["versions"] == 0  # no tenant taught the shared lineage
+        up.send_signal(signal.SIGINT)
+        output, _ = up.communicate(timeout=90)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+    assert up.returncode == 0, output
 
 
 def _models(client: openai.OpenAI) -> list[str] | None:

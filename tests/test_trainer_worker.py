@@ -22,6 +22,7 @@ from trainer import distillation
 from trainer.checkpoint import OPTIMIZER, Checkpoints
 from trainer.errors import TrainerBusy
 from trainer.policy import Policy, pick_device
+from trainer.scopes import ScopeTrainers
 from trainer.worker import TrainerConfig, TrainerWorker
 
 from support.event_logs import open_log
@@ -243,6 +244,44 @@ def test_the_shared_scope_learns_from_the_tenants_that_feed_it_and_only_those(
     worker.close()
     assert worker.ledger.counts["received"] == 4 and worker.ledger.counts["samples_trained"] == 4
     assert list(published(tmp_path)) == [1]
+
+
+def test_one_trainer_process_trains_every_scope_with_signals_each_on_its_own(
+    base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path
+) -> None:
+    """``trainer run`` without ``--scope`` under scopes per tenant: a worker per scope found in the store,
+    new scopes found as they come, each trained on its own signals only, at most max_scopes of them."""
+    def scoped(tenant: str, numbers: range) -> tuple[list[events.TurnRecorded], list[events.SignalExtracted]]:
+        turns = [served(base, n, tenant=tenant).model_copy(update={"scope": f"t.{tenant}"}) for n in numbers]
+        return turns, [signal(t) for t in turns]
+
+    def start(scope: str) -> TrainerWorker:
+        return TrainerWorker(sqlite_log, store, model_dir=tiny_model, adapters_root=tmp_path / "adapters",
+                             trainer_root=tmp_path / "trainer", scope=scope, config=config(standing_hints=0))
+
+    now = [0.0]
+    trainers = ScopeTrainers(start, store, max_scopes=3, clock=lambda: now[0])
+    acme, acme_signals = scoped("acme", range(4))
+    record(store, sqlite_log, *acme, *acme_signals)
+    trainers.drain(0.3)
+    assert sorted(trainers.workers) == ["default", "t.acme"]
+    globex, globex_signals = scoped("globex", range(4, 8))
+    record(store, sqlite_log, *globex, *globex_signals)
+    trainers.drain(0.3)
+    assert "t.globex" not in trainers.workers  # found at the next discovery only
+    now[0] = 10.0
+    trainers.drain(0.3)
+    initech, initech_signals = scoped("initech", range(8, 12))
+    record(store, sqlite_log, *initech, *initech_signals)
+    now[0] = 20.0
+    trainers.drain(0.3)
+    trainers.close()
+    assert sorted(trainers.workers) == ["default", "t.acme", "t.globex"]  # t.initech waits: at most 3
+    assert published(tmp_path) == {} and published(tmp_path, "t.initech") == {}
+    for scope, mine in (("t.acme", acme_signals), ("t.globex", globex_signals)):
+        versions = published(tmp_path, scope)
+        assert list(versions) == [1]
+        assert sorted(versions[1]["data"]["signals"]) == sorted(s.event_id for s in mine)
 
 
 def test_a_signal_is_trained_once_and_again_only_when_a_later_revision_changes_it(
