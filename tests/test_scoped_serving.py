@@ -12,13 +12,14 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from nextturn import deployments, events, scopes, tables
+from nextturn import events, scopes, tables
 from nextturn.settings import Settings
 from nextturn.store import Store, upgrade
 
 from support.cli import nextturn
 from support.event_logs import recorded
 from support.eventually import eventually
+from support.rolling import promote
 from support.services import Uvicorn
 
 KEYS = "sk-acme:acme,sk-globex:globex,sk-initech:initech"
@@ -35,12 +36,6 @@ def gateway(tiny_model: Path, data_dir: Path) -> Iterator[Uvicorn]:
                         scope_by="user", rollout_check_interval_s=0.2, admin_key="sk-admin")
     with Uvicorn(create_app(settings)) as server:
         yield server
-
-
-def promote(store: Store, scope: str, path: Path) -> None:
-    """Version 1 of ``scope`` published and made stable, as the trainer and an operator would."""
-    store.apply([events.AdapterPublished(scope=scope, version=1, base_model="tiny", path=str(path))])
-    deployments.operate(store, scope, "promote", "ops", "a version of its own", lambda _: None, version=1)
 
 
 def ask(gateway: Uvicorn, key: str, *, user: str | None = None, header: str | None = None) -> tuple[str, str]:

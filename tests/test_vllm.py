@@ -22,13 +22,15 @@ from gateway.engines.vllm import VllmEngine
 from gateway.engines.vllm_server import VllmFailed, VllmServer
 from gateway.errors import InvalidRequest, NotFound
 from gateway.schemas import ChatCompletionRequest
+from nextturn import events, scopes
 from nextturn.conversation import prompt_token_ids
 from nextturn.settings import Settings
+from nextturn.store import Store, upgrade
 
 from support.adapters import random_adapter, reference_logprobs, taught_adapter
 from support.event_logs import recorded
 from support.eventually import eventually
-from support.rolling import swap_under_load
+from support.rolling import promote, swap_under_load
 from support.services import Uvicorn, free_port
 
 # vLLM's CPU kernels and transformers' float32 forward pass differ by up to about 5e-3 nats per token here
@@ -341,6 +343,41 @@ def test_versions_swap_under_load_on_vllm_without_a_failed_request(
     # vLLM itself no longer holds v2, once its last request finished
     eventually(lambda: sorted(model["id"] for model in httpx.get(f"{vllm.url}/v1/models").json()["data"]),
                "vLLM to unload v2", until=lambda held: held == ["default-v1", "small"], interval_s=0.2)
+
+
+def test_scopes_on_vllm_are_served_their_own_versions_along_their_chain(
+    vllm: VllmServer, small_model: Path, small_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """Tenants and a user each served their own version through vLLM, the rest falling back along the chain;
+    another tenant's version is a 404."""
+    settings = Settings(data_dir=tmp_path, engine="vllm", model=str(small_model), vllm_url=vllm.url,
+                        api_keys="sk-acme:acme,sk-globex:globex", admin_key="sk-admin", scope_by="user",
+                        rollout_check_interval_s=0.2)
+    upgrade(settings.store_url)
+    store = Store(settings.store_url)
+    ana = scopes.user_scope("acme", "ana")
+    for scope, adapter in ((events.DEFAULT_SCOPE, "a1"), ("t.acme", "a2"), (ana, "a1")):
+        promote(store, scope, small_adapters[adapter], base_model="small")
+    store.close()
+    expected = {("sk-acme", "ben"): "t.acme-v1", ("sk-acme", "ana"): f"{ana}-v1", ("sk-globex", "ana"): "default-v1"}
+
+    def served(server: Uvicorn) -> dict[tuple[str, str], str]:
+        found = {}
+        for key, user in expected:
+            response = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                  timeout=60, json={"model": "small", "user": user, "max_tokens": 3,
+                                                    "messages": [{"role": "user", "content": f"hi from {user}"}]})
+            found[(key, user)] = response.headers.get("X-Nextturn-Adapter", str(response.status_code))
+        return found
+
+    with Uvicorn(create_app(settings)) as server:
+        eventually(lambda: served(server), "each scope's version through vLLM", until=lambda found: found == expected,
+                   timeout_s=60, interval_s=0.5)
+        foreign = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": "Bearer sk-globex"},
+                             timeout=60, json={"model": "t.acme-v1", "max_tokens": 3,
+                                               "messages": [{"role": "user", "content": "pin"}]})
+        assert foreign.status_code == 404
+    assert {"t.acme-v1", f"{ana}-v1", "default-v1"} <= held(vllm)  # loaded by their first requests
 
 
 def test_vllm_killed_mid_answer_gives_a_clean_error_and_a_failed_turn(small_model: Path, tmp_path: Path) -> None:

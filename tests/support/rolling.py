@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import openai
 
-from nextturn import events
+from nextturn import deployments, events
 from nextturn.bus import EventLog
 from nextturn.deployments import Deployment
 from nextturn.settings import Settings
@@ -31,6 +31,12 @@ def publish(event_log: EventLog, version: int, path: Path, meta: dict[str, Any] 
     event_log.append([events.AdapterPublished(scope=scope, version=version, base_model="tiny", path=str(path),
                                               meta=meta or {})])
 
+
+
+def promote(store: Store, scope: str, path: Path, base_model: str = "tiny") -> None:
+    """Version 1 of ``scope`` published and made stable, as the trainer and an operator would."""
+    store.apply([events.AdapterPublished(scope=scope, version=1, base_model=base_model, path=str(path))])
+    deployments.operate(store, scope, "promote", "ops", "a version of its own", lambda _: None, version=1)
 
 
 def actions(store: Store, version: int) -> list[str]:
