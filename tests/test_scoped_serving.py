@@ -14,7 +14,7 @@ import pytest
 from gateway.app import create_app
 from nextturn import events, scopes, tables
 from nextturn.settings import Settings
-from nextturn.store import Store, upgrade
+from nextturn.store import Store, downgrade, upgrade
 
 from support.cli import nextturn
 from support.event_logs import recorded
@@ -143,10 +143,11 @@ def test_an_install_upgraded_from_before_scopes_serves_what_it_served(tiny_model
     tenant scopes on, every tenant is still served its version (no tenant has one of its own yet)."""
     settings = Settings(data_dir=tmp_path, engine="embedded", model=str(tiny_model), api_keys="sk-acme:acme",
                         scope_by="tenant", rollout_check_interval_s=0.2)
-    upgrade(settings.store_url, "0005")
+    upgrade(settings.store_url)
     store = Store(settings.store_url)
     promote(store, events.DEFAULT_SCOPE, tiny_adapters["a1"])
     store.close()
+    downgrade(settings.store_url, "0005")  # what a store of that revision holds: the shared version, stable
     with Uvicorn(create_app(settings)) as server:  # the embedded default migrates its store as it starts
         eventually(lambda: ask(server, "sk-acme")[0], "the shared version", until=lambda found: found == "default-v1",
                    timeout_s=30)
