@@ -12,15 +12,16 @@ import pytest
 
 STAGES = ("gateway", "signals", "trainer", "rollout")
 HEAVY = ("torch", "transformers", "peft", "trl")
-# The one gateway module whose job is to run a model in process: the app imports it only when the
-# embedded engine is configured (checked below by building an app for another engine).
-EMBEDDED = "gateway.engines.embedded"
+# The gateway modules whose job is to run a model in process (the embedded engine and its LoRA bank): the
+# app imports them only when the embedded engine is configured (checked below by building an app for
+# another engine).
+EMBEDDED = "gateway.engines.embedded,gateway.engines.lora_bank"
 
 PROBE = """
 import importlib, json, pkgutil, sys
 package = importlib.import_module(sys.argv[1])
 for module in pkgutil.walk_packages(getattr(package, "__path__", []), package.__name__ + "."):
-    if not module.name.endswith(".__main__") and module.name != sys.argv[2]:  # __main__ would run the CLI
+    if not module.name.endswith(".__main__") and module.name not in sys.argv[2].split(","):  # __main__: the CLI
         importlib.import_module(module.name)
 print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
 """
@@ -53,7 +54,7 @@ def test_a_gateway_in_front_of_an_upstream_does_not_load_torch(tmp_path: Path) -
 
 
 def test_the_embedded_engine_is_what_loads_torch() -> None:
-    """The skip above hides exactly one module, and it is the one that needs torch. This also shows that the
+    """The skip above hides only the modules that need torch. This also shows that the
     probe sees torch when it is loaded, so the checks above do not pass only because it is missing."""
     assert {"torch", "transformers"} <= loaded_by("gateway", skip="")
 
