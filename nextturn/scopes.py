@@ -77,10 +77,12 @@ def chain(scope: str) -> tuple[str, ...]:
 
     >>> chain("t.acme.u.0a5b4c7e4e4c8a8d8a67"), chain("t.acme"), chain("default")
     (('t.acme.u.0a5b4c7e4e4c8a8d8a67', 't.acme', 'default'), ('t.acme', 'default'), ('default',))
+    >>> chain(user_scope("u", "0"))[1]  # a tenant named "u": the user's part is the last ".u." (a digest)
+    't.u'
     """
     if scope == DEFAULT_SCOPE:
         return (DEFAULT_SCOPE,)
-    tenant, sep, _ = scope.partition(".u.")
+    tenant, sep, _ = scope.rpartition(".u.")
     return (scope, tenant, DEFAULT_SCOPE) if sep else (scope, DEFAULT_SCOPE)
 
 

@@ -104,8 +104,7 @@ def test_up_runs_the_loop_restarts_a_killed_worker_and_stops_cleanly_on_ctrl_c(t
         up.send_signal(signal.SIGINT)
         output, _ = up.communicate(timeout=90)
     finally:
-        if up.poll() is None:
-            up.kill()
+        _stop(up)
         store.close()
     assert up.returncode == 0, output
     assert "stopped: gateway, signals, trainer, rollout" in output
@@ -162,10 +161,20 @@ def test_up_with_scopes_per_tenant_gives_each_tenant_versions_of_its_own(tmp_pat
         up.send_signal(signal.SIGINT)
         output, _ = up.communicate(timeout=90)
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.communicate()
+        _stop(up)
     assert up.returncode == 0, output
+
+
+def _stop(up: subprocess.Popen[str]) -> None:
+    """After a failure: stop ``up`` as Ctrl-C would (it stops its components), and kill it only if it hangs."""
+    if up.poll() is not None:
+        return
+    up.send_signal(signal.SIGINT)
+    try:
+        up.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        up.kill()
+        up.communicate()
 
 
 def _models(client: openai.OpenAI) -> list[str] | None:
