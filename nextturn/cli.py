@@ -592,7 +592,7 @@ def up(ctx: typer.Context) -> None:
 
     def figures() -> tuple[Activity | None, str | None]:
         try:
-            return activity(store), None
+            return activity(store, every_scope=settings.scope_by != "deployment"), None
         except StoreUnavailable as exc:
             return None, str(exc)
 

@@ -42,7 +42,7 @@ from typing import IO, Any
 import httpx
 
 from nextturn import events
-from nextturn.deployments import Deployment
+from nextturn.deployments import Deployment, overview
 from nextturn.errors import ConfigError, NextturnError
 from nextturn.settings import Settings, child_environment
 from nextturn.store import Store, upgrade
@@ -306,13 +306,16 @@ class Activity:
     weight: float
     paused: bool
     last_change: str | None  # the latest rollout decision, in words
+    scopes: tuple[str, ...] = ()  # the other scopes, a line each (with scopes per tenant or user)
 
 
 RECENT = 100
+SCOPES_SHOWN = 5
 
 
-def activity(store: Store, scope: str = events.DEFAULT_SCOPE) -> Activity:
-    """The figures ``up`` and the demo show (a handful of counting queries)."""
+def activity(store: Store, scope: str = events.DEFAULT_SCOPE, *, every_scope: bool = False) -> Activity:
+    """The figures ``up`` and the demo show (a handful of counting queries); ``every_scope``: a line for each
+    other scope too (the busiest first, up to SCOPES_SHOWN)."""
     counts = store.loop_counts(scope, RECENT)
     recent = counts.pop("recent_rewards")
     state = Deployment.read(store, scope)
@@ -324,7 +327,21 @@ def activity(store: Store, scope: str = events.DEFAULT_SCOPE) -> Activity:
             f"{change.action}: {change.reason}"
     return Activity(**counts, recent_reward=sum(recent) / len(recent) if recent else None,
                     stable=state.stable_name, canary=state.canary_name, weight=state.weight, paused=state.paused,
-                    last_change=last)
+                    last_change=last, scopes=_scope_lines(store, scope) if every_scope else ())
+
+
+def _scope_lines(store: Store, shown: str) -> tuple[str, ...]:
+    rows = sorted((row for row in overview(store) if row["scope"] != shown),
+                  key=lambda row: (-row["resolved"], row["scope"]))
+    lines = []
+    for row in rows[:SCOPES_SHOWN]:
+        serves = row["stable"] or f"{row['falls_back_to']} (its own: none yet)"
+        canary = f", canary {row['canary']} at {row['canary_weight']:.0%}" if row["canary"] else ""
+        lines.append(f"{row['scope']}: {row['versions']} versions, {row['resolved']} resolved lately; "
+                     f"serves {serves}{canary}")
+    if len(rows) > SCOPES_SHOWN:
+        lines.append(f"… and {len(rows) - SCOPES_SHOWN} more (nextturn scopes list)")
+    return tuple(lines)
 
 
 def status_table(stack: Stack, figures: Activity | None, error: str | None = None) -> Any:
@@ -352,6 +369,8 @@ def status_table(stack: Stack, figures: Activity | None, error: str | None = Non
                               + (" (paused)" if figures.paused else ""))
     if figures.last_change:
         table.add_row("last decision", figures.last_change[:160])
+    if figures.scopes:
+        table.add_row("scopes", "\n".join(figures.scopes))
     table.add_row("logs", str(stack.logs))
     return table
 

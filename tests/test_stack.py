@@ -158,6 +158,11 @@ def test_up_with_scopes_per_tenant_gives_each_tenant_versions_of_its_own(tmp_pat
             listed = httpx.get(f"{url}/v1/models", headers=keys[tenant], timeout=30).json()["data"]
             assert mine in {model["id"] for model in listed} and theirs not in {model["id"] for model in listed}
         assert found["default"]["versions"] == 0  # no tenant taught the shared lineage
+        store = Store(Settings(data_dir=tmp_path).store_url)
+        shown = activity(store, every_scope=True).scopes  # what up's live view lists under "scopes"
+        store.close()
+        assert {line.split(":")[0] for line in shown} == {"t.acme", "t.globex"}
+        assert all("canary t." in line for line in shown), shown
         up.send_signal(signal.SIGINT)
         output, _ = up.communicate(timeout=90)
     finally:
