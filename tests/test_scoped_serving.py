@@ -4,6 +4,7 @@ along its chain, with the openai SDK over real uvicorn and deployments made in t
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,15 +13,18 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from nextturn import events, scopes, tables
+from nextturn import deployments, events, scopes, tables
+from nextturn.bus import open_event_log
+from nextturn.deployments import Deployment
 from nextturn.settings import Settings
 from nextturn.store import Store, downgrade, upgrade
+from rollout.controller import RolloutController
 
 from support.cli import nextturn
 from support.event_logs import recorded
 from support.eventually import eventually
-from support.rolling import promote
-from support.services import Uvicorn
+from support.rolling import promote, publish
+from support.services import PostgresCluster, Tansu, Uvicorn
 
 KEYS = "sk-acme:acme,sk-globex:globex,sk-initech:initech"
 
@@ -172,3 +176,36 @@ def test_two_users_of_a_tenant_with_the_same_conversation_keep_their_own_session
     assert turns["ana"].parent_turn_id == first.id and turns["ana"].session_id == turns["first"].session_id
     assert turns["ben"].parent_turn_id is None and turns["ben"].session_id != turns["first"].session_id
     assert turns["ben"].scope == scopes.user_scope("acme", "ben")
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_on_kafka_and_postgres_one_controller_starts_each_scopes_canary_and_gateways_follow_each_change(
+    tiny_model: Path, tiny_adapters: dict[str, Path], tansu: Tansu, postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    """The production parts: versions announced on the broker, one controller for every scope storing them
+    in Postgres and starting each scope's canary, operators promoting them, and a gateway that learns each
+    change from the broker (its periodic re-read is an hour away)."""
+    settings = Settings(data_dir=tmp_path, bus="kafka", kafka_bootstrap_servers=tansu.bootstrap_servers,
+                        database_url=postgres.create_database(f"scoped_{uuid.uuid4().hex[:12]}"), engine="embedded",
+                        model=str(tiny_model), api_keys=KEYS, scope_by="tenant", rollout_check_interval_s=3600.0)
+    upgrade(settings.store_url)
+    log = open_event_log(settings)
+    store = Store(settings.store_url)
+    try:
+        with Uvicorn(create_app(settings)) as server:
+            for tenant, adapter in (("acme", "a1"), ("globex", "a2")):
+                publish(log, 1, tiny_adapters[adapter], scope=f"t.{tenant}")
+            controller = RolloutController(log, store, scope=None)
+            eventually(lambda: (controller.run_once(0.5), {s.scope: s.canary for s in Deployment.read_all(store)})[1],
+                       "a canary in each tenant's scope", until=lambda found: found.get("t.acme") == 1
+                       and found.get("t.globex") == 1, timeout_s=60)
+            controller.close()
+            for scope in ("t.acme", "t.globex"):
+                deployments.operate(store, scope, "promote", "ops", "checked by hand", lambda c: log.append([c]))
+            expected = {"sk-acme": "t.acme-v1", "sk-globex": "t.globex-v1", "sk-initech": "base"}
+            eventually(lambda: {key: ask(server, key)[0] for key in expected}, "each tenant's own version",
+                       until=lambda found: found == expected, timeout_s=60)
+    finally:
+        store.close()
+        log.close()
