@@ -21,7 +21,6 @@ from nextturn.errors import ConfigError, EventError, NextturnError
 from nextturn.settings import Settings
 
 if TYPE_CHECKING:
-    from nextturn.bus import EventLog
     from nextturn.store import Store
 
 app = typer.Typer(
@@ -343,46 +342,38 @@ def trainer_run(ctx: typer.Context, scope: Annotated[str | None, typer.Option(
         help="Train this scope only. Default: every scope with signals when NEXTTURN_SCOPE_BY is tenant or user "
              "(up to NEXTTURN_TRAINER_MAX_SCOPES), else the shared one.")] = None) -> None:
     """Train adapters from their signals; publish each update as a version, until Ctrl-C."""
+    from trainer.scopes import ScopeTrainers
     from trainer.worker import TrainerWorker
 
     settings = _settings(ctx)
     store = _open_store(settings)
     event_log = open_event_log(settings)
+    runner: ScopeTrainers | TrainerWorker
     if scope is None and settings.scope_by != "deployment":
-        _train_every_scope(settings, event_log, store)
-        return
-    scope = scope or events.DEFAULT_SCOPE
-    worker = TrainerWorker.from_settings(settings, event_log, store, scope)
+        every = ScopeTrainers(lambda scope: TrainerWorker.from_settings(settings, event_log, store, scope), store,
+                              max_scopes=settings.trainer_max_scopes)
+        runner = every
+        started = f"trainer of every scope (scopes by {settings.scope_by}, at most {settings.trainer_max_scopes})"
+
+        def done() -> str:
+            return f"{len(every.workers)} scopes trained ({', '.join(sorted(every.workers))})"
+    else:
+        scope = scope or events.DEFAULT_SCOPE
+        one = TrainerWorker.from_settings(settings, event_log, store, scope)
+        runner = one
+        started = f"trainer of scope {scope!r} running on {one.policy.device} (head version {one.ledger.head})"
+
+        def done() -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(one.ledger.counts.items()))
     stop = _stop_on_interrupt()
-    typer.echo(f"trainer of scope {scope!r} running on {worker.policy.device} (method {settings.train_method}, "
-               f"head version {worker.ledger.head}); Ctrl-C stops it", err=True)
+    typer.echo(f"{started}, method {settings.train_method}; Ctrl-C stops it", err=True)
     try:
-        worker.run(stop)
+        runner.run(stop)
     finally:
-        worker.close()
+        runner.close()
         event_log.close()
         store.close()
-        typer.echo("trainer stopped: " + ", ".join(f"{k} {v}" for k, v in sorted(worker.ledger.counts.items())),
-                   err=True)
-
-
-def _train_every_scope(settings: Settings, event_log: EventLog, store: Store) -> None:
-    from trainer.scopes import ScopeTrainers
-    from trainer.worker import TrainerWorker
-
-    trainers = ScopeTrainers(lambda scope: TrainerWorker.from_settings(settings, event_log, store, scope), store,
-                             max_scopes=settings.trainer_max_scopes)
-    stop = _stop_on_interrupt()
-    typer.echo(f"trainer of every scope (scopes by {settings.scope_by}, at most {settings.trainer_max_scopes}; "
-               f"method {settings.train_method}); Ctrl-C stops it", err=True)
-    try:
-        trainers.run(stop)
-    finally:
-        trainers.close()
-        event_log.close()
-        store.close()
-        typer.echo(f"trainer stopped: {len(trainers.workers)} scopes trained ({', '.join(sorted(trainers.workers))})",
-                   err=True)
+        typer.echo(f"trainer stopped: {done()}", err=True)
 
 
 @trainer_app.command("status")
