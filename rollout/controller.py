@@ -120,7 +120,9 @@ class RolloutController:
 
     def _watch(self, state: Deployment) -> events.DeploymentChanged | None:
         """The watch on a version promoted on offline evidence: roll it back (its canary first), end the
-        watch, or nothing yet."""
+        watch, or nothing yet (nothing while the rollout is paused)."""
+        if state.paused:
+            return None
         found = deployments.watched(self._store, state, self.policy.max_tenant_share)
         if found is None or state.watch_since is None:
             return None

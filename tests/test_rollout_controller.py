@@ -307,6 +307,9 @@ def test_a_quiet_scope_promotes_on_offline_evidence_after_a_short_canary_and_rol
     served(store, "default-v1", 9, reward=-1.0)
     assert ctl.check() is None and Deployment.read(store).stable == 1  # 9 < 10: too few to judge yet
     served(store, "default-v1", 1, reward=-1.0)
+    deployments.operate(store, "default", "pause", "ops", "looking into it", _drop)
+    assert ctl.check() is None and Deployment.read(store).stable == 1  # paused: the watch holds too
+    deployments.operate(store, "default", "resume", "ops", "go on", _drop)
     back = ctl.check()
     assert back is not None and (back.action, back.stable_version, back.subject_version) == ("rollback", None, 1)
     assert back.reason.startswith("watch: P(worse than base by > 0.05) = 1.000")
