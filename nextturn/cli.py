@@ -342,6 +342,7 @@ def trainer_run(ctx: typer.Context, scope: Annotated[str | None, typer.Option(
         help="Train this scope only. Default: every scope with signals when NEXTTURN_SCOPE_BY is tenant or user "
              "(up to NEXTTURN_TRAINER_MAX_SCOPES), else the shared one.")] = None) -> None:
     """Train adapters from their signals; publish each update as a version, until Ctrl-C."""
+    from trainer.policy import SharedBase
     from trainer.scopes import ScopeTrainers
     from trainer.worker import TrainerWorker
 
@@ -350,8 +351,9 @@ def trainer_run(ctx: typer.Context, scope: Annotated[str | None, typer.Option(
     event_log = open_event_log(settings)
     runner: ScopeTrainers | TrainerWorker
     if scope is None and settings.scope_by != "deployment":
-        every = ScopeTrainers(lambda scope: TrainerWorker.from_settings(settings, event_log, store, scope), store,
-                              max_scopes=settings.trainer_max_scopes)
+        shared = SharedBase(settings.model_path, device=settings.trainer_device)  # one base model for all
+        every = ScopeTrainers(lambda scope: TrainerWorker.from_settings(settings, event_log, store, scope, shared),
+                              store, max_scopes=settings.trainer_max_scopes)
         runner = every
         started = f"trainer of every scope (scopes by {settings.scope_by}, at most {settings.trainer_max_scopes})"
 

@@ -139,8 +139,11 @@ class Settings(BaseSettings):
     # rest wait for the others'): no tenant alone teaches an adapter others are served. 1: no cap.
     trainer_max_tenant_share: float = Field(default=0.5, gt=0.0, le=1.0)
     # With scopes per tenant or user, `trainer run` without --scope trains every scope with signals, up to
-    # this many (each holds its own copy of the base model).
+    # this many (one copy of the base model; each scope's adapter and optimizer state in memory).
     trainer_max_scopes: int = Field(default=16, ge=1)
+    # Where a scope's lineage begins: its parent's stable version (what serves it until it has its own), or the
+    # base model.
+    trainer_scope_init: Literal["parent", "base"] = "parent"
 
     # The rollout (DESIGN, Rollout controller; docs/rollouts.md). A new version serves this share of new
     # sessions, then the next, and is promoted after the last; a JSON list in the environment: [0.1, 0.5].

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from gateway.engines.embedded import EmbeddedEngine
 from gateway.schemas import ChatCompletionRequest
@@ -21,7 +23,7 @@ from nextturn.store import Store, upgrade
 from trainer import distillation
 from trainer.checkpoint import OPTIMIZER, Checkpoints
 from trainer.errors import TrainerBusy
-from trainer.policy import Policy, pick_device
+from trainer.policy import Policy, SharedBase, pick_device
 from trainer.scopes import ScopeTrainers
 from trainer.worker import TrainerConfig, TrainerWorker
 
@@ -255,9 +257,12 @@ def test_one_trainer_process_trains_every_scope_with_signals_each_on_its_own(
         turns = [served(base, n, tenant=tenant).model_copy(update={"scope": f"t.{tenant}"}) for n in numbers]
         return turns, [signal(t) for t in turns]
 
+    shared = SharedBase(tiny_model, device="cpu")
+
     def start(scope: str) -> TrainerWorker:
         return TrainerWorker(sqlite_log, store, model_dir=tiny_model, adapters_root=tmp_path / "adapters",
-                             trainer_root=tmp_path / "trainer", scope=scope, config=config(standing_hints=0))
+                             trainer_root=tmp_path / "trainer", scope=scope, config=config(standing_hints=0),
+                             shared=shared)
 
     now = [0.0]
     trainers = ScopeTrainers(start, store, max_scopes=3, clock=lambda: now[0])
@@ -275,6 +280,19 @@ def test_one_trainer_process_trains_every_scope_with_signals_each_on_its_own(
     record(store, sqlite_log, *initech, *initech_signals)
     now[0] = 20.0
     trainers.drain(0.3)
+    # One base model for all; training one scope left the other's weights as it published them, and what
+    # was published loads as any PEFT adapter does.
+    acme_policy = trainers.workers["t.acme"].policy
+    assert acme_policy.model is trainers.workers["t.globex"].policy.model
+    ids = torch.tensor([[5, 17, 42, 9]])
+    published_acme = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                               tmp_path / "adapters" / "t.acme" / "000001")
+    with torch.no_grad():
+        assert torch.allclose(acme_policy.model(input_ids=ids).logits, published_acme(input_ids=ids).logits,
+                              atol=1e-5)
+        with acme_policy.base():
+            plain = acme_policy.model(input_ids=ids).logits
+        assert not torch.allclose(plain, published_acme(input_ids=ids).logits, atol=1e-5)  # it learnt something
     trainers.close()
     assert sorted(trainers.workers) == ["default", "t.acme", "t.globex"]  # t.initech waits: at most 3
     assert published(tmp_path) == {} and published(tmp_path, "t.initech") == {}
@@ -282,6 +300,37 @@ def test_one_trainer_process_trains_every_scope_with_signals_each_on_its_own(
         versions = published(tmp_path, scope)
         assert list(versions) == [1]
         assert sorted(versions[1]["data"]["signals"]) == sorted(s.event_id for s in mine)
+
+
+@pytest.mark.parametrize("scope_init", ["parent", "base"])
+def test_a_new_scope_begins_from_what_its_parent_serves(
+    base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path, scope_init: str
+) -> None:
+    """A tenant's lineage starts from the shared stable version that serves it (and says so), unless told
+    to start from the base model."""
+    shared_version = tmp_path / "shared-v2"
+    torch.manual_seed(7)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                   LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+                   ).save_pretrained(shared_version)
+    store.apply([events.AdapterPublished(scope="default", version=2, base_model="tiny", path=str(shared_version))])
+    deployments.operate(store, "default", "promote", "ops", "the shared version", lambda _: None, version=2)
+    worker = TrainerWorker(sqlite_log, store, model_dir=tiny_model, adapters_root=tmp_path / "adapters",
+                           trainer_root=tmp_path / "trainer", scope="t.acme",
+                           config=config(standing_hints=0, scope_init=scope_init))
+    ids = torch.tensor([[5, 17, 42, 9]])
+    with torch.no_grad():
+        mine = worker.policy.model(input_ids=ids).logits
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), shared_version)
+        theirs = reference(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model)(input_ids=ids).logits
+    assert torch.allclose(mine, theirs if scope_init == "parent" else plain, atol=1e-5)
+    turns = [served(base, n).model_copy(update={"scope": "t.acme"}) for n in range(4)]
+    record(store, sqlite_log, *turns, *(signal(t) for t in turns))
+    worker.drain(0.3)
+    worker.close()
+    meta = published(tmp_path, "t.acme")[1]
+    assert meta["init_from"] == ("default-v2" if scope_init == "parent" else None)
 
 
 def test_a_signal_is_trained_once_and_again_only_when_a_later_revision_changes_it(

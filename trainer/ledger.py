@@ -29,6 +29,7 @@ class Ledger:
     publish_pending: int | None = None  # a step checkpointed but not yet published as a version
     # [version, head]: the weights were reset to ``version`` (the stable one) when the head was ``head``
     rebased: list[int] | None = None
+    init_from: str | None = None  # the lineage began from this version of a parent scope (None: the base)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

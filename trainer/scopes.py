@@ -8,8 +8,10 @@ signal trained twice or skipped. New scopes are found in the store every ``disco
 scopes signals were stored for) and their workers start then; a new scope's group reads the signals topic
 from its beginning, so no signal of the scope is missed. Each round runs every worker's round in turn.
 
-Its limits, stated: every worker holds its own copy of the base model, and reads the whole signals topic;
-at most ``max_scopes`` scopes are trained (the first found; the rest are logged and wait).
+The workers share one copy of the base model (:class:`trainer.policy.SharedBase`: each scope's adapter is a
+named adapter of one model); each scope's adapter and optimizer state stay in memory. Its limits, stated:
+every worker reads the whole signals topic, and at most ``max_scopes`` scopes are trained (the first
+found; the rest are logged and wait).
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ from nextturn.bus import BadRecordPolicy, EventLog
 from nextturn.deployments import Deployment
 from nextturn.errors import CommitFailed, ConfigError, EventLogUnavailable, StoreUnavailable
 from nextturn.events import SignalExtracted
+from nextturn.scopes import chain
 from nextturn.settings import Settings
 from nextturn.store import Store
 from trainer import combined, distillation, guards
@@ -62,7 +63,7 @@ from trainer.adapters import AdapterShelf, referenced_versions
 from trainer.checkpoint import ADAPTER, OPTIMIZER, Checkpoints
 from trainer.ledger import REPLAY_LIMIT, Ledger, event_id_of
 from trainer.packing import Update
-from trainer.policy import Policy
+from trainer.policy import Policy, SharedBase
 from trainer.samples import Sample, batch_of, build, held_out, refusal, standing_applies
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class TrainerConfig:
     holdout_every: int = 16
     keep_versions: int = 10
     device: str = "auto"
+    scope_init: str = "parent"  # parent | base: where a new scope's lineage begins
     guard_tokens: int = 32  # tokens sampled per replay prompt for the collapse guards
     max_tenant_share: float = 0.5  # of a batch, where the scope has several tenants' signals
 
@@ -112,7 +114,7 @@ class TrainerConfig:
             max_ahead=settings.trainer_max_ahead, standing_hints=settings.trainer_standing_hints,
             holdout_every=settings.trainer_holdout_every,
             keep_versions=settings.trainer_keep_versions, device=settings.trainer_device,
-            max_tenant_share=settings.trainer_max_tenant_share,
+            max_tenant_share=settings.trainer_max_tenant_share, scope_init=settings.trainer_scope_init,
         )
 
     def objective(self) -> combined.Objective | distillation.Objective:
@@ -133,8 +135,9 @@ class TrainerConfig:
 class TrainerWorker:
     def __init__(self, event_log: EventLog, store: Store, *, model_dir: Path, adapters_root: Path,
                  trainer_root: Path, scope: str = events.DEFAULT_SCOPE, config: TrainerConfig = TrainerConfig(),
-                 on_bad_record: BadRecordPolicy | None = None) -> None:
+                 on_bad_record: BadRecordPolicy | None = None, shared: SharedBase | None = None) -> None:
         self.scope = scope
+        self._base = shared  # one base model for every scope of this process (None: a copy of its own)
         self.config = config
         self._log = event_log
         self._store = store
@@ -155,13 +158,16 @@ class TrainerWorker:
 
     @classmethod
     def from_settings(cls, settings: Settings, event_log: EventLog, store: Store,
-                      scope: str = events.DEFAULT_SCOPE) -> TrainerWorker:
+                      scope: str = events.DEFAULT_SCOPE, shared: SharedBase | None = None) -> TrainerWorker:
         return cls(event_log, store, model_dir=settings.model_path, adapters_root=settings.adapters_path,
-                   trainer_root=settings.trainer_path, scope=scope, config=TrainerConfig.from_settings(settings))
+                   trainer_root=settings.trainer_path, scope=scope, config=TrainerConfig.from_settings(settings),
+                   shared=shared)
 
     def close(self) -> None:
         self._consumer.close()
         self._checkpoints.release()
+        if self._base is not None:
+            self._base.drop(self.scope)
 
     # -- start ----------------------------------------------------------------------------------------
 
@@ -178,10 +184,35 @@ class TrainerWorker:
             optimizer.load_state_dict(state)
             return Ledger.from_json(saved), policy, optimizer
         latest = self.shelf.latest()
-        policy = self._load_policy(self.shelf.path(latest) if latest is not None else None)
-        return Ledger(head=latest or 0), policy, self._new_optimizer(policy)
+        ledger = Ledger(head=latest or 0)
+        start = self.shelf.path(latest) if latest is not None else None
+        if start is None:
+            start, ledger.init_from = self._parent_start()
+        policy = self._load_policy(start)
+        return ledger, policy, self._new_optimizer(policy)
+
+    def _parent_start(self) -> tuple[Path | None, str | None]:
+        """Where a lineage with no version of its own begins: its chain's first stable version (the one its
+        scope is served now), with ``scope_init`` parent; else the base model."""
+        if self.config.scope_init != "parent":
+            return None, None
+        for parent in chain(self.scope)[1:]:
+            state = Deployment.read(self._store, parent)
+            if state.stable is None:
+                continue
+            row = self._store.get(tables.Adapter, (parent, state.stable))
+            path = Path(row.path) if row is not None else None
+            if path is not None and (path / "adapter_config.json").is_file():
+                log.info("scope %s begins from %s", self.scope, state.stable_name)
+                return path, state.stable_name
+            log.warning("scope %s cannot begin from %s (no adapter at %s): from the base model",
+                        self.scope, state.stable_name, path)
+            return None, None
+        return None, None
 
     def _load_policy(self, adapter: Path | None) -> Policy:
+        if self._base is not None:
+            return self._base.policy(self.scope, rank=self.config.lora_rank, adapter=adapter)
         return Policy.load(self._model_dir, rank=self.config.lora_rank, adapter=adapter, device=self.config.device)
 
     def _new_optimizer(self, policy: Policy) -> torch.optim.Optimizer:
@@ -330,7 +361,10 @@ class TrainerWorker:
         """Reset the weights and the optimizer to the stable version's (the base model's for None)."""
         log.warning("every version after %s was rolled back, rejected or replaced: training on from it",
                     events.adapter_name(self.scope, stable) if stable else events.BASE_VERSION)
-        self.policy = self._load_policy(self.shelf.path(stable) if stable else None)
+        start = self.shelf.path(stable) if stable else None
+        if start is None:  # what serves the scope: its parent's stable version, or the base model
+            start, self.ledger.init_from = self._parent_start()
+        self.policy = self._load_policy(start)
         self._optimizer = self._new_optimizer(self.policy)
         self.ledger.rebased = [stable or 0, self.ledger.head]
         self.ledger.count("rebased")
@@ -380,6 +414,7 @@ class TrainerWorker:
             served[sample.adapter_version] = served.get(sample.adapter_version, 0) + 1
         return {
             "step": self.ledger.step,
+            "init_from": self.ledger.init_from,  # the parent version the lineage began from (None: the base)
             "config": asdict(self.config),
             "data": {"signals": [s.signal_event_id for s in batch], "served_by": served,
                      "rewards": sum(s.reward is not None for s in batch),
