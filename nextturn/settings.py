@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     # Which adapter lineage a request learns into and is served from (DESIGN, Scopes; nextturn/scopes.py):
     # deployment (one shared), tenant (each API key's tenant) or user (each end user of a tenant: the request's
     # `user` field or the X-Nextturn-User header). A scope without a version is served by its parent's.
-    # `deployment` stays the default until one trainer and one rollout controller serve every scope.
+    # `deployment` stays the default until a trainer keeps up with any number of scopes (today at most
+    # trainer_max_scopes per process, each reading the whole signals topic).
     scope_by: Literal["deployment", "tenant", "user"] = "deployment"
     # Tenants whose signals also train the shared lineage (the `default` scope), besides their own scope: a
     # JSON list in the environment, ["*"] for every tenant. Off by default: a tenant's corrections teach
