@@ -49,8 +49,10 @@ def settings(data_dir: Path, model_dir: Path, method: str, port: int) -> Setting
     * rollout: one canary step at half the new sessions, decided on 10 resolved turns per arm at 75%
       confidence with a 0.25 margin (with ten rewards per arm, a canary as good as stable passes only with a
       margin near that), each weight serving 4 canary turns first, a timeout of 120 s, replaced versions
-      draining after 5 s; the distinct-n collapse guard accepts 60% of the base model's, since the replay
-      prompts are few and a version that learnt numbered lists or JSON repeats "1." or brackets;
+      draining after 5 s; the distinct-n collapse guard accepts 60% of the base model's (set when it read the
+      replay's tokens, where a version that learnt numbered lists or JSON repeats "1." or brackets; it reads
+      the words of answers to unrelated prompts now, and whether the demo still needs it lower is to be
+      measured: issue 27);
     * trainer: unpaced, admitting samples up to 8 versions behind: a canary here decides every 15 to 30 s,
       and a paced trainer would idle through each one;
     * no standing hints: the people are told apart only by their topics, so one person's standing hint

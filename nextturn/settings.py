@@ -157,9 +157,9 @@ class Settings(BaseSettings):
     rollout_reward_margin: float = Field(default=0.05, ge=0.0, le=2.0)
     # Canary turns before the fast guardrails judge it, and turns each weight must serve before the next.
     rollout_guard_min_turns: int = Field(default=10, ge=1)
-    # A version whose distinct-1 or distinct-2 on the replay prompts is below this share of the base
-    # model's is rejected before it serves (a collapse guard). Learning a format lowers distinct-1 too
-    # ("1." and a newline in every answer), so a scope whose users want one may need it lower.
+    # A version whose distinct-1 or distinct-2 is below this share of the base model's is rejected before it
+    # serves (a collapse guard). Measured on the words of answers to fixed unrelated prompts (trainer.guards),
+    # so that a learnt format (brackets, numbering in every answer) does not read as collapse.
     rollout_min_distinct: float = Field(default=0.9, gt=0.0, le=1.0)
     # Where several tenants' rewards are in, the most of an arm's rewards one tenant's may make (its latest
     # count; the rest are left out): one tenant cannot vote a canary in or out for the others. 1: no cap.

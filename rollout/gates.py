@@ -3,8 +3,11 @@
 Before a version serves at all, its **collapse guards** (``meta.json``, measured by the trainer on held-out
 prompts beside the base model: :mod:`trainer.guards`) must be within bounds, or it is rejected:
 entropy at least half the base model's, distinct-1 and distinct-2 at least ``min_distinct`` (90%) of the
-base's, mean length
-between half and twice the base's, KL to the base at most ``max_kl`` nats per token. A version without
+base's, mean length between half and twice the base's, KL to the base at most ``max_kl`` nats per token.
+Distinct-n is read from the guards' ``probe`` where the trainer measured it: the words of answers to fixed
+prompts no user asked about, so that a version that learnt its user's format (which repeats brackets,
+quotes or numbering in every answer) is told from one that says the same thing to everything; else
+(versions from before the probe) from the replay's tokens. A version without
 guards (the trainer had no prompts to measure on) passes, and the canary's reason says so.
 
 While it is the canary, at every check:
@@ -108,6 +111,11 @@ def collapse(guards: dict[str, Any] | None, policy: GatePolicy) -> str | None:
     >>> formatted = {**base, "distinct_1": 0.4, "kl_to_base": 0.1, "base": base}  # 80% of the base's
     >>> collapse(formatted, GatePolicy()), collapse(formatted, GatePolicy(min_distinct=0.75))
     ("distinct_1 0.4 is below 90% of the base model's 0.5", None)
+    >>> words = {"distinct_1": 0.7, "distinct_2": 0.9, "base_distinct_1": 0.72, "base_distinct_2": 0.93}
+    >>> collapse({**formatted, "probe": words}, GatePolicy()) is None  # its replay repeats markup; its words vary
+    True
+    >>> print(collapse({**formatted, "probe": {**words, "distinct_2": 0.2}}, GatePolicy()))
+    distinct_2 on unrelated prompts 0.2 is below 90% of the base model's 0.93
     """
     if not guards or not guards.get("prompts") and "base" not in guards:
         return None
@@ -117,8 +125,14 @@ def collapse(guards: dict[str, Any] | None, policy: GatePolicy) -> str | None:
         found = of.get(name)
         return float(found) if isinstance(found, int | float) else None
 
-    checks = (("entropy", 0.5, None), ("distinct_1", policy.min_distinct, None),
-              ("distinct_2", policy.min_distinct, None), ("length", 0.5, 2.0))
+    probe = guards.get("probe") or {}
+    for name in ("distinct_1", "distinct_2"):
+        mine, theirs = value(name, probe), value(f"base_{name}", probe)
+        if mine is not None and theirs is not None and mine < policy.min_distinct * theirs:
+            return (f"{name} on unrelated prompts {mine:.3g} is below {policy.min_distinct:.0%} of the base "
+                    f"model's {theirs:.3g}")
+    distinct = () if probe else (("distinct_1", policy.min_distinct, None), ("distinct_2", policy.min_distinct, None))
+    checks = (("entropy", 0.5, None), *distinct, ("length", 0.5, 2.0))
     for name, low, high in checks:
         mine, theirs = value(name, guards), value(name, base)
         if mine is None or theirs is None:

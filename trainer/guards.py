@@ -15,12 +15,20 @@ prompts, from the version and from the base model with the same seed, and stores
   version's estimated reward minus the mean reward of what was served on the same turns, the standard error
   of that difference, and the effective sample size of the version's estimate.
 
+- ``probe``: diversity where a scope's preference does not reach: the version's and the base model's
+  answers to :data:`PROBES`, fixed prompts about nothing any user asked, measured on their words only
+  (:func:`content_distinct`: markup, brackets, quotes and numbering are not content). A version that learnt
+  its user's format (JSON arrays, numbered lists) repeats that markup in every answer, and its distinct-n on
+  the replay falls though it still says different things; one that says the same thing to everything has
+  few distinct words anywhere. The rollout's distinct-n guard reads this.
+
 The replay prompts are held out of training (one turn in ``trainer_holdout_every``), so the reward
 estimate is on data the version never trained on. The rollout controller compares them with ``base``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +36,19 @@ from typing import Any
 import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
+from nextturn.conversation import prompt_token_ids
+from nextturn.events import ChatMessage
 from trainer.packing import pack, response_logits, response_values
 from trainer.policy import Policy
+
+# Prompts no scope's preference is about: where a version's diversity is measured for the collapse guard.
+PROBES = (
+    "Describe a quiet morning in a small town.", "What makes a good friend?", "Explain how rain forms.",
+    "Tell me about an animal that lives in the sea.", "What would you cook for a cold evening?",
+    "Describe the sound of a busy market.", "Why do people keep old letters?", "What is a bridge for?",
+    "Give some advice to someone starting a garden.", "Describe your favourite kind of weather.",
+    "What happens at a railway station at night?", "Tell a short story about a lost key.",
+)
 
 
 @dataclass(frozen=True)
@@ -66,7 +85,33 @@ def measure(policy: Policy, replay: Replay, *, max_new_tokens: int = 32, seed: i
     with policy.base():
         guards["base"] = {**_behaviour(policy, replay.prompts, base_answers, kl=False),
                           "reward": _reward(_log_weights(policy, replay.outcomes), replay.outcomes)}
+    guards["probe"] = probe(policy, max_new_tokens=max_new_tokens, seed=seed)
     return guards
+
+
+def probe(policy: Policy, *, max_new_tokens: int = 32, seed: int = 0) -> dict[str, float]:
+    """Content distinct-1 and -2 of the version's answers to :data:`PROBES`, and of the base model's."""
+    prompts = [prompt_token_ids(policy.tokenizer, [ChatMessage(role="user", content=text)], None) for text in PROBES]
+    found = {}
+    for who, answers in (("", _sample(policy, prompts, max_new_tokens, seed)), ("base_", None)):
+        if answers is None:
+            with policy.base():
+                answers = _sample(policy, prompts, max_new_tokens, seed)
+        texts = policy.tokenizer.batch_decode(answers, skip_special_tokens=True)
+        found[f"{who}distinct_1"] = content_distinct(texts, 1)
+        found[f"{who}distinct_2"] = content_distinct(texts, 2)
+    return found
+
+
+def content_distinct(texts: Sequence[str], n: int) -> float:
+    """Distinct word n-grams over all word n-grams (1.0 with none): what an answer says, not its markup.
+
+    >>> content_distinct(['["apple", "pear"]', '["oak", "elm"]'], 1), content_distinct(["1. a", "1. a"], 1)
+    (1.0, 0.5)
+    """
+    grams = [tuple(words[i: i + n]) for words in (re.findall(r"[^\W_]+", text.lower()) for text in texts)
+             for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
 
 
 def distinct(answers: Sequence[Sequence[int]], n: int) -> float:
