@@ -119,6 +119,7 @@ class VllmEngine:
         if version in self._paths:
             return  # added again meanwhile
         self._loaded.discard(version)
+        self._loading.pop(version, None)
         status, text = await self._post("/v1/unload_lora_adapter", {"lora_name": version}, "unloading an adapter")
         if status >= 400 and status != 404:
             raise EngineUnavailable(f"vLLM would not unload {version!r}: {_message(text)}")
