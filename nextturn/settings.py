@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     # Where a scope's lineage begins: its parent's stable version (what serves it until it has its own), or the
     # base model.
     trainer_scope_init: Literal["parent", "base"] = "parent"
+    # A quiet scope trains a partial batch (at least trainer_min_batch samples) once its oldest ready sample
+    # has waited this long; 0: only full batches. A scope with a few dozen interactions a day then gets
+    # several updates instead of one.
+    trainer_partial_after_s: float = Field(default=600.0, ge=0)
+    trainer_min_batch: int = Field(default=4, ge=1)
 
     # The rollout (DESIGN, Rollout controller; docs/rollouts.md). A new version serves this share of new
     # sessions, then the next, and is promoted after the last; a JSON list in the environment: [0.1, 0.5].

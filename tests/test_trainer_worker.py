@@ -333,6 +333,25 @@ def test_a_new_scope_begins_from_what_its_parent_serves(
     assert meta["init_from"] == ("default-v2" if scope_init == "parent" else None)
 
 
+@pytest.mark.parametrize("partial_after_s", [None, 0.2])
+def test_a_quiet_scope_trains_a_partial_batch_once_its_samples_waited(
+    base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path, partial_after_s: float | None
+) -> None:
+    """Three signals, batches of eight: only full batches train nothing; with partial batches after 0.2 s
+    (at least two samples), the three train as one update once the oldest waited."""
+    turns = [served(base, n) for n in range(3)]
+    record(store, sqlite_log, *turns, *(signal(t, reward=r) for t, r in zip(turns, (1.0, -1.0, 1.0), strict=True)))
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, batch_size=8, min_batch=2,
+                     partial_after_s=partial_after_s)
+    worker.drain(0.3)
+    worker.close()
+    versions = published(tmp_path)
+    if partial_after_s is None:
+        assert versions == {} and len(worker.ledger.waiting) == 3
+    else:
+        assert list(versions) == [1] and len(versions[1]["data"]["signals"]) == 3
+
+
 def test_a_signal_is_trained_once_and_again_only_when_a_later_revision_changes_it(
         base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path) -> None:
     turns = [served(base, n) for n in range(8)]

@@ -117,9 +117,10 @@ def standing_applies(turn: tables.Turn) -> bool:
     return not (turn.response or {}).get("tool_calls")
 
 
-def batch_of(ready: Sequence[Sample], size: int, quota: int) -> list[Sample] | None:
+def batch_of(ready: Sequence[Sample], size: int, quota: int, minimum: int | None = None) -> list[Sample] | None:
     """The first ``size`` ready samples, in order, with at most ``quota`` from one tenant; None while there
-    are not enough (the rest of a tenant over its quota wait for the next batch).
+    are not enough (the rest of a tenant over its quota wait for the next batch). ``minimum``: a partial
+    batch of at least that many will do (a quiet scope's samples that waited long enough).
 
     >>> def sample(tenant):
     ...     return Sample("e", "s", 0, "t", tenant, "base", [1], [2], [-0.1], 1.0, None, None, None)
@@ -128,6 +129,8 @@ def batch_of(ready: Sequence[Sample], size: int, quota: int) -> list[Sample] | N
     (True, None)
     >>> [s.tenant for s in batch_of(ready + [sample("c")], 4, 2)]
     ['a', 'a', 'b', 'c']
+    >>> len(batch_of(ready[:3], 4, 4, minimum=2)), batch_of(ready[:1], 4, 4, minimum=2)
+    (3, None)
     """
     taken: Counter[str] = Counter()
     batch = []
@@ -137,7 +140,7 @@ def batch_of(ready: Sequence[Sample], size: int, quota: int) -> list[Sample] | N
             batch.append(sample)
             if len(batch) == size:
                 return batch
-    return None
+    return batch if minimum is not None and len(batch) >= minimum else None
 
 
 def build(signal: tables.Signal, turn: tables.Turn, tokenizer: Any, standing: list[str]) -> Sample:

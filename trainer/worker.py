@@ -39,6 +39,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -93,6 +94,10 @@ class TrainerConfig:
     device: str = "auto"
     scope_init: str = "parent"  # parent | base: where a new scope's lineage begins
     guard_tokens: int = 32  # tokens sampled per replay prompt for the collapse guards
+    # A quiet scope trains a partial batch (at least min_batch samples) once its oldest ready sample has waited
+    # this long; None: only full batches.
+    partial_after_s: float | None = None
+    min_batch: int = 4
     max_tenant_share: float = 0.5  # of a batch, where the scope has several tenants' signals
 
     def quota(self, shared: bool) -> int:
@@ -115,6 +120,7 @@ class TrainerConfig:
             holdout_every=settings.trainer_holdout_every,
             keep_versions=settings.trainer_keep_versions, device=settings.trainer_device,
             max_tenant_share=settings.trainer_max_tenant_share, scope_init=settings.trainer_scope_init,
+            partial_after_s=settings.trainer_partial_after_s or None, min_batch=settings.trainer_min_batch,
         )
 
     def objective(self) -> combined.Objective | distillation.Objective:
@@ -147,6 +153,7 @@ class TrainerWorker:
         self._checkpoints.lock()
         self._train = config.algorithm()
         self._ready: dict[str, Sample] = {}  # signal id -> sample built from the store, waiting for a batch
+        self._ready_at: dict[str, float] = {}  # signal id -> when its sample became ready (monotonic)
         # Whether the scope has signals from more than one tenant (then it stays so): read from the store once,
         # then from the signals offered.
         self._shared: bool | None = None
@@ -307,6 +314,7 @@ class TrainerWorker:
                 # is about that turn (a "division by zero" note made the teacher garble later sums).
                 self.ledger.remember_hint(turn.tenant, signal.hint, self.config.standing_hints)
             self._ready[key] = build(signal, turn, self.policy.tokenizer, standing)
+            self._ready_at.setdefault(key, time.monotonic())
             per_tenant[turn.tenant] += 1
 
     def _saw(self, tenant: str) -> None:
@@ -316,7 +324,14 @@ class TrainerWorker:
             self._shared = True
 
     def _batch(self) -> list[Sample] | None:
-        return batch_of(list(self._ready.values()), self.config.batch_size, self.config.quota(bool(self._shared)))
+        """A full batch; or, once the oldest ready sample waited ``partial_after_s``, a partial one."""
+        self._ready_at = {key: at for key, at in self._ready_at.items() if key in self._ready}
+        minimum = None
+        waited = time.monotonic() - min(self._ready_at.values(), default=time.monotonic())
+        if self.config.partial_after_s is not None and waited >= self.config.partial_after_s:
+            minimum = self.config.min_batch
+        return batch_of(list(self._ready.values()), self.config.batch_size, self.config.quota(bool(self._shared)),
+                        minimum)
 
     def _standing(self, turn: tables.Turn) -> list[str]:
         if not self.config.standing_hints or not standing_applies(turn):
