@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 WINDOW = 30
 TARGET = 0.8
+POLICY_NAMES = {"tenant": "per person", "deployment": "shared"}
 
 
 @dataclass
@@ -19,6 +21,7 @@ class Decision:
     interaction: int
     action: str  # promote | rollback | reject | canary | step
     version: int
+    scope: str = ""
 
 
 @dataclass
@@ -37,6 +40,13 @@ class MethodResult:
     newest: str = ""
     newest_held_out: dict[str, float] = field(default_factory=dict)
     stopped_early: list[str] = field(default_factory=list)  # people whose client failed, and why
+    policy: str = ""  # the scope policy, where runs compare them: "tenant" (a scope per person) or "deployment"
+    per_scope: dict[str, dict[str, int]] = field(default_factory=dict)  # scope -> its stages (versions, decisions)
+    serving: dict[str, str] = field(default_factory=dict)  # person -> the version serving them at the end
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}, {POLICY_NAMES.get(self.policy, self.policy)}" if self.policy else self.method
 
     def rolling(self, *, hard: bool | None = None) -> list[tuple[int, float]]:
         """(interaction, mean satisfaction of the last WINDOW fresh answers) after each fresh answer."""
@@ -72,7 +82,7 @@ def table(results: Sequence[MethodResult], base: MethodResult, hard: Sequence[st
         reached = result.reached()
         stages = result.stages
         rows.append([
-            result.method, f"{group_mean(result.held_out, hard):.2f}", f"{group_mean(result.held_out, easy):.2f}",
+            result.label, f"{group_mean(result.held_out, hard):.2f}", f"{group_mean(result.held_out, easy):.2f}",
             *(f"{result.held_out[name]:.2f}" for name in people),
             f"{result.newest}: {group_mean(result.newest_held_out, hard):.2f} / "
             f"{group_mean(result.newest_held_out, easy):.2f}" if result.newest else "—",
@@ -82,6 +92,20 @@ def table(results: Sequence[MethodResult], base: MethodResult, hard: Sequence[st
                                        f"{stages.get('rolled_back', 0)}",
             "—" if result is base else f"{result.seconds / 60:.1f}",
         ])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+
+
+def scope_table(results: Sequence[MethodResult]) -> str:
+    """Versions published / promoted / rolled back / rejected in each scope, for each run."""
+    rows = [["run", "scope", "published / promoted / rolled back / rejected", "serves at the end"],
+            ["---"] * 4]
+    for result in results:
+        for scope, stages in result.per_scope.items():
+            people = [person for person, version in result.serving.items() if scope.endswith(f".{person}")
+                      or scope == "default"]
+            serves = ", ".join(sorted({result.serving[person] for person in people})) or "—"
+            rows.append([result.label, scope, f"{stages.get('published', 0)} / {stages.get('promoted', 0)} / "
+                         f"{stages.get('rolled_back', 0)} / {stages.get('rejected', 0)}", serves])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
 
 
@@ -101,7 +125,8 @@ def plot(results: Sequence[MethodResult], base: MethodResult, hard: Sequence[str
                 continue
             xs, ys = zip(*points, strict=True)
             colour = colours.get(result.method, None)
-            axis.plot(xs, ys, label=result.method, color=colour, linewidth=2)
+            axis.plot(xs, ys, label=result.label, color=colour, linewidth=2,
+                      linestyle="--" if result.policy == "deployment" else "-")
             for decision in result.decisions:
                 if decision.action not in ("promote", "rollback"):
                     continue
@@ -122,3 +147,23 @@ def plot(results: Sequence[MethodResult], base: MethodResult, hard: Sequence[str
     plt.close(figure)
     return path
 
+
+
+def summary(runs: Sequence[dict[str, Any]], hard: Sequence[str], easy: Sequence[str]) -> str:
+    """Mean (min–max) over runs of each method's held-out satisfaction, hard and easy, of the version serving
+    at the end and of the newest sound one, and of its diversity against the base model."""
+    def spread(values: list[float]) -> str:
+        return f"{sum(values) / len(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+    labels = list(runs[0]["methods"])
+    rows = [["method", "hard", "easy", "newest: hard", "newest: easy", "diversity vs base", *hard, *easy],
+            ["---"] * (6 + len(hard) + len(easy))]
+    for label, scores in [("base model", [run["base"] for run in runs]),
+                          *((label, [run["methods"][label] for run in runs]) for label in labels)]:
+        newest = [score.get("newest_held_out") or score["held_out"] for score in scores]
+        diversity = [score["diversity"] / run["base"]["diversity"] for score, run in zip(scores, runs, strict=True)]
+        rows.append([label, spread([group_mean(s["held_out"], hard) for s in scores]),
+                     spread([group_mean(s["held_out"], easy) for s in scores]),
+                     spread([group_mean(n, hard) for n in newest]), spread([group_mean(n, easy) for n in newest]),
+                     spread(diversity), *(spread([s["held_out"][name] for s in scores]) for name in [*hard, *easy])])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"

@@ -1,13 +1,15 @@
 """``nextturn demo``: the whole loop on one machine, learning from simulated people.
 
 1. The base model (:mod:`demo.base_model`): built once and cached.
-2. For each method (``--method``, or all four with ``--compare``, same seed, same people): a fresh data
-   directory; ``nextturn up``'s :class:`~nextturn.stack.Stack` (gateway, signals worker, trainer, rollout
-   controller as processes) with :func:`settings` tuned for a loop this small; the people of
-   :mod:`demo.tasks` talking to it (:mod:`demo.users`) until ``interactions`` answers
-   were given; live progress; then the stack stops and the version that serves at the end (stable) is
-   measured away from the loop (:mod:`demo.evaluation`), and so is the newest version the
-   rollout did not reject or roll back (what the trainer had learnt, ahead of the canary).
+2. For each scope policy (``--scope-by``: a scope per person, ``tenant``, or the one shared lineage,
+   ``deployment``; both with ``--compare``) and each method (``--method``, or all four with ``--compare``,
+   same seed, same people): a fresh data directory; ``nextturn up``'s :class:`~nextturn.stack.Stack`
+   (gateway, signals worker, trainer, rollout controller as processes) with :func:`settings` tuned for a
+   loop this small; the people of :mod:`demo.tasks` talking to it (:mod:`demo.users`) until
+   ``interactions`` answers were given; live progress; then the stack stops and, for each person, the
+   version that serves them at the end (their scope's stable version, else their chain's) is measured away
+   from the loop (:mod:`demo.evaluation`), and so is the newest version of their scope that the rollout did
+   not reject or roll back (what the trainer had learnt, ahead of the canary).
 3. The results (:mod:`demo.report`): a markdown table, a learning-curve PNG, and the raw figures.
 """
 
@@ -30,7 +32,7 @@ from rich.table import Table
 from demo import base_model, evaluation, report, tasks
 from demo.report import Decision, MethodResult
 from demo.users import Budget, Judged, Population
-from nextturn import events, tables
+from nextturn import events, scopes, tables
 from nextturn.deployments import Deployment
 from nextturn.errors import StoreUnavailable
 from nextturn.settings import Settings
@@ -41,7 +43,11 @@ HELD_OUT_PER_PERSON = 48
 DIVERSITY_SAMPLES = 96
 
 
-def settings(data_dir: Path, model_dir: Path, method: str, port: int) -> Settings:
+POLICIES = ("tenant", "deployment")  # a scope per person; one shared lineage
+POLICY_NAMES = report.POLICY_NAMES
+
+
+def settings(data_dir: Path, model_dir: Path, method: str, port: int, scope_by: str = "tenant") -> Settings:
     """The loop's settings for the demo: the defaults, except what a loop of a few hundred answers needs
     (the figures behind each: docs/experiments.md).
 
@@ -55,18 +61,21 @@ def settings(data_dir: Path, model_dir: Path, method: str, port: int) -> Setting
       measured: issue 27);
     * trainer: unpaced, admitting samples up to 8 versions behind: a canary here decides every 15 to 30 s,
       and a paced trainer would idle through each one;
-    * no standing hints: the people are told apart only by their topics, so one person's standing hint
-      teaches everyone's answers.
+    * standing hints only with a scope per person: in the shared lineage the people are told apart only by
+      their topics, so one person's standing hint teaches everyone's answers;
+    * a scope's partial batch (at least 4 samples) trains once its oldest sample waited 20 s: a person
+      here sends a message every few seconds, and a batch of 16 would take a fifth of their interactions.
     """
     people = ",".join(f"{key}:{name}" for name, key in keys().items())
     return Settings(
         data_dir=data_dir, model=str(model_dir), port=port, api_keys=people, admin_key="sk-demo-admin",
         train_method=method,  # type: ignore[arg-type]
         signals_idle_timeout_s=5.0,
-        trainer_max_ahead=0, trainer_max_version_lag=8, trainer_standing_hints=0,
+        trainer_max_ahead=0, trainer_max_version_lag=8, trainer_standing_hints=3 if scope_by == "tenant" else 0,
+        trainer_partial_after_s=20.0,
         rollout_schedule=[0.5], rollout_min_resolved=10, rollout_confidence=0.75, rollout_reward_margin=0.25,
         rollout_guard_min_turns=4, rollout_canary_timeout_s=120.0, rollout_check_interval_s=1.0,
-        rollout_drain_s=5.0, rollout_min_distinct=0.6,
+        rollout_drain_s=5.0, rollout_min_distinct=0.6, scope_by=scope_by,  # type: ignore[arg-type]
     )
 
 
@@ -81,36 +90,55 @@ def free_port() -> int:
 
 
 def run(out: Path, *, methods: tuple[str, ...], interactions: int, seed: int, console: Console | None = None,
-        build_steps: int = base_model.STEPS) -> dict[str, Any]:
-    """The demo; returns the figures it also writes to ``out`` (results.json, results.md, learning_curve.png)."""
+        build_steps: int = base_model.STEPS, policies: tuple[str, ...] = ("tenant",),
+        model_seed: int | None = None) -> dict[str, Any]:
+    """The demo; returns the figures it also writes to ``out`` (results.json, results.md, learning_curve.png).
+    ``model_seed``: the base model's seed, when it is not ``seed``."""
     console = console or Console()
-    model_dir = _base_model(console, seed, build_steps)
+    model_dir = _base_model(console, seed if model_seed is None else model_seed, build_steps)
     out.mkdir(parents=True, exist_ok=True)
-    results = [_run_method(console, out, model_dir, method, interactions, seed) for method in methods]
+    results = [_run_method(console, out, model_dir, method, interactions, seed, policy if len(policies) > 1 else "",
+                           policy)
+               for policy in policies for method in methods]
     console.print("measuring the base model on the held-out requests…")
     sampler = evaluation.Sampler.load(model_dir)
     base = MethodResult(method="base model", interactions=0, curve=[], decisions=[],
-                        held_out=evaluation.satisfaction(sampler, tasks.PEOPLE, per_person=HELD_OUT_PER_PERSON,
-                                                         seed=seed + 1),
+                        held_out=_held_out({person.name: sampler for person in tasks.PEOPLE}, seed),
                         diversity=evaluation.diversity(sampler, samples=DIVERSITY_SAMPLES, seed=seed + 2),
                         stable=events.BASE_VERSION, seconds=0.0)
     hard = [p.name for p in tasks.PEOPLE if p.preference.hard]
     easy = [p.name for p in tasks.PEOPLE if not p.preference.hard]
-    markdown = report.table(results, base, hard, easy)
+    markdown = report.table(results, base, hard, easy) + "\n" + report.scope_table(results)
     def wants(chosen: list[str]) -> str:
         return ", ".join(f"{p.name} wants {p.preference.describe()}" for p in tasks.PEOPLE if p.name in chosen)
 
     (out / "results.md").write_text(
-        f"Held-out satisfaction of the version serving at the end (and of the newest version the rollout did "
-        f"not reject or roll back), after {interactions} interactions "
+        f"Held-out satisfaction of the version serving each person at the end (and of the newest version the "
+        f"rollout did not reject or roll back), after {interactions} interactions "
         f"(seed {seed}). Hard preferences: {wants(hard)}. Easy: {wants(easy)}.\n\n" + markdown)
     plot = report.plot(results, base, hard, out / "learning_curve.png")
     figures = {"seed": seed, "interactions": interactions, "base": asdict(base),
-               "methods": {r.method: asdict(r) for r in results}}
+               "methods": {r.label: asdict(r) for r in results}}
     (out / "results.json").write_text(json.dumps(figures, indent=1))
     console.print(markdown)
     console.print(f"table: {out / 'results.md'}\nplot:  {plot}")
     return figures
+
+
+def run_seeds(out: Path, *, seeds: int, seed: int, **demo: Any) -> list[dict[str, Any]]:
+    """:func:`run` for each of ``seeds`` seeds from ``seed`` (the base model stays seed ``seed``'s, so only the
+    people's choices and the loop's sampling vary); with several, each in ``out/seed-<n>`` and the mean and
+    spread in ``out/summary.md``."""
+    if seeds == 1:
+        return [run(out, seed=seed, **demo)]
+    every = [run(out / f"seed-{n}", seed=n, model_seed=seed, **demo) for n in range(seed, seed + seeds)]
+    hard = [p.name for p in tasks.PEOPLE if p.preference.hard]
+    easy = [p.name for p in tasks.PEOPLE if not p.preference.hard]
+    summary = report.summary(every, hard, easy)
+    (out / "summary.md").write_text(f"Held-out satisfaction over {seeds} seeds ({seed}–{seed + seeds - 1}): "
+                                    f"mean (min–max).\n\n{summary}")
+    (demo.get("console") or Console()).print(summary)
+    return every
 
 
 def _base_model(console: Console, seed: int, steps: int) -> Path:
@@ -129,13 +157,14 @@ def _base_model(console: Console, seed: int, steps: int) -> Path:
     return path
 
 
-def _run_method(console: Console, out: Path, model_dir: Path, method: str, interactions: int,
-                seed: int) -> MethodResult:
-    data_dir = out / method
+def _run_method(console: Console, out: Path, model_dir: Path, method: str, interactions: int, seed: int,
+                tag: str = "", policy: str = "tenant") -> MethodResult:
+    name = f"{method}, {POLICY_NAMES[policy]}" if tag else method
+    data_dir = out / (f"{method}-{policy}" if tag else method)
     shutil.rmtree(data_dir, ignore_errors=True)
-    chosen = settings(data_dir, model_dir, method, free_port())
+    chosen = settings(data_dir, model_dir, method, free_port(), scope_by=policy)
     stack = Stack(chosen)
-    console.print(f"\n[bold]{method}[/bold]: starting {', '.join(c.component.name for c in stack.children)} "
+    console.print(f"\n[bold]{name}[/bold]: starting {', '.join(c.component.name for c in stack.children)} "
                   f"in {data_dir}")
     started = time.monotonic()
     stack.start()
@@ -145,81 +174,129 @@ def _run_method(console: Console, out: Path, model_dir: Path, method: str, inter
     decisions: list[Decision] = []
     seen_changes: set[str] = set()
     talking = threading.Thread(target=population.run, name="people", daemon=True)
+    own = {person.name: scopes.scope_of(policy, person.name) for person in tasks.PEOPLE}  # type: ignore[arg-type]
     try:
         talking.start()
-        progress = Progress(TextColumn(f"{method:>8}"), BarColumn(), MofNCompleteColumn(),
+        progress = Progress(TextColumn(f"{name:>8}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("interactions"), TimeElapsedColumn())
-        bar = progress.add_task(method, total=interactions)
+        bar = progress.add_task(name, total=interactions)
         with Live(Group(progress, _panel(population, None)), console=console, refresh_per_second=4) as live:
             while talking.is_alive():
                 talking.join(0.5)
                 stack.check()
-                _new_decisions(store, budget.used, seen_changes, decisions)
+                _new_decisions(store, set(own.values()), budget.used, seen_changes, decisions)
                 progress.update(bar, completed=budget.used)
                 try:
-                    figures = activity(store)
+                    figures = activity(store, None)
                 except StoreUnavailable:
                     figures = None
                 live.update(Group(progress, _panel(population, figures)))
-        _new_decisions(store, budget.used, seen_changes, decisions)
-        stable = Deployment.read(store, events.DEFAULT_SCOPE)
-        row = None if stable.stable is None else store.get(tables.Adapter, (events.DEFAULT_SCOPE, stable.stable))
-        adapter = None if row is None else Path(row.path)
-        newest = _newest_sound(store)
-        stages = _stages(store)
+        _new_decisions(store, set(own.values()), budget.used, seen_changes, decisions)
+        serving = {person: _serving(store, scope) for person, scope in own.items()}
+        newest = {person: _newest_sound(store, scope) for person, scope in own.items()}
+        per_scope = {scope: _stages(store, [scope]) for scope in sorted(set(own.values()))}
+        stages = _stages(store, sorted(set(own.values())))
     finally:
         stack.stop()
         store.close()
     seconds = time.monotonic() - started
     if population.errors:
         console.print(f"[yellow]{len(population.errors)} people stopped early: {population.errors[:3]}[/yellow]")
-    sampler = evaluation.Sampler.load(model_dir, adapter)
-    held_out = evaluation.satisfaction(sampler, tasks.PEOPLE, per_person=HELD_OUT_PER_PERSON, seed=seed + 1)
-    diversity = evaluation.diversity(sampler, samples=DIVERSITY_SAMPLES, seed=seed + 2)
-    newest_held_out = held_out
-    if newest is not None and Path(newest.path) != adapter:
-        newest_held_out = evaluation.satisfaction(evaluation.Sampler.load(model_dir, Path(newest.path)),
-                                                  tasks.PEOPLE, per_person=HELD_OUT_PER_PERSON, seed=seed + 1)
+    samplers = _samplers(model_dir, {person: path for person, (_, path) in serving.items()})
+    held_out = _held_out(samplers, seed)
+    diversity = _diversity(samplers, seed)
+    newest_paths = {person: (row.path if row is not None else serving[person][1]) for person, row in newest.items()}
+    newest_held_out = (held_out if newest_paths == {person: path for person, (_, path) in serving.items()}
+                       else _held_out(_samplers(model_dir, newest_paths), seed))
     curve = [(j.interaction, j.satisfied, j.hard) for j in sorted(population.judged, key=lambda j: j.interaction)]
-    result = MethodResult(method=method, interactions=budget.used, curve=curve, decisions=decisions,
-                          held_out=held_out, diversity=diversity, stable=stable.stable_name, seconds=seconds,
-                          stages=stages, newest=f"v{newest.version}" if newest else "",
-                          newest_held_out=newest_held_out if newest else {}, stopped_early=list(population.errors))
-    console.print(f"{method}: serving {result.stable} at the end; held-out satisfaction "
-                  + ", ".join(f"{name} {value:.2f}" for name, value in held_out.items())
-                  + (f" (newest, {result.newest}: " + ", ".join(f"{name} {value:.2f}" for name, value
-                                                               in newest_held_out.items()) + ")" if newest else "")
+    shown = {version for version, _ in serving.values()}
+    result = MethodResult(method=method, policy=tag, interactions=budget.used, curve=curve, decisions=decisions,
+                          held_out=held_out, diversity=diversity,
+                          stable=", ".join(sorted(shown)), seconds=seconds, stages=stages,
+                          newest=", ".join(sorted({events.adapter_name(row.scope, row.version)
+                                                   for row in newest.values() if row is not None})),
+                          newest_held_out=newest_held_out, stopped_early=list(population.errors),
+                          per_scope=per_scope, serving={person: version for person, (version, _) in serving.items()})
+    console.print(f"{name}: serving {result.stable} at the end; held-out satisfaction "
+                  + ", ".join(f"{person} {value:.2f}" for person, value in held_out.items())
+                  + (" (newest: " + ", ".join(f"{person} {value:.2f}" for person, value
+                                              in newest_held_out.items()) + ")" if result.newest else "")
                   + f"; {seconds / 60:.1f} min")
     return result
 
 
-def _newest_sound(store: Store) -> tables.Adapter | None:
-    """The newest version the rollout neither rejected nor rolled back, if any was published."""
-    sound = [version for version, status in store.adapter_statuses(events.DEFAULT_SCOPE).items()
+def _serving(store: Store, scope: str) -> tuple[str, str | None]:
+    """The version that serves ``scope`` (its own stable one, else its chain's) and its directory; the base
+    model's name and None where none does."""
+    for link in scopes.chain(scope):
+        state = Deployment.read(store, link)
+        if state.stable is not None:
+            row = store.get(tables.Adapter, (link, state.stable))
+            return state.stable_name, row.path if row is not None else None
+    return events.BASE_VERSION, None
+
+
+def _samplers(model_dir: Path, paths: dict[str, str | None]) -> dict[str, evaluation.Sampler]:
+    """A sampler per person, loaded once per distinct adapter."""
+    loaded: dict[str | None, evaluation.Sampler] = {}
+    for path in paths.values():
+        if path not in loaded:
+            loaded[path] = evaluation.Sampler.load(model_dir, Path(path) if path is not None else None)
+    return {person: loaded[path] for person, path in paths.items()}
+
+
+def _held_out(samplers: dict[str, evaluation.Sampler], seed: int) -> dict[str, float]:
+    """Each person's held-out satisfaction, measured on what serves them (the same requests whatever serves)."""
+    found: dict[str, float] = {}
+    for person in tasks.PEOPLE:
+        found.update(evaluation.satisfaction(samplers[person.name], (person,), per_person=HELD_OUT_PER_PERSON,
+                                             seed=seed + 1))
+    return found
+
+
+def _diversity(samplers: dict[str, evaluation.Sampler], seed: int) -> float:
+    """Diversity on unrelated prompts, the mean over the people of what serves each of them."""
+    measured: dict[int, float] = {}
+    for sampler in samplers.values():
+        if id(sampler) not in measured:
+            measured[id(sampler)] = evaluation.diversity(sampler, samples=DIVERSITY_SAMPLES, seed=seed + 2)
+    return sum(measured[id(sampler)] for sampler in samplers.values()) / len(samplers)
+
+
+def _newest_sound(store: Store, scope: str) -> tables.Adapter | None:
+    """The newest version of ``scope`` the rollout neither rejected nor rolled back, if any was published."""
+    sound = [version for version, status in store.adapter_statuses(scope).items()
              if status not in ("rejected", "rolled_back")]
-    return store.get(tables.Adapter, (events.DEFAULT_SCOPE, max(sound))) if sound else None
+    return store.get(tables.Adapter, (scope, max(sound))) if sound else None
 
 
-def _new_decisions(store: Store, used: int, seen: set[str], decisions: list[Decision]) -> None:
+def _new_decisions(store: Store, watched: set[str], used: int, seen: set[str], decisions: list[Decision]) -> None:
     try:
-        changes = store.deployment_changes(events.DEFAULT_SCOPE, limit=50)
+        changes = [change for scope in sorted(watched) for change in store.deployment_changes(scope, limit=50)]
     except StoreUnavailable:
         return
-    for change in reversed(changes):
+    for change in sorted(changes, key=lambda change: change.changed_at):
         if change.id in seen:
             continue
         seen.add(change.id)
         if change.subject_version is not None:
-            decisions.append(Decision(used, change.action, change.subject_version))
+            decisions.append(Decision(used, change.action, change.subject_version, change.scope))
 
 
-def _stages(store: Store) -> dict[str, int]:
-    """How far each stage got: turns recorded, signals, hints, versions published, canaried, promoted…"""
-    figures = activity(store)
-    actions = [change.action for change in store.deployment_changes(events.DEFAULT_SCOPE, limit=10_000)]
-    return {"turns": figures.turns, "signals": figures.resolved, "rewards": figures.rewarded, "hints": figures.hints,
-            "published": figures.versions, "canaried": actions.count("canary"), "promoted": actions.count("promote"),
-            "rolled_back": actions.count("rollback"), "rejected": actions.count("reject")}
+def _stages(store: Store, chosen: list[str]) -> dict[str, int]:
+    """How far each stage got in the ``chosen`` scopes: turns recorded, signals, hints, versions published,
+    canaried, promoted…"""
+    totals: dict[str, int] = {}
+    for scope in chosen:
+        figures = activity(store, scope)
+        actions = [change.action for change in store.deployment_changes(scope, limit=10_000)]
+        found = {"turns": figures.turns, "signals": figures.resolved, "rewards": figures.rewarded,
+                 "hints": figures.hints, "published": figures.versions, "canaried": actions.count("canary"),
+                 "promoted": actions.count("promote"), "rolled_back": actions.count("rollback"),
+                 "rejected": actions.count("reject")}
+        for key, value in found.items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
 
 
 def _panel(population: Population, figures: Any) -> Table:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -339,28 +340,34 @@ ScopeOption = Annotated[str, typer.Option(
 @trainer_app.command("run")
 def trainer_run(ctx: typer.Context, scope: Annotated[str | None, typer.Option(
         "--scope", callback=_scope_name,
-        help="Train this scope only. Default: every scope with signals when NEXTTURN_SCOPE_BY is tenant or user "
-             "(up to NEXTTURN_TRAINER_MAX_SCOPES), else the shared one.")] = None) -> None:
+        help="Train this scope only, in a consumer group of its own. Default: every scope whose partition of "
+             "the signals this trainer holds in the group of all trainers.")] = None) -> None:
     """Train adapters from their signals; publish each update as a version, until Ctrl-C."""
     from trainer.policy import SharedBase
     from trainer.scopes import ScopeTrainers
-    from trainer.worker import TrainerWorker
+    from trainer.worker import TrainerConfig, TrainerWorker
 
     settings = _settings(ctx)
+    TrainerConfig.from_settings(settings)  # refuses what cannot train before anything is loaded
     store = _open_store(settings)
     event_log = open_event_log(settings)
     runner: ScopeTrainers | TrainerWorker
-    if scope is None and settings.scope_by != "deployment":
+    if scope is None:
         shared = SharedBase(settings.model_path, device=settings.trainer_device)  # one base model for all
-        every = ScopeTrainers(lambda scope: TrainerWorker.from_settings(settings, event_log, store, scope, shared),
-                              store, max_scopes=settings.trainer_max_scopes)
+        every = ScopeTrainers(
+            event_log, lambda scope: TrainerWorker.from_settings(settings, event_log, store, scope, shared),
+            max_resident=settings.trainer_max_resident_scopes)
         runner = every
-        started = f"trainer of every scope (scopes by {settings.scope_by}, at most {settings.trainer_max_scopes})"
+        started = (f"trainer of every scope it holds (scopes by {settings.scope_by}, "
+                   f"{settings.trainer_max_resident_scopes} in memory)")
 
         def done() -> str:
-            return f"{len(every.workers)} scopes trained ({', '.join(sorted(every.workers))})"
+            totals: Counter[str] = Counter(every.counts)
+            for worker in every.workers.values():
+                totals.update(worker.ledger.counts)
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(totals.items()))
+            return f"{len(every.workers)} scopes held ({', '.join(sorted(every.workers))}); {counts}"
     else:
-        scope = scope or events.DEFAULT_SCOPE
         one = TrainerWorker.from_settings(settings, event_log, store, scope)
         runner = one
         started = f"trainer of scope {scope!r} running on {one.policy.device} (head version {one.ledger.head})"
@@ -585,7 +592,7 @@ def up(ctx: typer.Context) -> None:
 
     def figures() -> tuple[Activity | None, str | None]:
         try:
-            return activity(store, every_scope=settings.scope_by != "deployment"), None
+            return activity(store, None, every_scope=settings.scope_by != "deployment"), None
         except StoreUnavailable as exc:
             return None, str(exc)
 
@@ -615,11 +622,16 @@ def up(ctx: typer.Context) -> None:
 def demo(
     ctx: typer.Context,
     method: Annotated[str | None, typer.Option(help="Run one method only: none | rl | opd | combined.")] = None,
-    compare: Annotated[bool, typer.Option(help="Run all four methods with the same seed and people "
-                                               "(what runs without --method or --quick).")] = False,
-    quick: Annotated[bool, typer.Option(help="The combined method only: a few minutes.")] = False,
-    interactions: Annotated[int, typer.Option(help="Model answers per method.", min=16)] = 256,
+    compare: Annotated[bool, typer.Option(help="Run all four methods under both scope policies, with the same "
+                                               "seed and people (what runs without --method or --quick).")] = False,
+    quick: Annotated[bool, typer.Option(help="The combined method only, a scope per person: a few minutes.")] = False,
+    scope_by: Annotated[str | None, typer.Option(
+        "--scope-by", help="tenant: each person learns into a scope of their own; deployment: everyone into the "
+                           "one shared lineage. Default: tenant (both with --compare).")] = None,
+    interactions: Annotated[int, typer.Option(help="Model answers per run, shared by five people.", min=16)] = 320,
     seed: Annotated[int, typer.Option(help="The base model's and the people's seed.")] = 0,
+    seeds: Annotated[int, typer.Option(help="Run the people with this many seeds (seed, seed+1, …) and report the "
+                                            "mean and spread.", min=1)] = 1,
     out: Annotated[Path | None, typer.Option(help="Where results go (default <data dir>/demo).")] = None,
 ) -> None:
     """The whole loop on this machine, learning from simulated people; writes a table and a learning curve."""
@@ -627,10 +639,12 @@ def demo(
 
     if method is not None and method not in METHODS:
         raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
+    if scope_by is not None and scope_by not in ("tenant", "deployment"):
+        raise typer.BadParameter("choose tenant or deployment", param_hint="--scope-by")
     if sum((compare, quick, method is not None)) > 1:
         raise typer.BadParameter("choose one of --compare, --quick and --method", param_hint="--quick")
     try:
-        from demo.runner import run
+        from demo.runner import run_seeds
     except ModuleNotFoundError as exc:
         if exc.name not in ("openai", "matplotlib", "torch", "transformers", "peft", "trl"):
             raise
@@ -641,11 +655,13 @@ def demo(
 
     settings = _settings(ctx)
     chosen = ("combined",) if quick else (method,) if method is not None else METHODS
+    every_policy = not quick and method is None and scope_by is None
+    policies = ("tenant", "deployment") if every_policy else (scope_by or "tenant",)
     # SIGTERM as Ctrl-C: the running stack is stopped on the way out, not left behind as orphans.
     os_signal.signal(os_signal.SIGTERM, os_signal.default_int_handler)
     out = out or settings.data_dir / "demo"
     log_library_output(out / "demo.log")  # the live progress stays readable; warnings are in the log
-    run(out, methods=chosen, seed=seed, interactions=interactions)
+    run_seeds(out, methods=chosen, seed=seed, seeds=seeds, interactions=interactions, policies=policies)
 
 
 def main() -> None:

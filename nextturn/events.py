@@ -155,6 +155,11 @@ class _Event(_Model):
         """Events with the same key are delivered in order (one partition)."""
         raise NotImplementedError
 
+    @property
+    def record_keys(self) -> tuple[str, ...]:
+        """The keys the event is written under: one record per key, the same event (and id) in each."""
+        return (self.partition_key,)
+
     def encode(self) -> bytes:
         return self.model_dump_json().encode()
 
@@ -277,7 +282,13 @@ class SignalExtracted(_Event):
 
     @property
     def partition_key(self) -> str:
-        return self.session_id
+        """The scope: all of a scope's signals land in one partition, so one trainer of a group owns it."""
+        return self.scope
+
+    @property
+    def record_keys(self) -> tuple[str, ...]:
+        """One record per scope it trains: the shared scope's trainer finds it in the shared scope's partition."""
+        return (self.scope, *(scope for scope in self.also_trains if scope != self.scope))
 
     def trains(self, scope: str) -> bool:
         """Whether the trainer of ``scope`` learns from this signal."""

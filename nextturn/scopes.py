@@ -3,7 +3,8 @@
 ``NEXTTURN_SCOPE_BY`` maps a request to its scope:
 
 - ``deployment``: every request is in the one shared scope, ``default``;
-- ``tenant``: each API key's tenant has its own, ``t.<tenant>``;
+- ``tenant``: each API key's tenant has its own, ``t.<tenant>`` (the tenant ``default``, as which a gateway
+  without keys serves everyone, learns into ``default``);
 - ``user``: each end user of a tenant (the request's ``user`` field, or the ``X-Nextturn-User`` header) has
   its own, ``t.<tenant>.u.<digest>``; a request that names no user is in its tenant's scope.
 
@@ -58,14 +59,15 @@ def user_scope(tenant: str, user: str) -> str:
 
 
 def scope_of(policy: ScopeBy, tenant: str, user: str | None = None) -> str:
-    """The scope a request learns into.
+    """The scope a request learns into. The tenant ``default`` (a gateway without keys serves everyone as it)
+    is the deployment's own: its scope is the shared one.
 
     >>> [scope_of(policy, "acme", "ana") for policy in SCOPE_BY]
     ['default', 't.acme', 't.acme.u.e86e93b4d4752b8370b5']
-    >>> scope_of("user", "acme", None), scope_of("user", "acme", "")
-    ('t.acme', 't.acme')
+    >>> scope_of("user", "acme", None), scope_of("user", "acme", ""), scope_of("tenant", "default")
+    ('t.acme', 't.acme', 'default')
     """
-    if policy == "deployment":
+    if policy == "deployment" or (tenant == DEFAULT_SCOPE and not (policy == "user" and user)):
         return DEFAULT_SCOPE
     if policy == "user" and user:
         return user_scope(tenant, user)

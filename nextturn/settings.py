@@ -97,9 +97,8 @@ class Settings(BaseSettings):
     # Which adapter lineage a request learns into and is served from (DESIGN, Scopes; nextturn/scopes.py):
     # deployment (one shared), tenant (each API key's tenant) or user (each end user of a tenant: the request's
     # `user` field or the X-Nextturn-User header). A scope without a version is served by its parent's.
-    # `deployment` stays the default until a trainer keeps up with any number of scopes (today at most
-    # trainer_max_scopes per process, each reading the whole signals topic).
-    scope_by: Literal["deployment", "tenant", "user"] = "deployment"
+    # Tenants teach only what they are served by default; trainers share any number of scopes (trainer/scopes.py).
+    scope_by: Literal["deployment", "tenant", "user"] = "tenant"
     # Tenants whose signals also train the shared lineage (the `default` scope), besides their own scope: a
     # JSON list in the environment, ["*"] for every tenant. Off by default: a tenant's corrections teach
     # only what that tenant is served.
@@ -139,9 +138,10 @@ class Settings(BaseSettings):
     # Where a scope has signals from several tenants, the most of a batch one tenant's samples may fill (the
     # rest wait for the others'): no tenant alone teaches an adapter others are served. 1: no cap.
     trainer_max_tenant_share: float = Field(default=0.5, gt=0.0, le=1.0)
-    # With scopes per tenant or user, `trainer run` without --scope trains every scope with signals, up to
-    # this many (one copy of the base model; each scope's adapter and optimizer state in memory).
-    trainer_max_scopes: int = Field(default=16, ge=1)
+    # `trainer run` without --scope trains every scope whose partition it holds, on one copy of the base
+    # model; this many scopes keep their adapter and optimizer state in memory, the rest wait in their
+    # checkpoints (loaded again when they train).
+    trainer_max_resident_scopes: int = Field(default=8, ge=1)
     # Where a scope's lineage begins: its parent's stable version (what serves it until it has its own), or the
     # base model.
     trainer_scope_init: Literal["parent", "base"] = "parent"

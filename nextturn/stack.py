@@ -307,15 +307,22 @@ class Activity:
     paused: bool
     last_change: str | None  # the latest rollout decision, in words
     scopes: tuple[str, ...] = ()  # the other scopes, a line each (with scopes per tenant or user)
+    scope: str = events.DEFAULT_SCOPE  # the scope the figures above are of
 
 
 RECENT = 100
 SCOPES_SHOWN = 5
 
 
-def activity(store: Store, scope: str = events.DEFAULT_SCOPE, *, every_scope: bool = False) -> Activity:
-    """The figures ``up`` and the demo show (a handful of counting queries); ``every_scope``: a line for each
-    other scope too (the busiest first, up to SCOPES_SHOWN)."""
+def activity(store: Store, scope: str | None = events.DEFAULT_SCOPE, *, every_scope: bool = False) -> Activity:
+    """The figures ``up`` and the demo show (a handful of counting queries) for ``scope`` (None: the scope
+    with the most resolved turns lately); ``every_scope``: a line for each other scope too (the busiest
+    first, up to SCOPES_SHOWN)."""
+    rows = overview(store) if every_scope or scope is None else []
+    if scope is None:
+        busiest = sorted(rows, key=lambda row: (-row["resolved"], -row["versions"],
+                                                row["scope"] != events.DEFAULT_SCOPE, row["scope"]))
+        scope = busiest[0]["scope"] if busiest else events.DEFAULT_SCOPE
     counts = store.loop_counts(scope, RECENT)
     recent = counts.pop("recent_rewards")
     state = Deployment.read(store, scope)
@@ -327,12 +334,11 @@ def activity(store: Store, scope: str = events.DEFAULT_SCOPE, *, every_scope: bo
             f"{change.action}: {change.reason}"
     return Activity(**counts, recent_reward=sum(recent) / len(recent) if recent else None,
                     stable=state.stable_name, canary=state.canary_name, weight=state.weight, paused=state.paused,
-                    last_change=last, scopes=_scope_lines(store, scope) if every_scope else ())
+                    last_change=last, scopes=_scope_lines(rows, scope) if every_scope else (), scope=scope)
 
 
-def _scope_lines(store: Store, shown: str) -> tuple[str, ...]:
-    rows = sorted((row for row in overview(store) if row["scope"] != shown),
-                  key=lambda row: (-row["resolved"], row["scope"]))
+def _scope_lines(rows: list[dict[str, Any]], shown: str) -> tuple[str, ...]:
+    rows = sorted((row for row in rows if row["scope"] != shown), key=lambda row: (-row["resolved"], row["scope"]))
     lines = []
     for row in rows[:SCOPES_SHOWN]:
         serves = row["stable"] or f"{row['falls_back_to']} (its own: none yet)"
@@ -365,7 +371,7 @@ def status_table(stack: Stack, figures: Activity | None, error: str | None = Non
     table.add_row("signals", f"{figures.resolved} resolved, {figures.rewarded} rewards (recent mean {reward}), "
                              f"{figures.hints} hints")
     canary = f", canary {figures.canary} at {figures.weight:.0%}" if figures.canary else ""
-    table.add_row("adapters", f"{figures.versions} published; stable {figures.stable}{canary}"
+    table.add_row(f"adapters ({figures.scope})", f"{figures.versions} published; stable {figures.stable}{canary}"
                               + (" (paused)" if figures.paused else ""))
     if figures.last_change:
         table.add_row("last decision", figures.last_change[:160])

@@ -28,24 +28,26 @@ from support.eventually import eventually
 
 
 @pytest.mark.demo_model
-def test_the_quick_demo_learns_from_people_through_every_stage(tmp_path: Path) -> None:
+def test_the_quick_demo_learns_each_person_s_preference_in_their_own_scope(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    figures = run(out, methods=("combined",), interactions=256, seed=0, console=Console(file=io.StringIO()))
+    figures = run(out, methods=("combined",), interactions=320, seed=0, console=Console(file=io.StringIO()))
     base, combined = figures["base"], figures["methods"]["combined"]
     stages = combined["stages"]
     # Every stage took part: turns recorded, signals read from the people's replies (hints among them), and
     # versions published, put behind a canary and promoted by the rollout controller's gates.
     assert combined["stopped_early"] == []  # every person talked until the budget was spent
-    assert stages["turns"] >= 240 and stages["signals"] >= 200 and stages["hints"] >= 20, stages
-    assert stages["published"] >= 2 and stages["canaried"] >= 1 and stages["promoted"] >= 1, stages
-    assert combined["stable"] != "base"
-    # Held-out satisfaction (requests phrased as nobody asked online) rose clearly over the base model's in
-    # what the loop learnt: its newest version that the rollout neither rejected nor rolled back. Not the
-    # version serving at the end: which one that is depends on when a canary with 10 turns per arm decides,
-    # and in one of two runs here the second canary had not (serving v1 at 0.21, newest v10 at 0.72).
-    before = sum(base["held_out"].values()) / len(base["held_out"])
-    learnt = sum(combined["newest_held_out"].values()) / len(combined["newest_held_out"])
-    assert learnt >= before + 0.2, (base["held_out"], combined["newest_held_out"])
+    assert stages["turns"] >= 300 and stages["signals"] >= 240 and stages["hints"] >= 20, stages
+    assert stages["published"] >= 5 and stages["canaried"] >= 1 and stages["promoted"] >= 1, stages
+    # Each person learnt into a scope of their own: every person's scope published versions of its own.
+    assert sorted(combined["per_scope"]) == sorted(f"t.{person.name}" for person in tasks.PEOPLE)
+    assert all(scope["published"] >= 1 for scope in combined["per_scope"].values()), combined["per_scope"]
+    # Held-out satisfaction (requests phrased as nobody asked online) rose clearly over the base model's for
+    # at least two people who want different things, each measured on their own scope's newest version that
+    # the rollout neither rejected nor rolled back (what the loop learnt for them).
+    learnt = combined["newest_held_out"]
+    rose = [person for person in tasks.PEOPLE if learnt[person.name] >= base["held_out"][person.name] + 0.3]
+    assert len({person.preference for person in rose}) >= 2, (base["held_out"], learnt)
+    assert all(f"t.{person.name}-v" in combined["newest"] for person in rose), combined["newest"]
     assert (out / "results.md").read_text().count("|") > 20
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "results.json").read_text())["methods"]["combined"]["stages"] == stages

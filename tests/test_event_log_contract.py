@@ -156,6 +156,41 @@ def test_two_consumers_in_a_group_split_the_work(event_log: EventLog) -> None:
             assert deduplicated == sorted(deduplicated)
 
 
+def test_members_of_a_group_hold_disjoint_partitions_and_a_leaver_s_go_to_the_others(event_log: EventLog) -> None:
+    """What ``held`` says after a poll: each partition held by one member; all of them between the members.
+    Each member polls in a thread of its own, as members do (a Kafka join waits for the others' polls)."""
+    every = frozenset(range(event_log.partitions))  # type: ignore[attr-defined]
+    held: dict[str, frozenset[int]] = {}
+    stop = {"first": threading.Event(), "second": threading.Event()}
+
+    def member(name: str) -> None:
+        consumer = event_log.consumer("holders", [events.SIGNALS])
+        try:
+            while not stop[name].is_set():
+                consumer.poll(10, 0.2)
+                held[name] = consumer.held()
+        finally:
+            consumer.close()
+            held.pop(name, None)
+
+    threads = {name: threading.Thread(target=member, args=(name,)) for name in stop}
+    for thread in threads.values():
+        thread.start()
+    try:
+        def split() -> bool:
+            mine, theirs = held.get("first", frozenset()), held.get("second", frozenset())
+            return bool(mine) and bool(theirs) and mine | theirs == every and not mine & theirs
+
+        eventually(split, "both members holding their own partitions", timeout_s=60)
+        stop["second"].set()
+        threads["second"].join()
+        eventually(lambda: held.get("first") == every, "the remaining member holding every partition", timeout_s=60)
+    finally:
+        for name, thread in threads.items():
+            stop[name].set()
+            thread.join()
+
+
 def test_large_events_round_trip(event_log: EventLog) -> None:
     big = turn("big", 0, content="x" * (6 << 20))  # 6 MiB of prompt
     event_log.append([big, turn("small", 1)])

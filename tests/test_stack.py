@@ -86,7 +86,8 @@ def test_up_runs_the_loop_restarts_a_killed_worker_and_stops_cleanly_on_ctrl_c(t
         ask = [{"role": "user", "content": "Name a flower."}]
         first = client.chat.completions.create(model=model, messages=ask, max_tokens=4)  # type: ignore[arg-type]
         # The signals worker resolves the turn once the session is quiet: the loop runs end to end.
-        eventually(lambda: activity(store).resolved >= 1, "a signal for the first turn", timeout_s=120)
+        # (acme's scope, t.acme, is the busiest: what `up` shows)
+        eventually(lambda: activity(store, None).resolved >= 1, "a signal for the first turn", timeout_s=120)
 
         workers = _children(up.pid)
         signals_pid = next(pid for pid, argv in workers.items() if "signals" in argv)
@@ -96,7 +97,7 @@ def test_up_runs_the_loop_restarts_a_killed_worker_and_stops_cleanly_on_ctrl_c(t
         again = [*ask, {"role": "assistant", "content": first.choices[0].message.content or ""},
                  {"role": "user", "content": "Another one, please."}]
         client.chat.completions.create(model=model, messages=again, max_tokens=4)  # type: ignore[arg-type]
-        eventually(lambda: activity(store).resolved >= 2, "the restarted worker to resolve the second turn",
+        eventually(lambda: activity(store, None).resolved >= 2, "the restarted worker to resolve the second turn",
                    timeout_s=120)
         client.close()
 
@@ -113,13 +114,13 @@ def test_up_runs_the_loop_restarts_a_killed_worker_and_stops_cleanly_on_ctrl_c(t
 
 @pytest.mark.slow
 def test_up_with_scopes_per_tenant_gives_each_tenant_versions_of_its_own(tmp_path: Path, tiny_model: Path) -> None:
-    """The newcomer's check: ``NEXTTURN_SCOPE_BY=tenant nextturn up``, two tenants rate a few answers, and each
+    """The newcomer's check: ``nextturn up`` (scopes per tenant by default), two tenants rate a few answers, and each
     gets versions of its own (in ``nextturn scopes list`` and the X-Nextturn-Adapter header) that the other
     cannot see or pin."""
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("NEXTTURN_")}
     env = {**clean, "NEXTTURN_DATA_DIR": str(tmp_path), "NEXTTURN_MODEL": str(tiny_model), "NEXTTURN_PORT": str(port),
-           "NEXTTURN_SCOPE_BY": "tenant", "NEXTTURN_API_KEYS": "sk-acme:acme,sk-globex:globex",
+           "NEXTTURN_API_KEYS": "sk-acme:acme,sk-globex:globex",
            "NEXTTURN_SIGNALS_IDLE_TIMEOUT_S": "1", "NEXTTURN_TRAINER_BATCH_SIZE": "2",
            "NEXTTURN_TRAINER_STEPS_PER_BATCH": "1", "NEXTTURN_TRAINER_HOLDOUT_EVERY": "0"}
     up = subprocess.Popen([sys.executable, "-m", "nextturn", "up"], env=env, stdout=subprocess.PIPE,

@@ -248,58 +248,101 @@ def test_the_shared_scope_learns_from_the_tenants_that_feed_it_and_only_those(
     assert list(published(tmp_path)) == [1]
 
 
-def test_one_trainer_process_trains_every_scope_with_signals_each_on_its_own(
-    base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path
-) -> None:
-    """``trainer run`` without ``--scope`` under scopes per tenant: a worker per scope found in the store,
-    new scopes found as they come, each trained on its own signals only, at most max_scopes of them."""
-    def scoped(tenant: str, numbers: range) -> tuple[list[events.TurnRecorded], list[events.SignalExtracted]]:
-        turns = [served(base, n, tenant=tenant).model_copy(update={"scope": f"t.{tenant}"}) for n in numbers]
-        return turns, [signal(t) for t in turns]
+def _scoped(base: Policy, tenant: str,
+            numbers: range) -> tuple[list[events.TurnRecorded], list[events.SignalExtracted]]:
+    turns = [served(base, n, tenant=tenant).model_copy(update={"scope": f"t.{tenant}"}) for n in numbers]
+    return turns, [signal(t) for t in turns]
 
+
+def _every_scope(log: EventLog, store: Store, tiny_model: Path, root: Path, *, max_resident: int,
+                 **fields: object) -> ScopeTrainers:
     shared = SharedBase(tiny_model, device="cpu")
 
     def start(scope: str) -> TrainerWorker:
-        return TrainerWorker(sqlite_log, store, model_dir=tiny_model, adapters_root=tmp_path / "adapters",
-                             trainer_root=tmp_path / "trainer", scope=scope, config=config(standing_hints=0),
-                             shared=shared)
+        return TrainerWorker(log, store, model_dir=tiny_model, adapters_root=root / "adapters",
+                             trainer_root=root / "trainer", scope=scope, config=config(standing_hints=0, **fields),
+                             shared=shared, consume=False)
 
-    now = [0.0]
-    trainers = ScopeTrainers(start, store, max_scopes=3, clock=lambda: now[0])
-    acme, acme_signals = scoped("acme", range(4))
+    return ScopeTrainers(log, start, max_resident=max_resident)
+
+
+def test_one_trainer_process_trains_every_scope_with_signals_each_on_its_own(
+    base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path
+) -> None:
+    """``trainer run`` without ``--scope``: a worker per scope whose signals arrive, each trained on its own
+    signals only, on one base model; with one scope in memory, the others are parked in their checkpoints
+    and come back with the weights and optimizer state they had."""
+    trainers = _every_scope(sqlite_log, store, tiny_model, tmp_path, max_resident=1)
+    acme, acme_signals = _scoped(base, "acme", range(4))
     record(store, sqlite_log, *acme, *acme_signals)
     trainers.drain(0.3)
-    assert sorted(trainers.workers) == ["default", "t.acme"]
-    globex, globex_signals = scoped("globex", range(4, 8))
-    record(store, sqlite_log, *globex, *globex_signals)
-    trainers.drain(0.3)
-    assert "t.globex" not in trainers.workers  # found at the next discovery only
-    now[0] = 10.0
-    trainers.drain(0.3)
-    initech, initech_signals = scoped("initech", range(8, 12))
-    record(store, sqlite_log, *initech, *initech_signals)
-    now[0] = 20.0
-    trainers.drain(0.3)
-    # One base model for all; training one scope left the other's weights as it published them, and what
-    # was published loads as any PEFT adapter does.
-    acme_policy = trainers.workers["t.acme"].policy
-    assert acme_policy.model is trainers.workers["t.globex"].policy.model
+    assert sorted(trainers.workers) == ["t.acme"]
+    acme_worker = trainers.workers["t.acme"]
     ids = torch.tensor([[5, 17, 42, 9]])
+    with torch.no_grad():
+        trained = acme_worker.policy.model(input_ids=ids).logits
+    moments = {k: v.clone() for k, v in acme_worker._weights()[1].state_dict()["state"][0].items()}
+    for tenant, numbers in (("globex", range(4, 8)), ("initech", range(8, 12))):
+        turns, signals = _scoped(base, tenant, numbers)
+        record(store, sqlite_log, *turns, *signals)
+    trainers.drain(0.3)
+    assert sorted(trainers.workers) == ["t.acme", "t.globex", "t.initech"]
+    assert sum(worker.resident for worker in trainers.workers.values()) == 1
+    assert trainers.counts["parked"] >= 2
+    # One base model for all; training one scope left the others' weights as they published them; a parked
+    # scope's weights and optimizer state come back as they were; what was published loads as any PEFT adapter.
+    assert trainers.workers["t.acme"].policy.model is trainers.workers["t.globex"].policy.model
+    acme_policy = trainers.workers["t.acme"].policy
     published_acme = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
                                                tmp_path / "adapters" / "t.acme" / "000001")
     with torch.no_grad():
+        assert torch.allclose(acme_policy.model(input_ids=ids).logits, trained, atol=1e-6)
         assert torch.allclose(acme_policy.model(input_ids=ids).logits, published_acme(input_ids=ids).logits,
                               atol=1e-5)
         with acme_policy.base():
             plain = acme_policy.model(input_ids=ids).logits
-        assert not torch.allclose(plain, published_acme(input_ids=ids).logits, atol=1e-5)  # it learnt something
+        assert not torch.allclose(plain, trained, atol=1e-5)  # it learnt something
+    back = trainers.workers["t.acme"]._weights()[1].state_dict()["state"][0]
+    assert all(torch.equal(back[k], moments[k]) for k in moments)
     trainers.close()
-    assert sorted(trainers.workers) == ["default", "t.acme", "t.globex"]  # t.initech waits: at most 3
-    assert published(tmp_path) == {} and published(tmp_path, "t.initech") == {}
-    for scope, mine in (("t.acme", acme_signals), ("t.globex", globex_signals)):
-        versions = published(tmp_path, scope)
+    assert published(tmp_path) == {}
+    for tenant, numbers in (("acme", range(4)), ("globex", range(4, 8)), ("initech", range(8, 12))):
+        versions = published(tmp_path, f"t.{tenant}")
         assert list(versions) == [1]
-        assert sorted(versions[1]["data"]["signals"]) == sorted(s.event_id for s in mine)
+        assert sorted(versions[1]["data"]["signals"]) == sorted(signal(t).event_id for t in _scoped(
+            base, tenant, numbers)[0])
+
+
+def test_the_scope_whose_samples_waited_longest_trains_first(
+    base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path
+) -> None:
+    """t.beta's first samples were ready a round before t.alpha's: when both have a batch, beta goes first."""
+    trainers = _every_scope(sqlite_log, store, tiny_model, tmp_path, max_resident=2)
+    beta, beta_signals = _scoped(base, "beta", range(4))
+    alpha, alpha_signals = _scoped(base, "alpha", range(4, 8))
+    record(store, sqlite_log, *beta[:3], *beta_signals[:3])
+    trainers.drain(0.3)
+    assert published(tmp_path, "t.beta") == {}  # three of a batch of four
+    record(store, sqlite_log, *alpha, *alpha_signals, beta[3], beta_signals[3])
+    trainers.drain(0.3)
+    trainers.close()
+    assert [(a.scope, a.version) for a in _adapters_announced(sqlite_log)] == [("t.beta", 1), ("t.alpha", 1)]
+
+
+def test_signals_keyed_by_their_session_are_keyed_again_by_scope_and_trained_once(
+    base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path
+) -> None:
+    """Signals written before they were keyed by scope (keyed by session) still train, once each."""
+    turns, signals = _scoped(base, "acme", range(4))
+    store.apply([*turns, *signals])
+    for item in signals:
+        sqlite_log.append_raw(events.SIGNALS, item.session_id, item.encode())
+    trainers = _every_scope(sqlite_log, store, tiny_model, tmp_path, max_resident=1)
+    trainers.drain(0.3)
+    trainers.close()
+    assert trainers.counts["rerouted"] == 4
+    versions = published(tmp_path, "t.acme")
+    assert list(versions) == [1] and sorted(versions[1]["data"]["signals"]) == sorted(s.event_id for s in signals)
 
 
 @pytest.mark.parametrize("scope_init", ["parent", "base"])

@@ -90,17 +90,22 @@ def measure(policy: Policy, replay: Replay, *, max_new_tokens: int = 32, seed: i
 
 
 def probe(policy: Policy, *, max_new_tokens: int = 32, seed: int = 0) -> dict[str, float]:
-    """Content distinct-1 and -2 of the version's answers to :data:`PROBES`, and of the base model's."""
+    """Content distinct-1 and -2 of the version's answers to :data:`PROBES`, and of the base model's (the
+    same for every version and scope of a base model, so measured once per process)."""
     prompts = [prompt_token_ids(policy.tokenizer, [ChatMessage(role="user", content=text)], None) for text in PROBES]
-    found = {}
-    for who, answers in (("", _sample(policy, prompts, max_new_tokens, seed)), ("base_", None)):
-        if answers is None:
-            with policy.base():
-                answers = _sample(policy, prompts, max_new_tokens, seed)
-        texts = policy.tokenizer.batch_decode(answers, skip_special_tokens=True)
-        found[f"{who}distinct_1"] = content_distinct(texts, 1)
-        found[f"{who}distinct_2"] = content_distinct(texts, 2)
-    return found
+    key = (policy.base_model, str(policy.device), max_new_tokens, seed)
+    if key not in _BASE_PROBES:
+        with policy.base():
+            _BASE_PROBES[key] = _distinct_of(policy, _sample(policy, prompts, max_new_tokens, seed), "base_")
+    return {**_distinct_of(policy, _sample(policy, prompts, max_new_tokens, seed), ""), **_BASE_PROBES[key]}
+
+
+_BASE_PROBES: dict[tuple[str, str, int, int], dict[str, float]] = {}
+
+
+def _distinct_of(policy: Policy, answers: list[list[int]], prefix: str) -> dict[str, float]:
+    texts = policy.tokenizer.batch_decode(answers, skip_special_tokens=True)
+    return {f"{prefix}distinct_1": content_distinct(texts, 1), f"{prefix}distinct_2": content_distinct(texts, 2)}
 
 
 def content_distinct(texts: Sequence[str], n: int) -> float:

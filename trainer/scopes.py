@@ -1,17 +1,25 @@
-"""Every scope trained from one process: ``nextturn trainer run`` without ``--scope`` when scopes are per
-tenant or per user (``NEXTTURN_SCOPE_BY``).
+"""Every scope trained from one process, and scopes shared between trainer processes: ``nextturn trainer
+run`` without ``--scope``.
 
-One :class:`~trainer.worker.TrainerWorker` per scope that has signals (``default`` always): each with its
-own adapter, optimizer, ledger, checkpoint, lock and consumer group (``trainer-<scope>``), exactly as
-``trainer run --scope`` would run it, so a scope moves between this and a trainer of its own without a
-signal trained twice or skipped. New scopes are found in the store every ``discover_s`` (one read: the
-scopes signals were stored for) and their workers start then; a new scope's group reads the signals topic
-from its beginning, so no signal of the scope is missed. Each round runs every worker's round in turn.
+Signals are keyed by scope (a signal that also trains the shared scope is written under that key too:
+:attr:`nextturn.events.SignalExtracted.record_keys`), so all of a scope's records land in one partition.
+The trainers are members of one consumer group (``trainers``) and the group splits the partitions: a scope
+is trained by the one trainer that holds its partition. Each round:
 
-The workers share one copy of the base model (:class:`trainer.policy.SharedBase`: each scope's adapter is a
-named adapter of one model); each scope's adapter and optimizer state stay in memory. Its limits, stated:
-every worker reads the whole signals topic, and at most ``max_scopes`` scopes are trained (the first
-found; the rest are logged and wait).
+1. poll; a record's key names the scope it trains (a record whose key is not a scope it trains, written
+   before signals were keyed by scope, is written again under its scopes' keys and trains from there);
+2. let go of the scopes whose partitions the group moved to another member (their ledgers were saved
+   and committed last round); take a scope whose records arrive: a :class:`~trainer.worker.TrainerWorker`
+   of its own (adapter, optimizer, ledger, checkpoint, lock), resumed from its checkpoint, so a scope that
+   moves between trainers goes on where its last owner saved it, and the log redelivers what that owner
+   had not committed: nothing trained twice, nothing skipped. The new owner waits for the old one's lock;
+3. refresh every scope (pacing, samples), then one update for each scope that has a batch, **oldest
+   waiting sample first**, so a busy scope cannot starve a quiet one;
+4. save every scope's ledger, then commit the group's offsets.
+
+Weights: one copy of the base model (:class:`trainer.policy.SharedBase`); at most ``max_resident`` scopes
+keep their adapter and optimizer state in memory (on the training device). The least recently used one
+beyond that is parked: its checkpoint holds its weights, loaded again when it next trains.
 """
 
 from __future__ import annotations
@@ -19,62 +27,154 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from nextturn import events
-from nextturn.store import Store
+from nextturn.bus import BadRecordPolicy, EventLog
+from nextturn.errors import CommitFailed, EventLogUnavailable
+from nextturn.events import SignalExtracted
+from trainer.errors import TrainerBusy
 from trainer.worker import TrainerWorker
 
 log = logging.getLogger(__name__)
 
+GROUP = "trainers"
+FIGURES_KEPT = 1000
+
 
 class ScopeTrainers:
-    def __init__(self, start: Callable[[str], TrainerWorker], store: Store, *, max_scopes: int,
-                 discover_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, event_log: EventLog, start: Callable[[str], TrainerWorker], *, max_resident: int,
+                 lock_wait_s: float = 30.0, on_bad_record: BadRecordPolicy | None = None) -> None:
+        """``start(scope)``: the scope's worker, made with ``consume=False`` (this reads its signals)."""
+        self._log = event_log
         self._start = start
-        self._store = store
-        self._max_scopes = max_scopes
-        self._discover_s = discover_s
-        self._clock = clock
-        self._due = 0.0
-        self._waiting: set[str] = set()  # scopes beyond max_scopes, logged once each
+        self._max_resident = max_resident
+        self._lock_wait_s = lock_wait_s
+        self._consumer = event_log.consumer(GROUP, [events.SIGNALS], on_bad_record=on_bad_record)
         self.workers: dict[str, TrainerWorker] = {}
+        self._partition: dict[str, int] = {}  # scope -> the partition its records come on
+        self._used: dict[str, float] = {}  # scope -> when its weights were last used (parking order)
+        self.counts: dict[str, int] = {"scopes_taken": 0, "scopes_let_go": 0, "parked": 0, "rerouted": 0}
+        # The latest figures (bench/trainer_scaling.py): seconds a parked scope's weights took to load again, and
+        # seconds from a scope's batch being complete (its newest sample ready) to its update.
+        self.switches: deque[float] = deque(maxlen=FIGURES_KEPT)
+        self.waits: deque[float] = deque(maxlen=FIGURES_KEPT)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.run_once(0.5)
 
     def run_once(self, timeout_s: float = 1.0) -> int:
-        """One round of every scope's worker (after finding new scopes, when due); the signals read."""
-        if self._clock() >= self._due:
-            self.discover()
-            self._due = self._clock() + self._discover_s
-        share = timeout_s / max(1, len(self.workers))
-        return sum(worker.run_once(share) for worker in list(self.workers.values()))
+        """One round (see the module docstring); the records read."""
+        if not all(worker.finish_publish() for worker in self.workers.values()):
+            return 0  # the log is down: nothing may be committed before a pending version is out
+        deliveries = self._consumer.poll(500, timeout_s)
+        self._let_go(self._consumer.held())
+        misrouted: list[SignalExtracted] = []
+        for item in deliveries:
+            if not isinstance(item.event, SignalExtracted):
+                continue
+            if item.key is None or not item.event.trains(item.key):
+                misrouted.append(item.event)
+                continue
+            self._worker(item.key, item.partition).take(item.event)
+        if misrouted and not self._reroute(misrouted):
+            return len(deliveries)  # not committed: the records come again
+        for worker in self.workers.values():
+            worker.refresh()
+        due = sorted((at, scope) for scope, worker in self.workers.items() if (at := worker.due()) is not None)
+        for _, scope in due:
+            complete = self.workers[scope].complete_at()
+            if complete is not None:
+                self.waits.append(time.monotonic() - complete)
+            self._train(scope)
+        for scope, worker in self.workers.items():
+            worker.save()
+            if worker.resident:
+                self._used.setdefault(scope, time.monotonic())  # loaded to write its first checkpoint
+        self._park_beyond(None)
+        try:
+            self._consumer.commit()
+        except CommitFailed:
+            pass  # the group moved on: the records come again to their new owner, whose ledger knows them
+        return len(deliveries)
 
     def drain(self, idle_s: float = 0.5) -> int:
-        """Rounds until a round reads nothing (tests)."""
+        """Rounds until a poll waits ``idle_s`` for nothing and no scope has an update due (tests)."""
         total = 0
-        while read := self.run_once(idle_s):
+        while (read := self.run_once(idle_s)) or any(w.due() is not None for w in self.workers.values()):
             total += read
         return total
-
-    def discover(self) -> list[str]:
-        """Start a worker for each scope with signals that has none yet; the scopes started."""
-        found = sorted({events.DEFAULT_SCOPE, *self._store.signal_scopes()} - self.workers.keys())
-        started = []
-        for scope in found:
-            if len(self.workers) >= self._max_scopes:
-                if scope not in self._waiting:
-                    self._waiting.add(scope)
-                    log.warning("scope %s waits: this trainer trains at most %d scopes "
-                                "(NEXTTURN_TRAINER_MAX_SCOPES)", scope, self._max_scopes)
-                continue
-            self.workers[scope] = self._start(scope)
-            started.append(scope)
-            log.info("training scope %s", scope)
-        return started
 
     def close(self) -> None:
         for worker in self.workers.values():
             worker.close()
+        self._consumer.close()
+
+    # -- scopes coming and going ----------------------------------------------------------------------
+
+    def _worker(self, scope: str, partition: int) -> TrainerWorker:
+        worker = self.workers.get(scope)
+        if worker is None:
+            worker = self.workers[scope] = self._take(scope)
+            self.counts["scopes_taken"] += 1
+            log.info("training scope %s (partition %d)", scope, partition)
+        self._partition[scope] = partition
+        return worker
+
+    def _take(self, scope: str) -> TrainerWorker:
+        """The scope's worker, once the trainer that held it before let go of its lock."""
+        deadline = time.monotonic() + self._lock_wait_s
+        while True:
+            try:
+                return self._start(scope)
+            except TrainerBusy:
+                if time.monotonic() >= deadline:
+                    raise TrainerBusy(f"another trainer held scope {scope} for {self._lock_wait_s:.0f} s: a "
+                                      "trainer of that scope alone (trainer run --scope) beside this group? "
+                                      "Run one or the other") from None
+                time.sleep(0.1)
+
+    def _let_go(self, held: frozenset[int]) -> None:
+        for scope in [s for s, partition in self._partition.items() if partition not in held]:
+            worker = self.workers.pop(scope)
+            worker.save()
+            worker.close()
+            del self._partition[scope]
+            self._used.pop(scope, None)
+            self.counts["scopes_let_go"] += 1
+            log.info("scope %s moved to another trainer", scope)
+
+    def _reroute(self, signals: list[SignalExtracted]) -> bool:
+        """Write records keyed otherwise (before signals were keyed by scope) again under their scopes."""
+        try:
+            self._log.append(signals)
+        except EventLogUnavailable as exc:
+            log.warning("cannot write %d signal(s) again under their scopes (%s); trying again", len(signals), exc)
+            return False
+        self.counts["rerouted"] += len(signals)
+        return True
+
+    # -- weights in memory ----------------------------------------------------------------------------
+
+    def _train(self, scope: str) -> None:
+        worker = self.workers[scope]
+        if not worker.resident:
+            self._park_beyond(scope, room_for_one=True)
+            began = time.perf_counter()
+            worker.policy  # noqa: B018  (loads the weights and the optimizer state)
+            self.switches.append(time.perf_counter() - began)
+        self._used[scope] = time.monotonic()
+        worker.train()
+
+    def _park_beyond(self, keep: str | None, *, room_for_one: bool = False) -> None:
+        """Park the least recently used scopes until at most ``max_resident`` (one fewer with
+        ``room_for_one``) keep their weights in memory; never ``keep``."""
+        bound = self._max_resident - (1 if room_for_one else 0)
+        resident = sorted((self._used.get(scope, 0.0), scope) for scope, worker in self.workers.items()
+                          if worker.resident and scope != keep)
+        for _, scope in resident[:max(0, len(resident) - bound)]:
+            self.workers[scope].park()
+            self._used.pop(scope, None)
+            self.counts["parked"] += 1

@@ -1,7 +1,9 @@
 """The trainer worker (``nextturn trainer run``): trains a scope's adapter from its signals and publishes
 each update as a new version.
 
-It consumes ``signals`` in the consumer group ``trainer-<scope>``. Order of operations, each round:
+Alone (``trainer run --scope``) it consumes ``signals`` in the consumer group ``trainer-<scope>``; as one
+scope of :class:`trainer.scopes.ScopeTrainers` (``trainer run``) it is handed its scope's signals, and the
+weights may be parked between updates (:meth:`TrainerWorker.park`). Order of operations, each round:
 
 1. poll a batch of signals; keep this scope's, and offer each to the ledger (:mod:`trainer.ledger`), which
    turns away revisions it has already seen (replays after a crash, an outbox publishing twice);
@@ -141,7 +143,10 @@ class TrainerConfig:
 class TrainerWorker:
     def __init__(self, event_log: EventLog, store: Store, *, model_dir: Path, adapters_root: Path,
                  trainer_root: Path, scope: str = events.DEFAULT_SCOPE, config: TrainerConfig = TrainerConfig(),
-                 on_bad_record: BadRecordPolicy | None = None, shared: SharedBase | None = None) -> None:
+                 on_bad_record: BadRecordPolicy | None = None, shared: SharedBase | None = None,
+                 consume: bool = True) -> None:
+        """``consume``: read the signals in a consumer group of this scope's own (``trainer-<scope>``); False
+        when a :class:`trainer.scopes.ScopeTrainers` reads them for every scope and hands them over."""
         self.scope = scope
         self._base = shared  # one base model for every scope of this process (None: a copy of its own)
         self.config = config
@@ -158,45 +163,89 @@ class TrainerWorker:
         # then from the signals offered.
         self._shared: bool | None = None
         self._tenant: str | None = None
-        self.ledger, self.policy, self._optimizer = self._resume()
+        self._has_room = False  # whether pacing allowed a version at the last refresh()
+        # The weights and the optimizer, loaded when first used and dropped by park(); until the first
+        # checkpoint, loaded from ``_start`` (the newest version, the parent's stable one or the base model).
+        self._loaded: tuple[Policy, torch.optim.Optimizer] | None = None
+        self.ledger, self._start = self._resume()
         self._saved = json.dumps(self.ledger.to_json(), sort_keys=True) if self._checkpoints.current() else ""
-        self._consumer = event_log.consumer(f"trainer-{scope}", [events.SIGNALS], on_bad_record=on_bad_record)
-        self._finish_publish()
+        self._consumer = (event_log.consumer(f"trainer-{scope}", [events.SIGNALS], on_bad_record=on_bad_record)
+                          if consume else None)
+        self.finish_publish()
 
     @classmethod
     def from_settings(cls, settings: Settings, event_log: EventLog, store: Store,
                       scope: str = events.DEFAULT_SCOPE, shared: SharedBase | None = None) -> TrainerWorker:
+        """A trainer of ``scope`` alone; with ``shared``, one scope of a :class:`trainer.scopes.ScopeTrainers`."""
         return cls(event_log, store, model_dir=settings.model_path, adapters_root=settings.adapters_path,
                    trainer_root=settings.trainer_path, scope=scope, config=TrainerConfig.from_settings(settings),
-                   shared=shared)
+                   shared=shared, consume=shared is None)
 
     def close(self) -> None:
-        self._consumer.close()
+        if self._consumer is not None:
+            self._consumer.close()
         self._checkpoints.release()
+        self._loaded = None
         if self._base is not None:
             self._base.drop(self.scope)
 
-    # -- start ----------------------------------------------------------------------------------------
+    # -- start, and the weights -----------------------------------------------------------------------
 
-    def _resume(self) -> tuple[Ledger, Policy, torch.optim.Optimizer]:
-        """The last checkpoint; else the newest published version (a lost checkpoint); else a new adapter."""
+    def _resume(self) -> tuple[Ledger, Path | None]:
+        """The last checkpoint's ledger; else a new one on the newest published version (a lost checkpoint);
+        else a new lineage. With it, where the weights start until a checkpoint holds them."""
         saved = self._checkpoints.state()
         if saved is not None:
-            path = self._checkpoints.current()
-            assert path is not None
-            policy = self._load_policy(path / ADAPTER)
-            optimizer = self._new_optimizer(policy)
-            # Tensors and numbers only: no pickled code runs (torch 2.6 made this the default, earlier ones warn).
-            state = torch.load(path / OPTIMIZER, map_location=policy.device, weights_only=True)
-            optimizer.load_state_dict(state)
-            return Ledger.from_json(saved), policy, optimizer
+            return Ledger.from_json(saved), None
         latest = self.shelf.latest()
         ledger = Ledger(head=latest or 0)
         start = self.shelf.path(latest) if latest is not None else None
         if start is None:
             start, ledger.init_from = self._parent_start()
-        policy = self._load_policy(start)
-        return ledger, policy, self._new_optimizer(policy)
+        return ledger, start
+
+    @property
+    def policy(self) -> Policy:
+        return self._weights()[0]
+
+    @property
+    def resident(self) -> bool:
+        """Whether the weights and the optimizer state are in memory (see :meth:`park`)."""
+        return self._loaded is not None
+
+    def _weights(self) -> tuple[Policy, torch.optim.Optimizer]:
+        if self._loaded is None:
+            path = self._checkpoints.current()
+            if path is None:
+                policy = self._load_policy(self._start)
+                self._loaded = policy, self._new_optimizer(policy)
+            else:
+                policy = self._load_policy(path / ADAPTER)
+                optimizer = self._new_optimizer(policy)
+                # Tensors and numbers only: no pickled code runs (torch 2.6 made this the default).
+                optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location=policy.device, weights_only=True))
+                self._loaded = policy, optimizer
+        return self._loaded
+
+    def park(self) -> None:
+        """Free the weights and the optimizer state; the next use loads them from the checkpoint, which holds
+        them as they are (every step and rebase is checkpointed before anything else happens)."""
+        if self._loaded is None:
+            return
+        if self._checkpoints.current() is None:
+            self._checkpoints.save(self._write_weights, self.ledger.to_json())
+            self._saved = json.dumps(self.ledger.to_json(), sort_keys=True)
+        self._loaded = None
+        if self._base is not None:
+            self._base.drop(self.scope)
+
+    @property
+    def _tokenizer(self) -> Any:
+        return self._base.tokenizer if self._base is not None else self.policy.tokenizer
+
+    @property
+    def _base_model(self) -> str:
+        return self._base.base_model if self._base is not None else self.policy.base_model
 
     def _parent_start(self) -> tuple[Path | None, str | None]:
         """Where a lineage with no version of its own begins: its chain's first stable version (the one its
@@ -233,22 +282,20 @@ class TrainerWorker:
 
     def run_once(self, timeout_s: float = 1.0) -> int:
         """One round (see the module docstring); return how many signals were read."""
-        if self.ledger.publish_pending is not None and not self._finish_publish():
+        assert self._consumer is not None, "this worker's signals are handed to it (consume=False)"
+        if not self.finish_publish():
             return 0  # the log is down: nothing new may be committed before the pending version is out
         deliveries = self._consumer.poll(500, timeout_s)
         for item in deliveries:
-            if isinstance(item.event, SignalExtracted):
-                self._offer(item.event)
-        try:
-            room = self._room()  # first: a rebase changes which samples are stale
-            self._resolve()
-            while room and (batch := self._batch()) is not None:
-                self._update(batch)
-                room = self._room()
-        except StoreUnavailable as exc:
-            log.warning("cannot read the store (%s); trying again next round", exc)
-            self.ledger.count("store_retries")
-        self._save_ledger()
+            # A signal that trains several scopes is written once under each one's key: take ours (or one
+            # written before signals were keyed by scope).
+            if isinstance(item.event, SignalExtracted) and (
+                    item.key == self.scope or item.key is None or not item.event.trains(item.key)):
+                self.take(item.event)
+        self.refresh()
+        while self.train():
+            self.refresh()
+        self.save()
         try:
             self._consumer.commit()
         except CommitFailed:
@@ -262,13 +309,50 @@ class TrainerWorker:
             total += read
         return total
 
-    def _offer(self, signal: SignalExtracted) -> None:
+    def take(self, signal: SignalExtracted) -> None:
+        """Offer a signal read from the log (one not for this scope is ignored)."""
         if not signal.trains(self.scope):
             return  # another scope's trainer takes it
         self.ledger.count("received")
         self._saw(signal.tenant)
         if self.ledger.offer(signal):
             self._ready.pop(signal.signal_id, None)  # a newer revision replaces a ready older one
+
+    def refresh(self) -> None:
+        """Pacing first (a rebase changes which samples are stale), then build the samples that can be."""
+        try:
+            self._has_room = self._room()
+            self._resolve()
+        except StoreUnavailable as exc:
+            log.warning("cannot read the store (%s); trying again next round", exc)
+            self.ledger.count("store_retries")
+            self._has_room = False
+
+    def due(self) -> float | None:
+        """When the oldest sample of the batch that would train now became ready (monotonic seconds); None
+        when pacing or the samples allow no update (as of the last :meth:`refresh`)."""
+        if not self._has_room or self._batch() is None:
+            return None
+        return min(self._ready_at.values())
+
+    def complete_at(self) -> float | None:
+        """When the batch that would train now was complete: its newest sample became ready (monotonic)."""
+        if not self._has_room or (batch := self._batch()) is None:
+            return None
+        return max(self._ready_at[sample.signal_id] for sample in batch)
+
+    def train(self) -> bool:
+        """One update, if one is due (it may publish a version); whether one was made."""
+        if not self._has_room or (batch := self._batch()) is None:
+            return False
+        try:
+            self._update(batch)
+        except StoreUnavailable as exc:
+            log.warning("cannot read the store (%s); trying again next round", exc)
+            self.ledger.count("store_retries")
+            return False
+        self._has_room = False  # until the next refresh() asks the rollout again
+        return True
 
     # -- samples --------------------------------------------------------------------------------------
 
@@ -313,7 +397,7 @@ class TrainerWorker:
                 # Only the user's own words become standing: a failed tool call's report, or the judge's hint,
                 # is about that turn (a "division by zero" note made the teacher garble later sums).
                 self.ledger.remember_hint(turn.tenant, signal.hint, self.config.standing_hints)
-            self._ready[key] = build(signal, turn, self.policy.tokenizer, standing)
+            self._ready[key] = build(signal, turn, self._tokenizer, standing)
             self._ready_at.setdefault(key, time.monotonic())
             per_tenant[turn.tenant] += 1
 
@@ -379,8 +463,8 @@ class TrainerWorker:
         start = self.shelf.path(stable) if stable else None
         if start is None:  # what serves the scope: its parent's stable version, or the base model
             start, self.ledger.init_from = self._parent_start()
-        self.policy = self._load_policy(start)
-        self._optimizer = self._new_optimizer(self.policy)
+        policy = self._load_policy(start)
+        self._loaded = policy, self._new_optimizer(policy)
         self.ledger.rebased = [stable or 0, self.ledger.head]
         self.ledger.count("rebased")
         self._checkpoints.save(self._write_weights, self.ledger.to_json())
@@ -402,7 +486,8 @@ class TrainerWorker:
                 fresh.append(sample)
         if len(fresh) < len(batch):
             return  # the batch shrank: wait for more samples
-        result = self._train(self.policy, self._optimizer, batch)
+        policy, optimizer = self._weights()
+        result = self._train(policy, optimizer, batch)
         for sample in batch:
             self._ready.pop(sample.signal_id)
             self.ledger.finish(sample.signal_id, sample.revision, sample.reward, sample.hint)
@@ -417,11 +502,12 @@ class TrainerWorker:
         meta = self._describe(batch, result)
         self._checkpoints.save(self._write_weights, {**self.ledger.to_json(), "meta": meta})
         self._saved = ""
-        self._finish_publish()
+        self.finish_publish()
 
     def _write_weights(self, directory: Path) -> None:
-        self.policy.save(directory / ADAPTER)
-        torch.save(self._optimizer.state_dict(), directory / OPTIMIZER)
+        policy, optimizer = self._weights()
+        policy.save(directory / ADAPTER)
+        torch.save(optimizer.state_dict(), directory / OPTIMIZER)
 
     def _describe(self, batch: list[Sample], result: Update) -> dict[str, Any]:
         served: dict[str, int] = {}
@@ -459,7 +545,7 @@ class TrainerWorker:
 
     # -- publishing -----------------------------------------------------------------------------------
 
-    def _finish_publish(self) -> bool:
+    def finish_publish(self) -> bool:
         """Publish the checkpointed step as the next version (once); False when the log is unavailable."""
         step = self.ledger.publish_pending
         if step is None:
@@ -475,20 +561,20 @@ class TrainerWorker:
             else:
                 version = self.shelf.publish(
                     lambda target: _copy_adapter(checkpoint / ADAPTER, target),
-                    base_model=self.policy.base_model, parent_version=self.ledger.parent() or None,
+                    base_model=self._base_model, parent_version=self.ledger.parent() or None,
                     meta=saved.get("meta", {"step": step}), event_log=self._log).version
         except EventLogUnavailable as exc:
             log.warning("published step %d, but cannot announce it (%s); trying again", step, exc)
             return False
         self.ledger.head = version
         self.ledger.publish_pending = None
-        self._save_ledger()
+        self.save()
         self.ledger.count("versions_published")
         self.shelf.prune(self.config.keep_versions, referenced_versions(self._store, self.scope))
         log.info("published %s", events.adapter_name(self.scope, version))
         return True
 
-    def _save_ledger(self) -> None:
+    def save(self) -> None:
         """Write the ledger when it changed (the offsets are committed only after this)."""
         now = json.dumps(self.ledger.to_json(), sort_keys=True)
         if now == self._saved:

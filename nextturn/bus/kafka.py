@@ -1,8 +1,8 @@
 """The production event log: Apache Kafka (or any Kafka-protocol broker) through kafka-python.
 
-Keys are the events' partition keys (the session for turns, feedback and signals); every topic gets the
-same number of partitions and groups use the range assignor, so partition ``p`` of every topic goes to one
-member and a session's turns and feedback meet in one worker.
+Keys are the events' partition keys (the session for turns and feedback, the scope for signals); every
+topic gets the same number of partitions and groups use the range assignor, so partition ``p`` of every
+topic goes to one member and a session's turns and feedback meet in one worker.
 
 Two broker quirks shape this file:
 - kafka-python's idempotent producer breaks for good when a broker loses its state (UnknownProducerId,
@@ -276,6 +276,9 @@ class KafkaEventConsumer:
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self._consumer.seek(TopicPartition(topic, partition), offset)
+
+    def held(self) -> frozenset[int]:
+        return frozenset(tp.partition for tp in self._consumer.assignment())
 
     def close(self) -> None:
         self._consumer.close()

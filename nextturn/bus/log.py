@@ -6,9 +6,11 @@ so far, bad records included. A consumer that dies before committing gets its ba
 notices (the session timeout), so effects are exactly once.
 
 Records with the same key keep their order (one partition). Events are keyed by
-``event.partition_key``: the session for turns, feedback and signals, so that a session's turns and
-feedback reach the same member of a group (every topic has the same number of partitions, and both
-backends assign partition ``p`` of every topic to the same member).
+``event.partition_key``: the session for turns and feedback, so that a session's turns and feedback reach
+the same member of a group (every topic has the same number of partitions, and both backends assign
+partition ``p`` of every topic to the same member); the scope for signals, adapters and deployments, so that
+one member of a group holds all of a scope's. A signal that also trains the shared scope is written once
+more under that key (``record_keys``): the same event, which readers count once by its id.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class Consumer(Protocol):
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         """Read ``topic``/``partition`` again from ``offset`` (a partition this consumer holds)."""
+        ...
+
+    def held(self) -> frozenset[int]:
+        """The partitions (of every topic) this consumer holds since its last poll: a group moves them
+        between members inside ``poll``, never between two polls."""
         ...
 
     def close(self) -> None: ...
@@ -163,7 +170,11 @@ def decode_records(records: Iterable[Record], on_bad_record: BadRecordPolicy) ->
 
 
 def encode_batch(batch: Iterable[events.Event]) -> list[Row]:
-    return [(event.TOPIC, event.partition_key, event.encode()) for event in batch]
+    rows: list[Row] = []
+    for event in batch:
+        payload = event.encode()
+        rows.extend((event.TOPIC, key, payload) for key in event.record_keys)
+    return rows
 
 
 def check_rows(rows: Sequence[Row]) -> None:

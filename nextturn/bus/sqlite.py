@@ -325,6 +325,9 @@ class SqliteConsumer:
         self._position[(topic, partition)] = offset
         self._read_through = -1
 
+    def held(self) -> frozenset[int]:
+        return frozenset(self._owned)
+
     def close(self) -> None:
         """Leave the group at once, so that the others take over without waiting for the timeout."""
         if self._group is not None:

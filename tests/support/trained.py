@@ -109,17 +109,36 @@ def run_until_crash(backend: str, where: str, store_url: str, model: str, root: 
             if stage == "before-commit":
                 os._exit(70)
 
-        def _save_ledger(self) -> None:
+        def save(self) -> None:
             if stage == "after-publish" and self.ledger.head >= 1:
                 os._exit(70)
-            super()._save_ledger()
+            super().save()
 
-        def _finish_publish(self) -> bool:
+        def finish_publish(self) -> bool:
             if stage == "before-publish" and self.ledger.publish_pending is not None:
                 os._exit(70)
-            return super()._finish_publish()
+            return super().finish_publish()
 
     worker = Dying(open_log(backend, where), Store(store_url), model_dir=Path(model),
                    adapters_root=Path(root) / "adapters", trainer_root=Path(root) / "trainer", config=config())
     while True:
         worker.run_once(0.5)
+
+
+def run_scope_trainers(backend: str, where: str, store_url: str, model: str, root: str) -> None:
+    """``trainer run`` without ``--scope``, as a member of the trainers' group, until killed; it says on
+    stderr which scopes it takes (the test reads it)."""
+    import logging
+    import sys
+
+    from trainer.policy import SharedBase
+    from trainer.scopes import ScopeTrainers
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(name)s %(message)s")
+    log, store = open_log(backend, where), Store(store_url)
+    shared = SharedBase(Path(model), device="cpu")
+    trainers = ScopeTrainers(log, lambda scope: TrainerWorker(
+        log, store, model_dir=Path(model), adapters_root=Path(root) / "adapters", trainer_root=Path(root) / "trainer",
+        scope=scope, config=config(), shared=shared, consume=False), max_resident=2)
+    while True:
+        trainers.run_once(0.5)
