@@ -63,7 +63,7 @@ def settings(data_dir: Path, model_dir: Path, method: str, port: int, scope_by: 
       and a paced trainer would idle through each one;
     * standing hints only with a scope per person: in the shared lineage the people are told apart only by
       their topics, so one person's standing hint teaches everyone's answers;
-    * a scope's partial batch (at least 4 samples) trains once its oldest sample waited 20 s: a person
+    * a scope's partial batch (at least 4 samples) trains once its oldest sample waited 10 s: a person
       here sends a message every few seconds, and a batch of 16 would take a fifth of their interactions.
     """
     people = ",".join(f"{key}:{name}" for name, key in keys().items())
@@ -72,7 +72,7 @@ def settings(data_dir: Path, model_dir: Path, method: str, port: int, scope_by: 
         train_method=method,  # type: ignore[arg-type]
         signals_idle_timeout_s=5.0,
         trainer_max_ahead=0, trainer_max_version_lag=8, trainer_standing_hints=3 if scope_by == "tenant" else 0,
-        trainer_partial_after_s=20.0,
+        trainer_partial_after_s=10.0,
         rollout_schedule=[0.5], rollout_min_resolved=10, rollout_confidence=0.75, rollout_reward_margin=0.25,
         rollout_guard_min_turns=4, rollout_canary_timeout_s=120.0, rollout_check_interval_s=1.0,
         rollout_drain_s=5.0, rollout_min_distinct=0.6, scope_by=scope_by,  # type: ignore[arg-type]
@@ -97,14 +97,14 @@ def run(out: Path, *, methods: tuple[str, ...], interactions: int, seed: int, co
     console = console or Console()
     model_dir = _base_model(console, seed if model_seed is None else model_seed, build_steps)
     out.mkdir(parents=True, exist_ok=True)
-    results = [_run_method(console, out, model_dir, method, interactions, seed, policy if len(policies) > 1 else "",
-                           policy)
+    measures = Measures(model_dir)
+    results = [_run_method(console, out, model_dir, method, interactions, seed, measures,
+                           policy if len(policies) > 1 else "", policy)
                for policy in policies for method in methods]
     console.print("measuring the base model on the held-out requests…")
-    sampler = evaluation.Sampler.load(model_dir)
+    nothing: dict[str, str | None] = {person.name: None for person in tasks.PEOPLE}
     base = MethodResult(method="base model", interactions=0, curve=[], decisions=[],
-                        held_out=_held_out({person.name: sampler for person in tasks.PEOPLE}, seed),
-                        diversity=evaluation.diversity(sampler, samples=DIVERSITY_SAMPLES, seed=seed + 2),
+                        held_out=measures.held_out(nothing, seed), diversity=measures.diversity(nothing, seed),
                         stable=events.BASE_VERSION, seconds=0.0)
     hard = [p.name for p in tasks.PEOPLE if p.preference.hard]
     easy = [p.name for p in tasks.PEOPLE if not p.preference.hard]
@@ -158,7 +158,7 @@ def _base_model(console: Console, seed: int, steps: int) -> Path:
 
 
 def _run_method(console: Console, out: Path, model_dir: Path, method: str, interactions: int, seed: int,
-                tag: str = "", policy: str = "tenant") -> MethodResult:
+                measures: Measures, tag: str = "", policy: str = "tenant") -> MethodResult:
     name = f"{method}, {POLICY_NAMES[policy]}" if tag else method
     data_dir = out / (f"{method}-{policy}" if tag else method)
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -202,12 +202,11 @@ def _run_method(console: Console, out: Path, model_dir: Path, method: str, inter
     seconds = time.monotonic() - started
     if population.errors:
         console.print(f"[yellow]{len(population.errors)} people stopped early: {population.errors[:3]}[/yellow]")
-    samplers = _samplers(model_dir, {person: path for person, (_, path) in serving.items()})
-    held_out = _held_out(samplers, seed)
-    diversity = _diversity(samplers, seed)
-    newest_paths = {person: (row.path if row is not None else serving[person][1]) for person, row in newest.items()}
-    newest_held_out = (held_out if newest_paths == {person: path for person, (_, path) in serving.items()}
-                       else _held_out(_samplers(model_dir, newest_paths), seed))
+    paths = {person: path for person, (_, path) in serving.items()}
+    held_out = measures.held_out(paths, seed)
+    diversity = measures.diversity(paths, seed)
+    newest_paths = {person: (row.path if row is not None else paths[person]) for person, row in newest.items()}
+    newest_held_out = measures.held_out(newest_paths, seed)
     curve = [(j.interaction, j.satisfied, j.hard) for j in sorted(population.judged, key=lambda j: j.interaction)]
     shown = {version for version, _ in serving.values()}
     result = MethodResult(method=method, policy=tag, interactions=budget.used, curve=curve, decisions=decisions,
@@ -236,31 +235,39 @@ def _serving(store: Store, scope: str) -> tuple[str, str | None]:
     return events.BASE_VERSION, None
 
 
-def _samplers(model_dir: Path, paths: dict[str, str | None]) -> dict[str, evaluation.Sampler]:
-    """A sampler per person, loaded once per distinct adapter."""
-    loaded: dict[str | None, evaluation.Sampler] = {}
-    for path in paths.values():
-        if path not in loaded:
-            loaded[path] = evaluation.Sampler.load(model_dir, Path(path) if path is not None else None)
-    return {person: loaded[path] for person, path in paths.items()}
+class Measures:
+    """Held-out satisfaction and diversity of what serves each person, measured once per adapter and seed
+    in a demo (the base model serves every person of a run without training, and the base row)."""
 
+    def __init__(self, model_dir: Path) -> None:
+        self._model_dir = model_dir
+        self._samplers: dict[str | None, evaluation.Sampler] = {}
+        self._satisfied: dict[tuple[str | None, str, int], float] = {}
+        self._diverse: dict[tuple[str | None, int], float] = {}
 
-def _held_out(samplers: dict[str, evaluation.Sampler], seed: int) -> dict[str, float]:
-    """Each person's held-out satisfaction, measured on what serves them (the same requests whatever serves)."""
-    found: dict[str, float] = {}
-    for person in tasks.PEOPLE:
-        found.update(evaluation.satisfaction(samplers[person.name], (person,), per_person=HELD_OUT_PER_PERSON,
-                                             seed=seed + 1))
-    return found
+    def _sampler(self, path: str | None) -> evaluation.Sampler:
+        if path not in self._samplers:
+            self._samplers.clear()  # one model in memory at a time
+            self._samplers[path] = evaluation.Sampler.load(self._model_dir, Path(path) if path else None)
+        return self._samplers[path]
 
+    def held_out(self, paths: dict[str, str | None], seed: int) -> dict[str, float]:
+        """Each person's held-out satisfaction on what serves them (the same requests whatever serves)."""
+        for person in sorted(tasks.PEOPLE, key=lambda person: str(paths[person.name])):
+            key = (paths[person.name], person.name, seed)
+            if key not in self._satisfied:
+                self._satisfied[key] = evaluation.satisfaction(
+                    self._sampler(paths[person.name]), (person,), per_person=HELD_OUT_PER_PERSON,
+                    seed=seed + 1)[person.name]
+        return {person.name: self._satisfied[(paths[person.name], person.name, seed)] for person in tasks.PEOPLE}
 
-def _diversity(samplers: dict[str, evaluation.Sampler], seed: int) -> float:
-    """Diversity on unrelated prompts, the mean over the people of what serves each of them."""
-    measured: dict[int, float] = {}
-    for sampler in samplers.values():
-        if id(sampler) not in measured:
-            measured[id(sampler)] = evaluation.diversity(sampler, samples=DIVERSITY_SAMPLES, seed=seed + 2)
-    return sum(measured[id(sampler)] for sampler in samplers.values()) / len(samplers)
+    def diversity(self, paths: dict[str, str | None], seed: int) -> float:
+        """Diversity on unrelated prompts, the mean over the people of what serves each of them."""
+        for path in sorted(set(paths.values()), key=str):
+            if (path, seed) not in self._diverse:
+                self._diverse[(path, seed)] = evaluation.diversity(self._sampler(path), samples=DIVERSITY_SAMPLES,
+                                                                   seed=seed + 2)
+        return sum(self._diverse[(path, seed)] for path in paths.values()) / len(paths)
 
 
 def _newest_sound(store: Store, scope: str) -> tables.Adapter | None:

@@ -116,6 +116,11 @@ def collapse(guards: dict[str, Any] | None, policy: GatePolicy) -> str | None:
     True
     >>> print(collapse({**formatted, "probe": {**words, "distinct_2": 0.2}}, GatePolicy()))
     distinct_2 on unrelated prompts 0.2 is below 90% of the base model's 0.93
+    >>> sure = {**formatted, "entropy": 0.03, "base": {**base, "entropy": 0.08}}  # learnt its own format exactly
+    >>> collapse({**sure, "probe": {**words, "entropy": 1.9, "base_entropy": 2.1}}, GatePolicy()) is None
+    True
+    >>> print(collapse({**sure, "probe": {**words, "entropy": 0.4, "base_entropy": 2.1}}, GatePolicy()))
+    entropy on unrelated prompts 0.4 is below 50% of the base model's 2.1
     """
     if not guards or not guards.get("prompts") and "base" not in guards:
         return None
@@ -125,14 +130,17 @@ def collapse(guards: dict[str, Any] | None, policy: GatePolicy) -> str | None:
         found = of.get(name)
         return float(found) if isinstance(found, int | float) else None
 
+    # Diversity and entropy on unrelated prompts where the trainer measured them (guards.probe), else on the
+    # scope's own replay: there a version that learnt its person's format (JSON, a tool call) repeats markup
+    # and is sure of itself, which is what it was taught.
     probe = guards.get("probe") or {}
-    for name in ("distinct_1", "distinct_2"):
+    for name, low in (("distinct_1", policy.min_distinct), ("distinct_2", policy.min_distinct), ("entropy", 0.5)):
         mine, theirs = value(name, probe), value(f"base_{name}", probe)
-        if mine is not None and theirs is not None and mine < policy.min_distinct * theirs:
-            return (f"{name} on unrelated prompts {mine:.3g} is below {policy.min_distinct:.0%} of the base "
-                    f"model's {theirs:.3g}")
-    distinct = () if probe else (("distinct_1", policy.min_distinct, None), ("distinct_2", policy.min_distinct, None))
-    checks = (("entropy", 0.5, None), *distinct, ("length", 0.5, 2.0))
+        if mine is not None and theirs is not None and mine < low * theirs:
+            return f"{name} on unrelated prompts {mine:.3g} is below {low:.0%} of the base model's {theirs:.3g}"
+    on_replay = [name for name in ("entropy", "distinct_1", "distinct_2") if value(f"base_{name}", probe) is None]
+    low_of = {"entropy": 0.5, "distinct_1": policy.min_distinct, "distinct_2": policy.min_distinct}
+    checks = (*((name, low_of[name], None) for name in on_replay), ("length", 0.5, 2.0))
     for name, low, high in checks:
         mine, theirs = value(name, guards), value(name, base)
         if mine is None or theirs is None:

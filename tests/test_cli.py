@@ -78,6 +78,8 @@ def test_demo_refuses_an_unknown_method_and_quick_with_compare(tmp_path: Path) -
     both = nextturn("demo", "--quick", "--compare", data_dir=tmp_path)
     assert unknown.returncode == 2 and "none, rl, opd, combined" in unknown.stderr
     assert both.returncode == 2 and "choose one of --compare, --quick and --method" in both.stderr
+    policy = nextturn("demo", "--scope-by", "user", data_dir=tmp_path)
+    assert policy.returncode == 2 and "choose tenant or deployment" in policy.stderr
 
 
 def test_keys_create_prints_a_key_the_gateway_accepts_for_its_tenant(tmp_path: Path) -> None:

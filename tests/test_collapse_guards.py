@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from transformers import AutoTokenizer
 
 from rollout.gates import GatePolicy, collapse
@@ -34,6 +35,8 @@ def test_a_learnt_format_repeats_markup_but_not_content(tiny_model: Path) -> Non
     tokens = [[tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts] for texts in (as_json, plain)]
     assert guards.distinct(tokens[0], 2) < GatePolicy().min_distinct * guards.distinct(tokens[1], 2)
     assert verdict(as_json, plain) is None
+    numbered = [" ".join(f"{n}. {word}" for n, word in enumerate(words, 1)) for words in LISTS]  # "1. apple 2. pear"
+    assert verdict(numbered, plain) is None  # a list's numbers are markup too
 
 
 def test_saying_the_same_thing_to_everything_is_rejected_whatever_its_markup() -> None:
@@ -50,6 +53,7 @@ def test_the_trainer_measures_the_probe_beside_the_base_model_and_an_unchanged_v
                            held_out=False)
     found = guards.measure(Policy.load(tiny_model, rank=4, device="cpu"), replay, max_new_tokens=16)
     probe = found["probe"]
-    assert set(probe) == {"distinct_1", "distinct_2", "base_distinct_1", "base_distinct_2"}
+    assert set(probe) == {"distinct_1", "distinct_2", "entropy", "base_distinct_1", "base_distinct_2", "base_entropy"}
     assert probe["distinct_2"] == probe["base_distinct_2"]  # a new adapter changes nothing yet
+    assert probe["entropy"] == pytest.approx(probe["base_entropy"]) and probe["entropy"] > 0
     assert collapse(found, GatePolicy()) is None

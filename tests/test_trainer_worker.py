@@ -257,11 +257,11 @@ def _scoped(base: Policy, tenant: str,
 def _every_scope(log: EventLog, store: Store, tiny_model: Path, root: Path, *, max_resident: int,
                  **fields: object) -> ScopeTrainers:
     shared = SharedBase(tiny_model, device="cpu")
+    chosen = config(**{"standing_hints": 0, **fields})
 
     def start(scope: str) -> TrainerWorker:
         return TrainerWorker(log, store, model_dir=tiny_model, adapters_root=root / "adapters",
-                             trainer_root=root / "trainer", scope=scope, config=config(standing_hints=0, **fields),
-                             shared=shared, consume=False)
+                             trainer_root=root / "trainer", scope=scope, config=chosen, shared=shared, consume=False)
 
     return ScopeTrainers(log, start, max_resident=max_resident)
 
@@ -435,6 +435,22 @@ def test_standing_hints_teach_a_tenants_later_samples(base: Policy, tiny_model: 
     assert worker.ledger.standing == {"acme": ["Answer with one word."]}
 
 
+def test_a_scope_s_standing_hints_come_from_its_own_signals_only(base: Policy, tiny_model: Path, store: Store,
+                                                                 sqlite_log: EventLog, tmp_path: Path) -> None:
+    """One trainer, two tenants' scopes: acme's correction stands for acme's later answers, never globex's."""
+    acme, _ = _scoped(base, "acme", range(4))
+    globex, globex_signals = _scoped(base, "globex", range(4, 8))
+    record(store, sqlite_log, acme[0], signal(acme[0], reward=None, hint="Answer with one word."),
+           *acme[1:], *(signal(t) for t in acme[1:]), *globex, *globex_signals)
+    trainers = _every_scope(sqlite_log, store, tiny_model, tmp_path, max_resident=2, standing_hints=3)
+    trainers.drain(0.3)
+    trainers.close()
+    assert trainers.workers["t.acme"].ledger.standing == {"acme": ["Answer with one word."]}
+    assert trainers.workers["t.globex"].ledger.standing == {}
+    assert published(tmp_path, "t.acme")[1]["data"]["standing_hints"] == 3
+    assert published(tmp_path, "t.globex")[1]["data"]["standing_hints"] == 0
+
+
 def test_without_standing_hints_a_reward_less_sample_teaches_nothing(
         base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path) -> None:
     hinted, later = served(base, 0), served(base, 1)
@@ -471,7 +487,10 @@ def test_held_out_turns_are_kept_for_the_collapse_guards(base: Policy, tiny_mode
     held = worker.ledger.counts["held_out"]
     assert 0 < held < 24 and len(worker.ledger.replay) == held
     versions = published(tmp_path)
-    assert len(versions) == (24 - held) // 4
+    # Every batch of four made a version, unless its every sample had drifted past max_drift from the trained
+    # weights (borderline at 0.3 nats here: floating point decides, so the count may vary by one).
+    skipped = worker.ledger.counts.get("updates_skipped", 0)
+    assert versions and len(versions) + skipped == (24 - held) // 4, worker.ledger.counts
     last = versions[max(versions)]["guards"]
     assert last["held_out"] is True and last["prompts"] == held and isinstance(last["reward"], float)
     evidence = last["offline"]  # the low-traffic gate's: lift over what was served on the held-out turns

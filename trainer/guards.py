@@ -90,31 +90,38 @@ def measure(policy: Policy, replay: Replay, *, max_new_tokens: int = 32, seed: i
 
 
 def probe(policy: Policy, *, max_new_tokens: int = 32, seed: int = 0) -> dict[str, float]:
-    """Content distinct-1 and -2 of the version's answers to :data:`PROBES`, and of the base model's (the
-    same for every version and scope of a base model, so measured once per process)."""
+    """On the fixed unrelated prompts (:data:`PROBES`): content distinct-1 and -2 of the version's answers and
+    the mean entropy of its next-token distributions along them, and the same of the base model (the same
+    for every version and scope of a base model, so measured once per process). A version that learnt its
+    scope's format exactly is sure of itself on its scope's prompts; collapse shows on the others."""
     prompts = [prompt_token_ids(policy.tokenizer, [ChatMessage(role="user", content=text)], None) for text in PROBES]
     key = (policy.base_model, str(policy.device), max_new_tokens, seed)
     if key not in _BASE_PROBES:
         with policy.base():
-            _BASE_PROBES[key] = _distinct_of(policy, _sample(policy, prompts, max_new_tokens, seed), "base_")
-    return {**_distinct_of(policy, _sample(policy, prompts, max_new_tokens, seed), ""), **_BASE_PROBES[key]}
+            _BASE_PROBES[key] = _probed(policy, prompts, _sample(policy, prompts, max_new_tokens, seed), "base_")
+    return {**_probed(policy, prompts, _sample(policy, prompts, max_new_tokens, seed), ""), **_BASE_PROBES[key]}
 
 
 _BASE_PROBES: dict[tuple[str, str, int, int], dict[str, float]] = {}
 
 
-def _distinct_of(policy: Policy, answers: list[list[int]], prefix: str) -> dict[str, float]:
+def _probed(policy: Policy, prompts: list[list[int]], answers: list[list[int]], prefix: str) -> dict[str, float]:
     texts = policy.tokenizer.batch_decode(answers, skip_special_tokens=True)
-    return {f"{prefix}distinct_1": content_distinct(texts, 1), f"{prefix}distinct_2": content_distinct(texts, 2)}
+    return {f"{prefix}distinct_1": content_distinct(texts, 1), f"{prefix}distinct_2": content_distinct(texts, 2),
+            f"{prefix}entropy": _behaviour(policy, prompts, answers, kl=False)["entropy"]}
 
 
 def content_distinct(texts: Sequence[str], n: int) -> float:
-    """Distinct word n-grams over all word n-grams (1.0 with none): what an answer says, not its markup.
+    """Distinct word n-grams over all word n-grams (1.0 with none): what an answer says, not its markup
+    (brackets, quotes, a list's numbers).
 
-    >>> content_distinct(['["apple", "pear"]', '["oak", "elm"]'], 1), content_distinct(["1. a", "1. a"], 1)
-    (1.0, 0.5)
+    >>> content_distinct(['["apple", "pear"]', '["oak", "elm"]'], 1), content_distinct(["1. oak 2. elm", "1. fig"], 1)
+    (1.0, 1.0)
+    >>> content_distinct(["1. a", "1. a"], 1)
+    0.5
     """
-    grams = [tuple(words[i: i + n]) for words in (re.findall(r"[^\W_]+", text.lower()) for text in texts)
+    grams = [tuple(words[i: i + n]) for words in ([word for word in re.findall(r"[^\W_]+", text.lower())
+                                                   if not word.isdigit()] for text in texts)
              for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
 
