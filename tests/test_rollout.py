@@ -47,7 +47,8 @@ def settings(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Sett
     return Settings(data_dir=tmp_path_factory.mktemp("rollout"), engine="embedded", model=str(tiny_model),
                     api_keys="sk-acme:acme", admin_key="sk-admin", signals_idle_timeout_s=0.5,
                     rollout_check_interval_s=0.2, rollout_drain_s=3600.0, rollout_schedule=[0.3, 0.6],
-                    rollout_min_resolved=8, rollout_guard_min_turns=8)
+                    rollout_min_resolved=8, rollout_guard_min_turns=8,
+                    scope_by="deployment")  # the shared deployment's rollouts; a tenant's: test_scoped_serving.py
 
 
 @pytest.fixture(scope="module")
