@@ -104,7 +104,7 @@ def run(model: Path, scopes: int, interval: float, duration: float, resident: in
         config = TrainerConfig(device="cpu", max_ahead=0)
         trainers = ScopeTrainers(log, lambda scope: TrainerWorker(
             log, store, model_dir=model, adapters_root=root / "adapters", trainer_root=root / "trainer",
-            scope=scope, config=config, shared=shared, consume=False), max_resident=resident)
+            scope=scope, config=config, shared=shared, consume=False), store=store, max_resident=resident)
         updates: list[float] = []
         original = TrainerWorker.train
 

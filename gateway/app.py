@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from gateway.auth import Keyring
 from gateway.completions import ChatCompletionsRoute
 from gateway.engines import Engine
-from gateway.errors import Conflict, InvalidRequest, install_error_handlers
+from gateway.errors import Conflict, InvalidRequest, NotFound, install_error_handlers
 from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
 from gateway.limits import GuardRequests, LimitBodySize, StrictJsonRoute, TenantLimits
 from gateway.metrics import CONTENT_TYPE, CountRequests, Metrics
@@ -34,9 +34,10 @@ from gateway.sessions import SessionLinker
 from gateway.supervisor import Supervisor
 from gateway.turns import TurnService
 from gateway.watcher import DeploymentWatcher
-from nextturn import deployments, events
+from nextturn import deployments, erasure, events
 from nextturn.bus import open_event_log
-from nextturn.errors import ConfigError, DeploymentError
+from nextturn.erasure import Rules
+from nextturn.errors import ConfigError, DeploymentError, NothingToForget
 from nextturn.keys import any_keys, find_key
 from nextturn.recorder import RecorderProcess
 from nextturn.settings import Settings
@@ -125,13 +126,19 @@ def create_app(settings: Settings) -> FastAPI:
                               settings.tenant_concurrent_requests)
         service = TurnService(engine, SessionLinker(lookup=store.find_link), publisher, metrics, limits=limits,
                               scope_by=settings.scope_by)
+        def forget(rules: Rules) -> None:
+            publisher.forget(rules)
+            service.forget(rules)
+
         watcher = DeploymentWatcher(service.router, engine, store, event_log, metrics,
-                                    interval_s=settings.rollout_check_interval_s, drain_s=settings.rollout_drain_s)
+                                    interval_s=settings.rollout_check_interval_s, drain_s=settings.rollout_drain_s,
+                                    on_erasure=forget)
         await watcher.start()  # the deployed versions are loaded before the first request
         app.state.turns = service
         app.state.watcher = watcher
         metrics.watch(lambda: publisher.queued, lambda: len(publisher.spool))
         app.state.store = store
+        app.state.event_log = event_log
         supervisor = Supervisor([task for task in (publisher, recorder, engine, watcher) if task is not None],
                                 metrics)
         await supervisor.start()
@@ -247,6 +254,23 @@ def create_app(settings: Settings) -> FastAPI:
                            param="turn_id", code="feedback_limit_reached")
         service.publisher.publish(event)
         return {"id": event.event_id, "object": "feedback", "turn_id": event.turn_id, "kind": event.kind}
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str, request: Request, who: Annotated[str, Depends(tenant)],
+                             service: Annotated[TurnService, Depends(turns)],
+                             db: Annotated[Store, Depends(store)]) -> dict[str, Any]:
+        """Forget one of the caller's sessions: everything recorded of it, on every replica and in every
+        later update (nextturn.erasure). The answer names the published versions that were trained on it."""
+        try:
+            report = await asyncio.to_thread(
+                erasure.forget_session, db, request.app.state.event_log, erasure.Places.from_settings(settings),
+                who, session_id, actor=f"tenant {who}", known=service.served_session(who, session_id))
+        except NothingToForget as exc:
+            raise NotFound(f"no session {session_id!r}", param="session_id", code="session_not_found") from exc
+        watcher: DeploymentWatcher = request.app.state.watcher
+        await watcher.refresh()  # this replica's spool and links drop it before the answer
+        return {"id": session_id, "object": "session.deleted", "deleted": True, "erasure": report.id,
+                "removed": report.removed, "trained_versions": report.trained_versions}
 
     @app.get("/v1/turns/{turn_id}")
     async def get_turn(

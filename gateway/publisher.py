@@ -42,13 +42,15 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import IO
 
 from nextturn import events
 from nextturn.bus import EventLog
 from nextturn.bus.log import MAX_EVENT_BYTES, unwritable
+from nextturn.erasure import Rules
 from nextturn.errors import EventError, EventLogError, EventTooLarge, NextturnError
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,23 @@ class Spool:
             self._rewrite(rest)
             self._count = rest.count(b"\n")
 
+    def keep(self, wanted: Callable[[events.Event], bool]) -> int:
+        """Rewrite the spool with only the events ``wanted`` says to keep (an erasure); how many went."""
+        with self._lock:
+            lines = self._read_bytes().splitlines(keepends=True)
+            kept = []
+            for line in lines:
+                try:
+                    if not wanted(events.decode(line)):
+                        continue
+                except EventError:
+                    pass  # unreadable: read() drops and logs it
+                kept.append(line)
+            if len(kept) < len(lines):
+                self._rewrite(b"".join(kept))
+                self._count = len(kept)
+            return len(lines) - len(kept)
+
     def __len__(self) -> int:
         return self._count
 
@@ -164,6 +183,8 @@ class Publisher:
         self._stopping = threading.Event()
         self._failure: BaseException | None = None
         self._holding: list[events.Event] = []  # the batch being written: a restarted thread writes it first
+        self._rules = Rules()  # what erasures cover is never delivered (see forget)
+        self._spool_forgets = False  # the thread rewrites the spool without what the rules cover
         self._thread = self._new_thread()
 
     name = "publisher"
@@ -191,6 +212,12 @@ class Publisher:
             self._queue.put_nowait(event)
         except queue.Full:
             self.spool.write([event])
+
+    def forget(self, rules: Rules) -> None:
+        """Deliver nothing an erasure covers (:mod:`nextturn.erasure`) from now on, and have the thread rewrite
+        the spool without it (the thread alone moves the spool, so a replay never loses its place)."""
+        self._rules = rules
+        self._spool_forgets = True
 
     @property
     def failure(self) -> BaseException | None:
@@ -246,6 +273,10 @@ class Publisher:
             pause = self._first_pause_s
             next_replay = next_adoption = 0.0
             while not (self._stopping.is_set() and self._queue.empty()):
+                if self._spool_forgets:
+                    self._spool_forgets = False
+                    if dropped := self.spool.keep(partial(_wanted, self._rules)):
+                        log.info("dropped %d spooled event(s) an erasure covers", dropped)
                 if time.monotonic() >= next_adoption:
                     self.adopt()
                     next_adoption = time.monotonic() + ADOPT_EVERY_S
@@ -279,6 +310,10 @@ class Publisher:
         return batch
 
     def _deliver(self, batch: list[events.Event]) -> None:
+        if self._rules:
+            batch = [event for event in batch if not self._rules.covers(event)]
+            if not batch:
+                return
         try:
             self._append_or_spool(batch)
         except (EventTooLarge, ValueError):  # one event cannot be written as it is: set it aside, go on
@@ -317,10 +352,14 @@ class Publisher:
         for start in range(0, len(spooled), self._batch_size):
             chunk = spooled[start:start + self._batch_size]
             try:
-                self._log.append([event for _, event in chunk])
+                self._log.append([event for _, event in chunk if not self._rules.covers(event)])
             except EventLogError as exc:
                 log.info("event log still unavailable (%s); %d event(s) remain spooled", exc, len(spooled) - start)
                 return False
             last_line, _ = chunk[-1]
             self.spool.drop(last_line)
         return True
+
+
+def _wanted(rules: Rules, event: events.Event) -> bool:
+    return not rules.covers(event)

@@ -151,6 +151,15 @@ class Router:
         lane.weight = deployment.weight if canary else 0.0
         return [version for version in dropped if version != events.BASE_VERSION and version not in self.serving()]
 
+    def drop(self, scope: str) -> list[str]:
+        """Stop routing ``scope`` (its deployment was removed by an erasure): its requests go to the next in
+        their chain. Return its versions to unload."""
+        lane = self.lanes.pop(scope, None) if scope != events.DEFAULT_SCOPE else None
+        if lane is None:
+            return []
+        names = {lane.stable, *([lane.canary] if lane.canary else []), *lane.draining} - {events.BASE_VERSION}
+        return sorted(names - self.serving())
+
     def drained(self, drain_s: float) -> list[str]:
         """Forget the replaced versions no session used for ``drain_s``; return those to unload."""
         horizon = self._clock() - drain_s

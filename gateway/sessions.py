@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nextturn.conversation import prefix_hashes, turn_key
+from nextturn.erasure import Rules
 from nextturn.errors import NextturnError
 from nextturn.events import BASE_VERSION, ChatMessage
 
@@ -49,6 +50,7 @@ class _Known:
     session_id: str
     adapter: str
     last_used: float
+    tenant: str
 
 
 class SessionLinker:
@@ -107,13 +109,18 @@ class SessionLinker:
     ) -> None:
         """Make a served turn linkable by the requests that continue it."""
         key = turn_key(namespace or tenant, messages, response)
-        self._turns[key] = _Known(turn_id, session_id, adapter, self._clock())
+        self._turns[key] = _Known(turn_id, session_id, adapter, self._clock(), tenant)
         self._turns.move_to_end(key)
         while len(self._turns) > self._capacity:
             self._turns.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._turns)
+
+    def forget(self, rules: Rules) -> None:
+        """Unlink the turns of forgotten sessions (nextturn.erasure): a request that continues one starts anew."""
+        for key in [key for key, known in self._turns.items() if rules.covers_session(known.tenant, known.session_id)]:
+            del self._turns[key]
 
     def _forget_idle(self) -> None:
         horizon = self._clock() - self._idle_timeout_s

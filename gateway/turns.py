@@ -24,6 +24,7 @@ from gateway.routing import Router
 from gateway.schemas import ChatCompletionRequest
 from gateway.sessions import Link, SessionLinker
 from nextturn import events, scopes
+from nextturn.erasure import Rules
 from nextturn.flaws import flaw
 
 
@@ -36,6 +37,7 @@ class Turn:
     adapter: str  # the adapter version that serves it
     pinned: bool  # the client named the version
     scope: str  # the scope it learns into (nextturn.scopes); the adapter names the one that serves it
+    user: str | None  # nextturn.scopes.user_id of the end user the request named
     started_at: Any  # datetime
     started: float  # monotonic
     recorded: bool = False
@@ -60,6 +62,16 @@ class TurnService:
         """(tenant, session id) of a turn this replica served recently."""
         return self._recent.get(turn_id)
 
+    def served_session(self, tenant: str, session_id: str) -> bool:
+        """Whether this replica recently served a turn of the tenant's session (it may not be stored yet)."""
+        return (tenant, session_id) in self._recent.values()
+
+    def forget(self, rules: Rules) -> None:
+        """Drop what this replica remembers of forgotten sessions (nextturn.erasure)."""
+        self.linker.forget(rules)
+        for turn_id in [t for t, (tenant, session) in self._recent.items() if rules.covers_session(tenant, session)]:
+            del self._recent[turn_id]
+
     def scope_for(self, tenant: str, user: str | None) -> str:
         """The scope a request of ``tenant`` (and ``user``, under NEXTTURN_SCOPE_BY=user) learns into."""
         if self.scope_by == "user" and user is not None and len(user) > scopes.MAX_USER_CHARS:
@@ -70,7 +82,8 @@ class TurnService:
                     user: str | None = None) -> Turn:
         """Admit, link and route a request. ``user``: the X-Nextturn-User header, which wins over the body's
         ``user`` field (a trusted application in front of the gateway names its end user there)."""
-        scope = self.scope_for(tenant, user if user is not None else request.user)
+        named = user if user is not None else request.user
+        scope = self.scope_for(tenant, named)
         self.limits.admit(tenant)  # released when the turn is recorded
         try:
             link = await self.linker.resolve(tenant, request.messages, session_id,
@@ -83,8 +96,8 @@ class TurnService:
             self.limits.done(tenant, 0)
             raise
         self.metrics.in_flight.inc()  # until the turn is recorded: every path below records it once
-        return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", adapter, pinned, scope, events.utc_now(),
-                    time.monotonic())
+        return Turn(tenant, request, link, f"chatcmpl-{uuid.uuid4().hex}", adapter, pinned, scope,
+                    scopes.user_id(tenant, named) if named else None, events.utc_now(), time.monotonic())
 
     async def complete(self, turn: Turn) -> dict[str, Any]:
         try:
@@ -162,7 +175,7 @@ class TurnService:
             response_logprobs=generation.response_logprobs if generation else None,
             finish_reason=generation.finish_reason if generation else "error",  # type: ignore[arg-type]
             status="ok" if generation else "failed", error=_describe(error), cause=_cause(error), pinned=turn.pinned,
-            latency_ms=seconds * 1000, started_at=turn.started_at, finished_at=finished_at,
+            user=turn.user, latency_ms=seconds * 1000, started_at=turn.started_at, finished_at=finished_at,
         )
         found = flaw(recorded)
         if found is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from gateway.engines import Engine
@@ -28,6 +29,7 @@ from gateway.routing import Router
 from nextturn import events, tables
 from nextturn.bus import Consumer, EventLog
 from nextturn.deployments import BAD, Deployment
+from nextturn.erasure import Rules
 from nextturn.errors import NextturnError
 from nextturn.store import Evidence, Store
 
@@ -38,8 +40,13 @@ class DeploymentWatcher:
     name = "deployments"
 
     def __init__(self, router: Router, engine: Engine, store: Store, event_log: EventLog, metrics: Metrics, *,
-                 interval_s: float = 2.0, drain_s: float = 600.0) -> None:
+                 interval_s: float = 2.0, drain_s: float = 600.0,
+                 on_erasure: Callable[[Rules], None] | None = None) -> None:
+        """``on_erasure``: told the erasure rules whenever they change (the replica's spool and session links
+        drop what they cover)."""
         self._router = router
+        self._on_erasure = on_erasure
+        self._rules = Rules()
         self._engine = engine
         self._store = store
         self._log = event_log
@@ -81,9 +88,23 @@ class DeploymentWatcher:
             for deployment in found:
                 if deployment.scope not in self._applied or deployment.last_event_id != self._applied[deployment.scope]:
                     await self._apply(deployment)
+            await self._forget({deployment.scope for deployment in found})
             shared = next(deployment for deployment in found if deployment.scope == events.DEFAULT_SCOPE)
             await self._rewards(shared)
             return shared
+
+    async def _forget(self, deployed: set[str]) -> None:
+        """A scope whose deployment is gone was removed by an erasure: its versions stop serving here. New
+        erasure rules go to ``on_erasure``."""
+        for scope in [scope for scope in self._router.lanes if scope not in deployed]:
+            for name in self._router.drop(scope):
+                self._unload(name, f"its scope {scope} was removed")
+            self._applied.pop(scope, None)
+        rules = await asyncio.to_thread(self._store.erasures.read_store, self._store)
+        if rules is not self._rules:
+            self._rules = rules
+            if self._on_erasure is not None:
+                self._on_erasure(rules)
 
     async def _run(self) -> None:
         due = time.monotonic() + self._interval_s

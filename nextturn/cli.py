@@ -9,6 +9,7 @@ import json
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -22,6 +23,8 @@ from nextturn.errors import ConfigError, EventError, NextturnError
 from nextturn.settings import Settings
 
 if TYPE_CHECKING:
+    from nextturn.bus import EventLog
+    from nextturn.erasure import Places, Report
     from nextturn.store import Store
 
 app = typer.Typer(
@@ -48,6 +51,11 @@ rollout_app = typer.Typer(help="Rollouts: each published version behind a canary
 app.add_typer(rollout_app, name="rollout")
 scopes_app = typer.Typer(help="Scopes: the adapter lineages (shared, per tenant, per user).", no_args_is_help=True)
 app.add_typer(scopes_app, name="scopes")
+users_app = typer.Typer(help="End users of a tenant (the request's `user` field or X-Nextturn-User).",
+                        no_args_is_help=True)
+app.add_typer(users_app, name="users")
+tenants_app = typer.Typer(help="Tenants: whose keys, turns and scopes they are.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
 vllm_app = typer.Typer(help="A vLLM server for NEXTTURN_ENGINE=vllm.", no_args_is_help=True)
 app.add_typer(vllm_app, name="vllm")
 
@@ -223,6 +231,70 @@ def keys_revoke(
     typer.echo(f"revoked key {revoked.id} of tenant {revoked.tenant} (at {revoked.revoked_at})")
 
 
+@users_app.command("forget")
+def users_forget(
+    ctx: typer.Context,
+    tenant: Annotated[str, typer.Argument(help="The tenant the user belongs to.")],
+    user: Annotated[str, typer.Argument(help="The user as requests named them (`user` field or X-Nextturn-User).")],
+    as_json: JsonOption = False,
+) -> None:
+    """Forget an end user: every session in which they had a turn (turns, feedback, signals, log records) and
+    their own scope's adapters; name the versions that were trained on their data."""
+    from nextturn.erasure import forget_user
+
+    _forget(ctx, as_json, lambda store, log, places: forget_user(store, log, places, tenant, user,
+                                                                 actor=_operator()))
+
+
+@tenants_app.command("forget")
+def tenants_forget(
+    ctx: typer.Context,
+    tenant: Annotated[str, typer.Argument(help="The tenant to forget.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Forget a tenant: everything it sent, its scopes and its keys; its name takes no keys again. Name the
+    versions of other scopes that were trained on its data."""
+    from nextturn.erasure import forget_tenant
+
+    if not yes:
+        typer.confirm(f"Forget the tenant {tenant!r}: its keys, turns, signals and adapters, for good?", abort=True)
+    _forget(ctx, as_json, lambda store, log, places: forget_tenant(store, log, places, tenant, actor=_operator()))
+
+
+def _operator() -> str:
+    import getpass
+
+    return f"operator {getpass.getuser()}"
+
+
+def _forget(ctx: typer.Context, as_json: bool, run: Callable[[Store, EventLog, Places], Report]) -> None:
+    from nextturn.erasure import Places
+
+    settings = _settings(ctx)
+    store = _open_store(settings)
+    event_log = open_event_log(settings)
+    try:
+        report = run(store, event_log, Places.from_settings(settings))
+    finally:
+        event_log.close()
+        store.close()
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+        return
+    removed = ", ".join(f"{what.replace('_', ' ')} {count}" for what, count in report.removed.items() if count)
+    typer.echo(f"forgot {report.kind} {report.subject or report.tenant} of tenant {report.tenant}: "
+               f"{report.sessions} session(s); removed {removed or 'nothing'}")
+    if report.removed_scopes:
+        typer.echo(f"scopes removed (they no longer serve): {', '.join(report.removed_scopes)}")
+    if report.trained_versions:
+        trained = [f"{found['version']} ({found['status']}, {found['signals']} signal(s))"
+                   for found in report.trained_versions]
+        typer.echo(f"versions trained on this data (retrain without it to be rid of it): {', '.join(trained)}")
+    else:
+        typer.echo("no published version of another scope was trained on this data")
+
+
 def _stop_on_interrupt() -> threading.Event:
     """An event that Ctrl-C (SIGINT) or SIGTERM sets: a worker's loop ends at its next round."""
     import signal as os_signal
@@ -356,7 +428,7 @@ def trainer_run(ctx: typer.Context, scope: Annotated[str | None, typer.Option(
         shared = SharedBase(settings.model_path, device=settings.trainer_device)  # one base model for all
         every = ScopeTrainers(
             event_log, lambda scope: TrainerWorker.from_settings(settings, event_log, store, scope, shared),
-            max_resident=settings.trainer_max_resident_scopes)
+            store=store, max_resident=settings.trainer_max_resident_scopes)
         runner = every
         started = (f"trainer of every scope it holds (scopes by {settings.scope_by}, "
                    f"{settings.trainer_max_resident_scopes} in memory)")

@@ -18,9 +18,12 @@ Foreign exceptions (kafka, sqlite3, sqlalchemy, pydantic) are translated into th
     ├── StoreError
     │   ├── StoreUnavailable
     │   └── SchemaOutOfDate          the database is not at the migrations' head
-    └── DeploymentError
-        ├── DeploymentConflict       the deployment changed since it was read (someone else acted)
-        └── InvalidChange            a change that does not apply (no canary to promote, no such version)
+    ├── DeploymentError
+    │   ├── DeploymentConflict       the deployment changed since it was read (someone else acted)
+    │   └── InvalidChange            a change that does not apply (no canary to promote, no such version)
+    └── ErasureError
+        ├── NothingToForget          no such session of this tenant (another tenant's is as missing)
+        └── CannotForget             an erasure that is refused (the keyless gateway's tenant, a forgotten name)
 """
 
 from __future__ import annotations
@@ -95,4 +98,16 @@ class DeploymentConflict(DeploymentError):
 
 
 class InvalidChange(DeploymentError):
+    pass
+
+
+class ErasureError(NextturnError):
+    pass
+
+
+class NothingToForget(ErasureError):
+    pass
+
+
+class CannotForget(ErasureError):
     pass

@@ -193,11 +193,15 @@ class TurnRecorded(_Event):
     # The client named the version (a model id) instead of being routed by the deployment: such turns are no
     # evidence for the rollout (a tenant could otherwise steer a canary). Version 1 had no pinned turns on file.
     pinned: bool = False
+    # The end user the request named (its `user` field or X-Nextturn-User), as nextturn.scopes.user_id: so that
+    # `nextturn users forget` finds every turn of the user whatever NEXTTURN_SCOPE_BY is. None: it named none.
+    user: str | None = None
     latency_ms: float = Field(ge=0.0)
     started_at: datetime
     finished_at: datetime
 
-    schema_version: Literal[1, 2] = 2  # type: ignore[assignment]  # reads 1 and 2; 2 added cause and pinned
+    # reads 1 to 3; 2 added cause and pinned, 3 added user
+    schema_version: Literal[1, 2, 3] = 3  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _consistent(self) -> TurnRecorded:

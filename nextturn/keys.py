@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import select
 
-from nextturn import events
+from nextturn import erasure, events
 from nextturn.errors import NextturnError, StoreUnavailable
 from nextturn.store import Store
 from nextturn.tables import ApiKey, Tenant
@@ -23,6 +23,11 @@ PREFIX = "nt-"
 
 class KeyNotFound(NextturnError):
     """No single key matches what the operator named."""
+
+
+class TenantForgotten(NextturnError):
+    """The tenant was forgotten (``nextturn tenants forget``): everything under its name is dropped, so it
+    takes no keys again."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,10 @@ def digest(key: str) -> str:
 
 def create_key(store: Store, tenant: str, *, admin: bool = False) -> str:
     """A new key for ``tenant`` (created if new); returns the key, which is not stored anywhere."""
+    forgotten = erasure.forgotten_tenant(store, tenant)
+    if forgotten is not None:
+        raise TenantForgotten(f"the tenant {tenant!r} was forgotten on {forgotten:%Y-%m-%d %H:%M} UTC and nothing "
+                              "under its name is kept; choose another name")
     key = PREFIX + secrets.token_urlsafe(32)
     now = events.utc_now()
     try:

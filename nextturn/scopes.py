@@ -49,13 +49,23 @@ def tenant_scope(tenant: str) -> str:
     return f"t.{tenant}" if _PLAIN_TENANT.fullmatch(tenant) else f"t.h-{_digest('tenant', tenant)}"
 
 
+def user_id(tenant: str, user: str) -> str:
+    """How an end user of a tenant is recorded (turns, sessions) and named in a user's scope: a digest, so the
+    store holds no address or name a client sent, and ``nextturn users forget`` finds the user's turns.
+
+    >>> user_id("acme", "ana@example.com")
+    '11193ea5ea5431f3ec68'
+    """
+    return _digest("user", tenant, user)
+
+
 def user_scope(tenant: str, user: str) -> str:
     """The scope of one end user of a tenant.
 
     >>> user_scope("acme", "ana@example.com")
     't.acme.u.11193ea5ea5431f3ec68'
     """
-    return f"{tenant_scope(tenant)}.u.{_digest('user', tenant, user)}"
+    return f"{tenant_scope(tenant)}.u.{user_id(tenant, user)}"
 
 
 def scope_of(policy: ScopeBy, tenant: str, user: str | None = None) -> str:

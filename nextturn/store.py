@@ -26,6 +26,7 @@ from sqlmodel import SQLModel, func, select
 
 from nextturn import events, tables
 from nextturn.conversation import turn_key
+from nextturn.erasure import RuleBook, mark
 from nextturn.errors import DeploymentConflict, SchemaOutOfDate, StoreUnavailable
 from nextturn.flaws import flaw
 from nextturn.scopes import link_namespace
@@ -123,6 +124,10 @@ class Store:
         self.url = url
         self.engine = create_db_engine(url)
         self._dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        # apply reads the erasure rules before it writes: on SQLite its transaction takes the write lock when it
+        # begins, so that no erasure commits in between (nextturn.erasure, order of operations)
+        self._writer = create_db_engine(url, immediate=True) if self._dialect is sqlite else self.engine
+        self.erasures = RuleBook()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -148,9 +153,15 @@ class Store:
         return DbSession(self.engine)
 
     def apply(self, batch: Sequence[events.Event]) -> int:
-        """Write events idempotently in one transaction; return how many were new."""
+        """Write events idempotently in one transaction, except what an erasure covers; return how many were new."""
         try:
-            with self.engine.begin() as conn:
+            with self._writer.begin() as conn:
+                rules = self.erasures.read(conn, hold=True)
+                if rules:
+                    dropped = [item for item in batch if rules.covers(item)]
+                    if dropped:
+                        rules = mark(conn, rules, dropped)
+                        batch = [item for item in batch if not rules.covers(item)]
                 return sum(_WRITERS[type(item)](self, conn, item) for item in batch)
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"cannot write to the store at {_safe(self.url)}: {exc}") from exc
@@ -341,12 +352,18 @@ class Store:
         table = tables.table_of(tables.Feedback)
         return {row.id for row in self._read(sa_select(table.c.id).where(table.c.turn_id == turn_id).limit(limit))}
 
+    def turn_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` (at most a few hundred) are stored turns."""
+        table = tables.table_of(tables.Turn)
+        return {row[0] for row in self._read(sa_select(table.c.id).where(table.c.id.in_(list(ids))))}
+
     def count(self, table: type[SQLModel]) -> int:
         with self.session() as db:
             return int(db.exec(select(func.count()).select_from(table)).one())
 
     def close(self) -> None:
         self.engine.dispose()
+        self._writer.dispose()
 
     # -- one writer per event type ---------------------------------------------------------------------
 
@@ -360,7 +377,8 @@ class Store:
         dumped = turn.model_dump(mode="json")
         new = self._insert_new(conn, tables.Turn, {
             "id": turn.turn_id, "event_id": turn.event_id, "tenant": turn.tenant, "scope": turn.scope,
-            "session_id": turn.session_id, "parent_turn_id": turn.parent_turn_id, "model": turn.model,
+            "session_id": turn.session_id, "user": turn.user, "parent_turn_id": turn.parent_turn_id,
+            "model": turn.model,
             "link_hash": turn_key(link_namespace(turn.tenant, turn.scope), turn.messages, turn.response)
             if turn.response else None,
             "adapter_version": turn.adapter_version, "messages": dumped["messages"], "tools": turn.tools,
@@ -378,7 +396,7 @@ class Store:
     def _touch_session(self, conn: Connection, turn: events.TurnRecorded) -> None:
         table = tables.table_of(tables.Session)
         statement = self._dialect.insert(tables.Session).values(
-            id=turn.session_id, tenant=turn.tenant, scope=turn.scope,
+            id=turn.session_id, tenant=turn.tenant, scope=turn.scope, user=turn.user,
             started_at=turn.started_at, last_turn_at=turn.finished_at,
         )
         later = case(

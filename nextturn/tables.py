@@ -69,6 +69,7 @@ class Session(SQLModel, table=True):
     id: str = Field(primary_key=True)
     tenant: str = Field(index=True)
     scope: str
+    user: str | None = Field(default=None, index=True)  # nextturn.scopes.user_id of its first turn's user
     started_at: datetime = _when()
     last_turn_at: datetime = _when(index=True)
     ended_at: datetime | None = _when(default=None)
@@ -84,6 +85,7 @@ class Turn(SQLModel, table=True):
     tenant: str = Field(index=True)
     scope: str = Field(index=True)
     session_id: str = Field(index=True)
+    user: str | None = Field(default=None, index=True)  # events.TurnRecorded.user (None before 0009)
     parent_turn_id: str | None = Field(default=None, index=True)
     # nextturn.conversation.turn_key of messages + response: a later request that starts with them links
     # to this turn on any gateway replica. None for a turn without a response.
@@ -234,3 +236,31 @@ class DeadLetter(SQLModel, table=True):
     payload: bytes = Field(sa_type=LargeBinary)
     reason: str = _text()
     created_at: datetime = _when()
+
+
+class Erasure(SQLModel, table=True):
+    """A session, an end user or a tenant that was forgotten (:mod:`nextturn.erasure`): the rule every writer
+    applies from then on, and what was removed."""
+
+    __tablename__ = "erasures"
+
+    seq: int | None = Field(default=None, primary_key=True)  # readers learn new erasures by it
+    id: str = Field(unique=True)
+    kind: str  # session | user | tenant
+    tenant: str = Field(index=True)
+    subject: str | None = None  # the session id, or the user's nextturn.scopes.user_id; None for a tenant
+    before: datetime = _when()  # a user's turns that began before this are covered (a session's and a tenant's: all)
+    scopes: list[str] = _json(default_factory=list)  # the scopes removed with it
+    actor: str
+    requested_at: datetime = _when()
+    report: dict[str, Any] = _json(default_factory=dict)  # nextturn.erasure.Report, once done
+
+
+class ErasedSession(SQLModel, table=True):
+    """A forgotten session: nothing of it is written again."""
+
+    __tablename__ = "erased_sessions"
+
+    seq: int | None = Field(default=None, primary_key=True)  # readers learn new ones by it
+    session_id: str = Field(unique=True)
+    erasure: int = Field(index=True)  # the Erasure.seq that covers it

@@ -40,6 +40,7 @@ from sqlalchemy import Connection
 from nextturn import events
 from nextturn.bus import BadRecordPolicy, EventLog, Record
 from nextturn.bus.log import Delivery, dead_letter
+from nextturn.erasure import mark
 from nextturn.errors import CommitFailed, EventError, EventLogUnavailable, StoreUnavailable
 from nextturn.events import FeedbackReceived, SignalExtracted, TurnRecorded, Verdict
 from nextturn.settings import Settings
@@ -161,10 +162,18 @@ class SignalsWorker:
         judged: dict[str, tuple[Verdict, str | None]] = {}
         if self._judge is not None:
             with self._casebook.reading() as conn:
-                preview = _play(self._gather(conn, partition_of, in_batch), items)
+                rules = self._store.erasures.read(conn)
+                preview = _play(self._gather(conn, partition_of, in_batch),
+                                [item for item in items if not rules.covers(item.event)])
             judged = self._ask(preview.questions)
         sessions = {item.event.session_id for item in items if isinstance(item.event, TurnRecorded | FeedbackReceived)}
         with self._casebook.transaction(sessions) as conn:
+            rules = self._store.erasures.read(conn, hold=True)  # nextturn.erasure: what was forgotten stays so
+            forgotten = [item.event for item in items if rules.covers(item.event)]
+            if forgotten:
+                rules = mark(conn, rules, forgotten)
+                items = [item for item in items if not rules.covers(item.event)]
+                self.counts["forgotten"] += len(forgotten)
             known = self._gather(conn, partition_of, in_batch)
             play = _play(known, items)
             signals = self._revise(conn, play.changed, known, judged)
@@ -272,7 +281,9 @@ class SignalsWorker:
                 if case.state == "open" and case.response is not None and turn_id in prompts
             })
         with self._casebook.transaction(set(session_of.values())) as conn:
-            cases = self._casebook.load(conn, session_of)
+            rules = self._store.erasures.read(conn, hold=True)
+            cases = {turn_id: case for turn_id, case in self._casebook.load(conn, session_of).items()
+                     if not rules.covers_session(case.tenant, case.session_id)}
             changed = {turn_id: case for turn_id, case in cases.items() if c.close_idle(case, reason)}
             closed = len(changed)
             signals = self._revise(conn, changed, cases, judged)

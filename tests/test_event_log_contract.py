@@ -216,7 +216,7 @@ def test_bad_records_are_dead_lettered_and_the_consumer_goes_on(event_log: Event
     event_log.append(good[:1])
     event_log.append_raw(events.TURNS, "s", b"\xff\x00 not json")
     event_log.append_raw(events.TURNS, "s", json.dumps({"type": "turn.exploded", "schema_version": 1}).encode())
-    future = good[0].model_dump(mode="json") | {"schema_version": 3}
+    future = good[0].model_dump(mode="json") | {"schema_version": 4}
     event_log.append_raw(events.TURNS, "s", json.dumps(future).encode())
     event_log.append(good[1:])
 
@@ -233,7 +233,7 @@ def test_bad_records_are_dead_lettered_and_the_consumer_goes_on(event_log: Event
     reasons = [letter.reason for letter in dead]  # type: ignore[union-attr]
     assert "not a JSON object" in reasons[0]
     assert "unknown event type 'turn.exploded'" in reasons[1]
-    assert "schema_version 3 is not supported" in reasons[2]
+    assert "schema_version 4 is not supported" in reasons[2]
     assert dead[0].payload == b"\xff\x00 not json"  # type: ignore[union-attr]
 
     # The bad records were committed with the rest: the group does not trip over them again.

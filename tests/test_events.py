@@ -76,8 +76,8 @@ def test_token_ids_and_logprobs_survive_exactly(prompt: list[int], sampled: list
 
 
 def test_an_unknown_schema_version_is_refused_clearly() -> None:
-    payload = turn().model_dump(mode="json") | {"schema_version": 3}
-    with pytest.raises(UnsupportedSchemaVersion, match="turn.recorded schema_version 3 is not supported .*1, 2"):
+    payload = turn().model_dump(mode="json") | {"schema_version": 4}
+    with pytest.raises(UnsupportedSchemaVersion, match="turn.recorded schema_version 4 is not supported .*1, 2, 3"):
         events.decode(json.dumps(payload))
 
 
@@ -94,7 +94,7 @@ def test_a_version_1_turn_is_read_with_what_its_failure_meant() -> None:
     assert version_1(events.CLIENT_LEFT).failed_by == "client"
     assert version_1("EngineUnavailable: down").failed_by == "server"
     assert not version_1("x").pinned
-    assert turn().schema_version == 2 and turn().failed_by is None
+    assert turn().schema_version == 3 and turn().failed_by is None and turn().user is None
     refused = turn().model_copy(update={"status": "failed", "error": "context too long", "cause": "client"})
     assert events.decode(refused.encode()).failed_by == "client"  # type: ignore[union-attr]
     with pytest.raises(MalformedEvent, match="only a failed turn has a cause"):

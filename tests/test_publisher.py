@@ -13,6 +13,7 @@ from nextturn.bus import Consumer, EventLog
 from nextturn.bus.kafka import KafkaEventLog
 from nextturn.bus.log import MAX_EVENT_BYTES
 from nextturn.bus.sqlite import SqliteEventLog
+from nextturn.erasure import Rules
 
 from support.event_logs import poll_until
 from support.eventually import eventually
@@ -221,4 +222,40 @@ def test_publishers_sharing_a_directory_spool_apart_and_a_spool_left_behind_is_a
     assert not left.spool.path.exists() and not legacy.path.exists()
     assert len(alive.spool) == 10 and alive.spool.path.exists()  # a live publisher's spool is not taken
     alive.stop()
+    log.close()
+
+
+class _DownUntil:
+    """An event log that is down until ``up`` is set, then the real SQLite log."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log, self.up = log, False
+
+    def append(self, batch: Sequence[events.Event]) -> None:
+        if not self.up:
+            from nextturn.errors import EventLogUnavailable
+
+            raise EventLogUnavailable("down for the test")
+        self.log.append(batch)
+
+
+def test_a_forgotten_sessions_events_leave_the_spool_and_the_queue(tmp_path: Path) -> None:
+    """An erasure reaches what waits in a gateway: the spool is rewritten without the session's events and
+    none of them is delivered when the log is back; the rest arrive in order."""
+    log = SqliteEventLog(tmp_path / "events.db")
+    flaky = _DownUntil(log)
+    publisher = Publisher(flaky, tmp_path / "spool", retry_pause_s=(0.05, 0.1))  # type: ignore[arg-type]
+    publisher.start()
+    for n in range(20):
+        publisher.publish(turn("gone" if n % 2 else "kept", n))
+    eventually(lambda: len(publisher.spool) == 20, "20 events in the spool")
+    publisher.forget(Rules(sessions=frozenset({"gone"})))
+    eventually(lambda: len(publisher.spool) == 10, "the forgotten session's events to leave the spool")
+    assert b'"gone"' not in publisher.spool.path.read_bytes()
+    publisher.publish(turn("gone", 21))  # queued after the erasure: never delivered either
+    publisher.publish(turn("kept", 22))
+    flaky.up = True
+    wait_until_spool_is_empty(publisher)
+    publisher.stop()
+    assert arrived(log, 11) == [*range(0, 20, 2), 22]
     log.close()

@@ -369,7 +369,7 @@ def test_records_that_are_not_events_go_to_the_dead_letter_table(sqlite_log: Eve
     store = Store(store_url)
     good = turn("s1", 1)
     sqlite_log.append_raw(events.TURNS, "s1", b"not json at all")
-    sqlite_log.append_raw(events.TURNS, "s1", good.encode().replace(b'"schema_version":2', b'"schema_version":9'))
+    sqlite_log.append_raw(events.TURNS, "s1", good.encode().replace(b'"schema_version":3', b'"schema_version":9'))
     sqlite_log.append([good, feedback(good, value=0.5)])
     worker = SignalsWorker(sqlite_log, store)
     worker.drain(0.3)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from gateway.engines.embedded import EmbeddedEngine
 from gateway.schemas import ChatCompletionRequest
-from nextturn import deployments, events, tables
+from nextturn import deployments, erasure, events, tables
 from nextturn.bus import EventLog
 from nextturn.errors import ConfigError
 from nextturn.settings import Settings
@@ -263,7 +263,7 @@ def _every_scope(log: EventLog, store: Store, tiny_model: Path, root: Path, *, m
         return TrainerWorker(log, store, model_dir=tiny_model, adapters_root=root / "adapters",
                              trainer_root=root / "trainer", scope=scope, config=chosen, shared=shared, consume=False)
 
-    return ScopeTrainers(log, start, max_resident=max_resident)
+    return ScopeTrainers(log, start, store=store, max_resident=max_resident)
 
 
 def test_one_trainer_process_trains_every_scope_with_signals_each_on_its_own(
@@ -432,7 +432,7 @@ def test_standing_hints_teach_a_tenants_later_samples(base: Policy, tiny_model: 
     data = published(tmp_path)[1]["data"]
     # acme's thanked answers; not its tool call (its arguments come from its own request), not globex's
     assert (data["hints"], data["standing_hints"]) == (1, 3)
-    assert worker.ledger.standing == {"acme": ["Answer with one word."]}
+    assert worker.ledger.standing_hints("acme") == ["Answer with one word."]
 
 
 def test_a_scope_s_standing_hints_come_from_its_own_signals_only(base: Policy, tiny_model: Path, store: Store,
@@ -445,7 +445,7 @@ def test_a_scope_s_standing_hints_come_from_its_own_signals_only(base: Policy, t
     trainers = _every_scope(sqlite_log, store, tiny_model, tmp_path, max_resident=2, standing_hints=3)
     trainers.drain(0.3)
     trainers.close()
-    assert trainers.workers["t.acme"].ledger.standing == {"acme": ["Answer with one word."]}
+    assert trainers.workers["t.acme"].ledger.standing_hints("acme") == ["Answer with one word."]
     assert trainers.workers["t.globex"].ledger.standing == {}
     assert published(tmp_path, "t.acme")[1]["data"]["standing_hints"] == 3
     assert published(tmp_path, "t.globex")[1]["data"]["standing_hints"] == 0
@@ -644,3 +644,54 @@ def test_more_waiting_signals_than_one_query_may_name_are_read_in_chunks(tiny_mo
     assert worker.ledger.counts.get("store_retries", 0) == 0  # every round read them all; none failed
     worker.close()
     store.close()
+
+
+def test_a_forgotten_session_leaves_the_trainers_memory_and_its_checkpoint(
+        base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path) -> None:
+    """The waiting signals, ready samples and standing hints of a forgotten session are dropped and the
+    checkpoint is rewritten without them; its signal read again later is turned away; the next version is
+    trained without it."""
+    secret = "Call me Ana, my card is 4111"
+    hinted, *others = [served(base, n) for n in range(5)]
+    record(store, sqlite_log, hinted, signal(hinted, reward=1.0, hint=secret),
+           *others[:2], *(signal(t) for t in others[:2]))
+    worker = trainer(sqlite_log, store, tiny_model, tmp_path, batch_size=4, standing_hints=3)
+    worker.drain(0.3)
+    assert worker.ledger.standing_hints("acme") == [secret] and len(worker.ledger.waiting) == 3
+    checkpoint = tmp_path / "trainer" / events.DEFAULT_SCOPE
+    assert any(secret in path.read_text() for path in checkpoint.rglob("*.json"))
+
+    places = erasure.Places(tmp_path / "adapters", tmp_path / "trainer")
+    erasure.forget_session(store, sqlite_log, places, "acme", hinted.session_id, actor="test")
+    worker.drain(0.3)
+    assert worker.ledger.standing == {} and len(worker.ledger.waiting) == 2
+    assert not any(secret in path.read_text() for path in checkpoint.rglob("*.json"))
+    sqlite_log.append([signal(hinted, reward=1.0, hint=secret).model_copy(update={"revision": 1})])  # a late copy
+    record(store, sqlite_log, *others[2:], *(signal(t) for t in others[2:]))
+    worker.drain(0.3)
+    worker.close()
+    assert worker.ledger.counts["forgotten"] == 2  # once from memory, once as it came again
+    trained = published(tmp_path)[1]["data"]["signals"]
+    assert len(trained) == 4 and signal(hinted).event_id not in trained
+
+
+def test_a_removed_scope_starts_over_in_the_trainer_that_held_it(
+        base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path) -> None:
+    turns, signals = _scoped(base, "acme", range(4))
+    record(store, sqlite_log, *turns, *signals)
+    trainers = _every_scope(sqlite_log, store, tiny_model, tmp_path, max_resident=2)
+    trainers.drain(0.3)
+    assert list(published(tmp_path, "t.acme")) == [1] and trainers.workers["t.acme"].ledger.head == 1
+
+    places = erasure.Places(tmp_path / "adapters", tmp_path / "trainer")
+    report = erasure.forget_tenant(store, sqlite_log, places, "acme", actor="test")
+    assert report.removed_scopes == ["t.acme"] and report.removed["scope_files"] == 1
+    sqlite_log.append(signals)  # what was on its way: dropped
+    trainers.drain(0.3)
+    worker = trainers.workers["t.acme"]
+    trainers.close()
+    assert (worker.ledger.head, worker.ledger.waiting) == (0, {})
+    assert worker.ledger.removed_at is not None and worker.ledger.counts["forgotten"] == 4
+    assert published(tmp_path, "t.acme") == {}
+    saved = Checkpoints(tmp_path / "trainer" / "t.acme").state()  # the new lineage's, not the removed one's
+    assert saved is not None and (saved["head"], saved["removed_at"]) == (0, worker.ledger.removed_at)

@@ -51,6 +51,8 @@ class AdapterShelf:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def versions(self) -> list[int]:
+        if not self.dir.is_dir():
+            return []  # removed by an erasure
         return sorted(int(entry.name) for entry in self.dir.iterdir() if entry.name.isdigit() and entry.is_dir())
 
     def latest(self) -> int | None:
@@ -59,6 +61,16 @@ class AdapterShelf:
 
     def path(self, version: int) -> Path:
         return self.dir / f"{version:06d}"
+
+    def remove_written_before(self, moment: float) -> None:
+        """Remove the versions written before ``moment`` (epoch seconds): the scope was removed then
+        (nextturn.erasure); versions of the lineage begun since stay."""
+        for version in self.versions():
+            if (self.path(version) / META).stat().st_mtime < moment:
+                shutil.rmtree(self.path(version), ignore_errors=True)
+        marker = self.dir / _ANNOUNCED
+        if marker.exists() and marker.stat().st_mtime < moment:
+            marker.unlink()
 
     def meta(self, version: int) -> dict[str, Any]:
         try:
@@ -125,6 +137,7 @@ class AdapterShelf:
     def _remove_partial(self) -> None:
         """Remove what a dead trainer on this host left half-written. Another trainer may be writing its own
         staging directory right now: only one whose process is gone is removed."""
+        self.dir.mkdir(parents=True, exist_ok=True)  # an erasure may have removed it
         for entry in self.dir.iterdir():
             if entry.name.startswith(_TMP) and entry.is_dir() and _abandoned(entry.name.removeprefix(_TMP)):
                 shutil.rmtree(entry, ignore_errors=True)

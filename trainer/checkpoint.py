@@ -77,7 +77,7 @@ class Checkpoints:
         number = int(previous.name) + 1 if previous is not None else 1
         path = self.dir / "checkpoints" / f"{number:06d}"
         shutil.rmtree(path, ignore_errors=True)  # a crash between mkdir and CURRENT left it half-written
-        path.mkdir()
+        path.mkdir(parents=True)  # parents: an erasure may have removed the scope's checkpoints
         write_weights(path)
         _write_atomic(path / STATE, json.dumps(state))
         for entry in path.rglob("*"):
@@ -88,6 +88,15 @@ class Checkpoints:
             if old.name != path.name:
                 shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def clear(self, before: float) -> None:
+        """Remove the checkpoint if it was written before ``before`` (epoch seconds): the scope was removed
+        then (nextturn.erasure). The lock stays with its holder."""
+        pointer = self.dir / "CURRENT"
+        if pointer.exists() and pointer.stat().st_mtime < before:
+            pointer.unlink()
+            shutil.rmtree(self.dir / "checkpoints", ignore_errors=True)
+            (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def save_state(self, state: dict[str, Any]) -> None:
         """Rewrite the bookkeeping of the current checkpoint (its weights stay)."""

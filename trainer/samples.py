@@ -42,6 +42,7 @@ class Sample:
     hint: str | None  # the signal's own hint
     teacher_hint: str | None  # what the teacher was told: the own hint, else the standing hints, else None
     teacher_prompt_ids: list[int] | None  # the prompt with teacher_hint; None without one
+    session_id: str = ""  # the turn's session: an erasure of it drops the sample
 
 
 def refusal(turn: tables.Turn, *, scope: str, lag: Callable[[int], int], max_lag: int,
@@ -156,4 +157,5 @@ def build(signal: tables.Signal, turn: tables.Turn, tokenizer: Any, standing: li
         tenant=turn.tenant, adapter_version=turn.adapter_version, prompt_ids=list(turn.prompt_token_ids),
         response_ids=list(turn.response_token_ids), behaviour_logprobs=list(turn.response_logprobs),
         reward=signal.reward, hint=signal.hint, teacher_hint=teacher_hint, teacher_prompt_ids=teacher_prompt,
+        session_id=turn.session_id,
     )

@@ -32,8 +32,10 @@ from collections.abc import Callable
 
 from nextturn import events
 from nextturn.bus import BadRecordPolicy, EventLog
-from nextturn.errors import CommitFailed, EventLogUnavailable
+from nextturn.erasure import Rules
+from nextturn.errors import CommitFailed, EventLogUnavailable, StoreUnavailable
 from nextturn.events import SignalExtracted
+from nextturn.store import Store
 from trainer.errors import TrainerBusy
 from trainer.worker import TrainerWorker
 
@@ -44,10 +46,12 @@ FIGURES_KEPT = 1000
 
 
 class ScopeTrainers:
-    def __init__(self, event_log: EventLog, start: Callable[[str], TrainerWorker], *, max_resident: int,
-                 lock_wait_s: float = 30.0, on_bad_record: BadRecordPolicy | None = None) -> None:
+    def __init__(self, event_log: EventLog, start: Callable[[str], TrainerWorker], *, store: Store,
+                 max_resident: int, lock_wait_s: float = 30.0, on_bad_record: BadRecordPolicy | None = None) -> None:
         """``start(scope)``: the scope's worker, made with ``consume=False`` (this reads its signals)."""
         self._log = event_log
+        self._store = store
+        self._rules = Rules()  # the erasures, read once a round for every scope held
         self._start = start
         self._max_resident = max_resident
         self._lock_wait_s = lock_wait_s
@@ -71,6 +75,12 @@ class ScopeTrainers:
             return 0  # the log is down: nothing may be committed before a pending version is out
         deliveries = self._consumer.poll(500, timeout_s)
         self._let_go(self._consumer.held())
+        try:
+            self._rules = self._store.erasures.read_store(self._store)
+        except StoreUnavailable as exc:  # what this round takes of a newer erasure is dropped the next round
+            log.warning("cannot read the erasures now: %s", exc)
+        for worker in self.workers.values():
+            worker.forget(self._rules)
         misrouted: list[SignalExtracted] = []
         for item in deliveries:
             if not isinstance(item.event, SignalExtracted):
@@ -118,6 +128,7 @@ class ScopeTrainers:
         worker = self.workers.get(scope)
         if worker is None:
             worker = self.workers[scope] = self._take(scope)
+            worker.forget(self._rules)  # its checkpoint may hold what was forgotten since it was saved
             self.counts["scopes_taken"] += 1
             log.info("training scope %s (partition %d)", scope, partition)
         self._partition[scope] = partition

@@ -56,6 +56,7 @@ from sqlmodel import col, select
 from nextturn import events, tables
 from nextturn.bus import BadRecordPolicy, EventLog
 from nextturn.deployments import Deployment
+from nextturn.erasure import Rules
 from nextturn.errors import CommitFailed, ConfigError, EventLogUnavailable, StoreUnavailable
 from nextturn.events import SignalExtracted
 from nextturn.scopes import chain
@@ -164,6 +165,7 @@ class TrainerWorker:
         self._shared: bool | None = None
         self._tenant: str | None = None
         self._has_room = False  # whether pacing allowed a version at the last refresh()
+        self._rules = Rules()  # the erasures this worker has applied (see forget)
         # The weights and the optimizer, loaded when first used and dropped by park(); until the first
         # checkpoint, loaded from ``_start`` (the newest version, the parent's stable one or the base model).
         self._loaded: tuple[Policy, torch.optim.Optimizer] | None = None
@@ -286,6 +288,10 @@ class TrainerWorker:
         if not self.finish_publish():
             return 0  # the log is down: nothing new may be committed before the pending version is out
         deliveries = self._consumer.poll(500, timeout_s)
+        try:
+            self.forget(self._store.erasures.read_store(self._store))
+        except StoreUnavailable as exc:  # what this round takes of a newer erasure is dropped the next round
+            log.warning("cannot read the erasures now: %s", exc)
         for item in deliveries:
             # A signal that trains several scopes is written once under each one's key: take ours (or one
             # written before signals were keyed by scope).
@@ -313,10 +319,50 @@ class TrainerWorker:
         """Offer a signal read from the log (one not for this scope is ignored)."""
         if not signal.trains(self.scope):
             return  # another scope's trainer takes it
+        if self._rules.covers(signal):
+            self.ledger.count("forgotten")
+            return
         self.ledger.count("received")
         self._saw(signal.tenant)
         if self.ledger.offer(signal):
             self._ready.pop(signal.signal_id, None)  # a newer revision replaces a ready older one
+
+    def forget(self, rules: Rules) -> None:
+        """Apply the erasures (:mod:`nextturn.erasure`) it has not applied yet: a removed scope starts over
+        (its state from before the removal is dropped, in memory and on disk); otherwise the waiting signals,
+        ready samples, standing hints and held-out turns of forgotten sessions are dropped. Saved at once,
+        so no checkpoint keeps a forgotten hint."""
+        if rules is self._rules:
+            return
+        self._rules = rules
+        removed = rules.scopes.get(self.scope)
+        if removed is not None and (self.ledger.removed_at is None or self.ledger.removed_at < removed.timestamp()):
+            self._start_over(removed.timestamp())
+            return
+        self.ledger.forget(rules)
+        for key, sample in list(self._ready.items()):
+            if rules.covers_session(sample.tenant, sample.session_id):
+                del self._ready[key]
+        if self.ledger.replay and (rules.sessions or rules.tenants):
+            kept = self._store.turn_ids(self.ledger.replay)
+            self.ledger.replay = [turn_id for turn_id in self.ledger.replay if turn_id in kept]
+        self.save()
+
+    def _start_over(self, removed_at: float) -> None:
+        """The scope was removed: drop its state from before ``removed_at`` (checkpoints and versions written
+        before it, which the erasure deleted unless this trainer wrote them meanwhile) and begin a new lineage."""
+        log.warning("scope %s was removed by an erasure: its trainer starts over", self.scope)
+        self._checkpoints.clear(before=removed_at)
+        self.shelf.remove_written_before(removed_at)
+        self._loaded = None
+        if self._base is not None:
+            self._base.drop(self.scope)
+        self._ready.clear()
+        self._ready_at.clear()
+        self._shared, self._tenant = None, None
+        self.ledger, self._start = self._resume()
+        self.ledger.removed_at = removed_at
+        self._saved = ""
 
     def refresh(self) -> None:
         """Pacing first (a rebase changes which samples are stale), then build the samples that can be."""
@@ -396,7 +442,7 @@ class TrainerWorker:
             if signal.hint and signal.hint_source in (None, "user"):
                 # Only the user's own words become standing: a failed tool call's report, or the judge's hint,
                 # is about that turn (a "division by zero" note made the teacher garble later sums).
-                self.ledger.remember_hint(turn.tenant, signal.hint, self.config.standing_hints)
+                self.ledger.remember_hint(turn.tenant, signal.hint, self.config.standing_hints, turn.session_id)
             self._ready[key] = build(signal, turn, self._tokenizer, standing)
             self._ready_at.setdefault(key, time.monotonic())
             per_tenant[turn.tenant] += 1
@@ -420,7 +466,7 @@ class TrainerWorker:
     def _standing(self, turn: tables.Turn) -> list[str]:
         if not self.config.standing_hints or not standing_applies(turn):
             return []
-        return self.ledger.standing.get(turn.tenant, [])
+        return self.ledger.standing_hints(turn.tenant)
 
     def _rows(self, event_ids: list[str]) -> tuple[dict[str, tables.Signal], dict[str, tables.Turn]]:
         """The signal rows and their turns, read IN_CHUNK ids at a time: a paced trainer may hold tens of

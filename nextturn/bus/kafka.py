@@ -25,17 +25,19 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from nextturn import events
 from nextturn.bus.log import (
     MAX_EVENT_BYTES,
+    SCOPE_KEYED,
+    SESSION_KEYED,
     BadRecordPolicy,
     DeadLetter,
     Delivery,
     Record,
-    Row,
     Start,
     check_rows,
     check_topics,
     decode_records,
     encode_batch,
 )
+from nextturn.erasure import Subject
 from nextturn.errors import CommitFailed, EventLogUnavailable
 
 _MAX_RECORD_BYTES = MAX_EVENT_BYTES + (1 << 20)  # room for the record batch's own framing
@@ -70,8 +72,17 @@ class KafkaEventLog:
     def append_raw(self, topic: str, key: str | None, payload: bytes) -> None:
         self._send([(topic, key, payload)])
 
-    def _send(self, rows: Sequence[Row]) -> None:
-        check_rows(rows)
+    def erase(self, subject: Subject) -> int:
+        tombstones: list[tuple[str, str | None, bytes | None]] = [
+            (topic, key, None)
+            for keys, topics in ((subject.sessions, SESSION_KEYED), (subject.scopes, SCOPE_KEYED))
+            for key in sorted(keys) for topic in topics
+        ]
+        self._send(tombstones)
+        return len(tombstones)
+
+    def _send(self, rows: Sequence[tuple[str, str | None, bytes | None]]) -> None:
+        check_rows([row for row in rows if row[2] is not None])  # type: ignore[misc]
         if not rows:
             return
         with self._lock:
@@ -89,7 +100,7 @@ class KafkaEventLog:
                 self._drop_producer()
                 raise EventLogUnavailable(f"the Kafka event log refused the batch: {exc}") from exc
 
-    def _send_once(self, rows: Sequence[Row]) -> None:
+    def _send_once(self, rows: Sequence[tuple[str, str | None, bytes | None]]) -> None:
         producer = self._ensure_producer()
         futures = [
             producer.send(topic, key=None if key is None else key.encode(), value=value) for topic, key, value in rows

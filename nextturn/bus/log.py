@@ -22,7 +22,12 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from nextturn import events
+from nextturn.erasure import Subject
 from nextturn.errors import EventError, EventTooLarge, UndecodableRecord, UnknownTopic
+
+# Topics whose records are keyed by session, and by scope (nextturn.events: partition_key).
+SESSION_KEYED = (events.TURNS, events.FEEDBACK, events.DEAD_LETTERS)
+SCOPE_KEYED = (events.SIGNALS, events.ADAPTERS, events.DEPLOYMENTS)
 
 Start = Literal["committed", "beginning", "end"]
 Row = tuple[str, str | None, bytes]  # topic, key, encoded event
@@ -38,7 +43,7 @@ class Record:
     partition: int
     offset: int
     key: str | None
-    value: bytes
+    value: bytes | None  # None: a tombstone (Kafka), which says an erased key's records are gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,13 @@ class EventLog(Protocol):
 
     def append_raw(self, topic: str, key: str | None, payload: bytes) -> None:
         """Append an already encoded payload (a spool being replayed, a foreign producer)."""
+        ...
+
+    def erase(self, subject: Subject) -> int:
+        """Remove the records of an erasure (:mod:`nextturn.erasure`): the sessions' (turns, feedback, their
+        signals, dead letters), a tenant's, and the scopes' (signals, adapters, deployments). SQLite deletes
+        them; Kafka appends a tombstone (a record without a value) under each erased key, which a compacted
+        topic drops and every consumer skips. Returns how many records were deleted, or tombstones written."""
         ...
 
     def consumer(
@@ -128,7 +140,7 @@ def dead_letter(record: Record, reason: str) -> events.DeadLettered:
         partition=record.partition,
         offset=record.offset,
         key=record.key,
-        payload_b64=base64.b64encode(record.value).decode(),
+        payload_b64=base64.b64encode(record.value or b"").decode(),
         reason=reason,
     )
 
@@ -160,6 +172,8 @@ class Crash:
 def decode_records(records: Iterable[Record], on_bad_record: BadRecordPolicy) -> list[Delivery]:
     deliveries = []
     for record in records:
+        if record.value is None:
+            continue  # a tombstone: nothing to read
         try:
             event = events.decode(record.value)
         except EventError as exc:

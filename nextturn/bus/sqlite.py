@@ -23,6 +23,8 @@ from pathlib import Path
 
 from nextturn import events
 from nextturn.bus.log import (
+    SCOPE_KEYED,
+    SESSION_KEYED,
     BadRecordPolicy,
     DeadLetter,
     Delivery,
@@ -34,6 +36,7 @@ from nextturn.bus.log import (
     decode_records,
     encode_batch,
 )
+from nextturn.erasure import Subject
 from nextturn.errors import CommitFailed, EventLogError, EventLogUnavailable
 
 _SCHEMA = """
@@ -140,6 +143,27 @@ class SqliteEventLog:
             conn.executemany(
                 "INSERT INTO records (topic, partition, key, value, appended_at) VALUES (?, ?, ?, ?, ?)", values
             )
+
+    def erase(self, subject: Subject) -> int:
+        by_json = "CAST(value AS TEXT) LIKE '{%' AND json_extract(CAST(value AS TEXT), ?)"
+        deleted = 0
+        with self._lock, _Transaction(self._conn) as conn:
+            for keys, topics in ((sorted(subject.sessions), SESSION_KEYED), (sorted(subject.scopes), SCOPE_KEYED)):
+                for start in range(0, len(keys), 500):
+                    chunk = keys[start:start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    deleted += conn.execute(
+                        f"DELETE FROM records WHERE topic IN ({','.join('?' * len(topics))}) AND key IN ({marks})",
+                        (*topics, *chunk)).rowcount
+                    if topics is SESSION_KEYED:  # a session's signals are keyed by their scope
+                        deleted += conn.execute(
+                            f"DELETE FROM records WHERE topic = ? AND {by_json} IN ({marks})",
+                            (events.SIGNALS, "$.session_id", *chunk)).rowcount
+            if subject.tenant is not None:
+                deleted += conn.execute(
+                    f"DELETE FROM records WHERE topic IN (?, ?, ?) AND {by_json} = ?",
+                    (events.TURNS, events.FEEDBACK, events.SIGNALS, "$.tenant", subject.tenant)).rowcount
+        return deleted
 
     def partition_of(self, key: str | None) -> int:
         return zlib.crc32(key.encode()) % self.partitions if key is not None else 0

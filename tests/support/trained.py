@@ -139,6 +139,6 @@ def run_scope_trainers(backend: str, where: str, store_url: str, model: str, roo
     shared = SharedBase(Path(model), device="cpu")
     trainers = ScopeTrainers(log, lambda scope: TrainerWorker(
         log, store, model_dir=Path(model), adapters_root=Path(root) / "adapters", trainer_root=Path(root) / "trainer",
-        scope=scope, config=config(), shared=shared, consume=False), max_resident=2)
+        scope=scope, config=config(), shared=shared, consume=False), store=store, max_resident=2)
     while True:
         trainers.run_once(0.5)
