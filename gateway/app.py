@@ -25,11 +25,12 @@ from pydantic import BaseModel, Field
 from gateway.auth import Keyring
 from gateway.completions import ChatCompletionsRoute
 from gateway.engines import Engine
-from gateway.errors import Conflict, InvalidRequest, NotFound, install_error_handlers
+from gateway.errors import Conflict, GatewayError, InvalidRequest, NotFound, install_error_handlers
 from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
 from gateway.limits import GuardRequests, LimitBodySize, StrictJsonRoute, TenantLimits
 from gateway.metrics import CONTENT_TYPE, CountRequests, Metrics
 from gateway.publisher import Publisher
+from gateway.schemas import ChatCompletionRequest
 from gateway.sessions import SessionLinker
 from gateway.supervisor import Supervisor
 from gateway.turns import TurnService
@@ -100,7 +101,7 @@ class RolloutAction(BaseModel):
     reason: str = Field(min_length=1, max_length=2000)  # why: recorded with the change
     # promote: the version to make stable (default: the canary); rollback without a canary: the version to
     # go back to (default: the one before)
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1)  # the store's integer column
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -237,6 +238,17 @@ def create_app(settings: Settings) -> FastAPI:
     async def remove_adapter(version: str, service: Annotated[TurnService, Depends(turns)]) -> dict[str, Any]:
         await service.router.remove(version)  # returns once the requests still running on it finished
         return {"version": version, "removed": True}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(
+        body: ChatCompletionRequest, who: Annotated[str, Depends(tenant)],
+        x_session_id: Annotated[str | None, Header()] = None,
+        x_nextturn_user: Annotated[str | None, Header()] = None,
+    ) -> dict[str, Any]:
+        """OpenAI's chat completions, streamed or whole; the completion id is the turn id, and the
+        X-Nextturn-Adapter header names the version that served it. Served by gateway.completions in front of
+        this app (this function never runs): declared so that the API docs and the schema-driven tests know it."""
+        raise GatewayError("the chat completions route is served in front of the app")
 
     @app.post("/v1/feedback")
     async def post_feedback(

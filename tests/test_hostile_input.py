@@ -220,3 +220,54 @@ def test_metrics_and_api_docs_are_served_only_when_the_settings_say(tiny_model: 
         statuses = {path: httpx.get(f"{gateway.url}{path}", timeout=60).status_code
                     for path in ("/metrics", "/docs", "/redoc", "/openapi.json")}
     assert statuses == dict.fromkeys(statuses, 200 if shown else 404)
+
+
+SURROGATE = "\ud800"
+CALL = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+CHAT_STRINGS: dict[str, object] = {
+    "model": {"model": SURROGATE},
+    "content": {"messages": [{"role": "user", "content": SURROGATE}]},
+    "content part": {"messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
+    "name": {"messages": [{"role": "user", "content": "hi", "name": SURROGATE}]},
+    "tool call id": {"messages": [{"role": "user", "content": "add"}, {"role": "assistant", "tool_calls": [
+        {**CALL, "id": SURROGATE}]}, {"role": "tool", "tool_call_id": SURROGATE, "content": "2"}]},
+    "tool call arguments": {"messages": [{"role": "user", "content": "add"}, {"role": "assistant", "tool_calls": [
+        {**CALL, "function": {"name": "add", "arguments": SURROGATE}}]}, {"role": "tool", "tool_call_id": "call_1",
+                                                                           "content": "2"}]},
+    "tool description": {"tools": [{"type": "function", "function": {"name": "add", "description": SURROGATE}}]},
+    "tool_choice": {"tool_choice": SURROGATE},
+    "stop": {"stop": SURROGATE},
+    "stop list": {"stop": ["x", SURROGATE]},
+    "user": {"user": SURROGATE},
+    "unknown field": {"metadata": {"note": SURROGATE}},
+}
+FEEDBACK_STRINGS: dict[str, dict[str, object]] = {
+    "idempotency_key": {"idempotency_key": SURROGATE},
+    "tool name": {"kind": "tool_result", "tool": {"name": SURROGATE, "exit_code": 0}},
+    "tool output": {"kind": "tool_result", "tool": {"name": "pytest", "output": SURROGATE}},
+    "tool call id": {"kind": "tool_result", "tool": {"name": "pytest", "call_id": SURROGATE}},
+}
+
+
+@pytest.mark.parametrize("field", sorted(CHAT_STRINGS))
+def test_a_lone_surrogate_in_any_string_of_a_chat_request_is_a_400(gateway: Uvicorn, field: str) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            **CHAT_STRINGS[field]}  # type: ignore[dict-item]
+    openai_error(post(gateway, "/v1/chat/completions", json.dumps(body).encode()), 400)
+
+
+@pytest.mark.parametrize("field", sorted(FEEDBACK_STRINGS))
+def test_a_lone_surrogate_in_any_string_of_feedback_is_a_400(gateway: Uvicorn, field: str) -> None:
+    turn_id = chat(gateway).json()["id"]
+    body = {"turn_id": turn_id, "kind": "comment", "text": "fine", **FEEDBACK_STRINGS[field]}
+    openai_error(post(gateway, "/v1/feedback", json.dumps(body).encode()), 400)
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v1/turns/"), ("DELETE", "/v1/sessions/")])
+@pytest.mark.parametrize("raw", ["%ED%A0%80", "%FF", "%C3"])
+def test_a_path_that_is_not_utf8_is_a_4xx(gateway: Uvicorn, data_dir: Path, method: str, path: str,
+                                          raw: str) -> None:
+    answered = httpx.request(method, f"{gateway.url}{path}x{raw}y", headers=KEY, timeout=60)
+    assert 400 <= answered.status_code < 500, answered.text
+    assert set(answered.json()["error"]) == {"message", "type", "param", "code"}
+    still_serving_and_recording(gateway, data_dir, f"after {raw} in {path}")
