@@ -38,7 +38,7 @@ from gateway.watcher import DeploymentWatcher
 from nextturn import deployments, erasure, events
 from nextturn.bus import open_event_log
 from nextturn.erasure import Rules
-from nextturn.errors import ConfigError, DeploymentError, NothingToForget
+from nextturn.errors import ConfigError, DeploymentError, NothingToForget, StoreUnavailable
 from nextturn.keys import any_keys, find_key
 from nextturn.recorder import RecorderProcess
 from nextturn.settings import Settings
@@ -260,7 +260,11 @@ def create_app(settings: Settings) -> FastAPI:
     ) -> dict[str, Any]:
         session_id = await asyncio.to_thread(owner_session, service, db, who, body.turn_id)
         event = feedback_event(who, session_id, body, idempotency_key)
-        stored = await asyncio.to_thread(db.feedback_ids, body.turn_id, events.MAX_FEEDBACK_PER_TURN)
+        try:
+            stored = await asyncio.to_thread(db.feedback_ids, body.turn_id, events.MAX_FEEDBACK_PER_TURN)
+        except StoreUnavailable as exc:  # the signals worker keeps the first 64 anyway: this check is a courtesy
+            log.warning("cannot count the turn's feedback now, taking it: %s", exc)
+            stored = set()
         if len(stored) >= events.MAX_FEEDBACK_PER_TURN and event.event_id not in stored:  # a retry is fine
             raise Conflict(f"turn {body.turn_id} has {len(stored)} pieces of feedback; more would not count",
                            param="turn_id", code="feedback_limit_reached")

@@ -121,7 +121,13 @@ class SignalsWorker:
         except CommitFailed:
             pass  # the group moved on: the batch comes again to the partitions' new owner, and adds nothing
         if self._clock() >= self._next_sweep:
-            self.maintain()
+            try:
+                self.maintain()
+            except (StoreUnavailable, EventLogUnavailable) as exc:  # as a batch's: tried again, never an end
+                log.warning("closing idle cases failed (%s); trying again", exc)
+                self.counts["retries"] += 1
+                time.sleep(0.5)
+                return len(deliveries)
             self._next_sweep = self._clock() + min(SWEEP_EVERY_S, self._idle_timeout_s / 4)
         return len(deliveries)
 

