@@ -86,6 +86,8 @@ class AdapterRequest(BaseModel):
 def _check_loadable(settings: Settings, body: AdapterRequest) -> None:
     """By hand, only from the adapters directory or NEXTTURN_ADAPTER_LOAD_DIRS, and never under a name the
     trainer publishes versions under (a hand-loaded "default-v9" would be served as the trainer's v9)."""
+    if "\x00" in body.path:
+        raise InvalidRequest("a path cannot hold a NUL character", param="path")
     where = Path(body.path).resolve()
     allowed = [settings.adapters_path, *settings.adapter_load_dirs]
     if not any(where.is_relative_to(root.resolve()) for root in allowed):
@@ -137,7 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
         await watcher.start()  # the deployed versions are loaded before the first request
         app.state.turns = service
         app.state.watcher = watcher
-        metrics.watch(lambda: publisher.queued, lambda: len(publisher.spool))
+        metrics.watch(lambda: publisher.queued, lambda: len(publisher.spool), lambda: publisher.dropped)
         app.state.store = store
         app.state.event_log = event_log
         supervisor = Supervisor([task for task in (publisher, recorder, engine, watcher) if task is not None],

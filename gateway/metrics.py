@@ -12,6 +12,7 @@
     nextturn_version_reward{adapter}                       their mean reward (read from the store)
     nextturn_adapter_load_failures_total{adapter}          deployed versions the engine could not load
     nextturn_publish_queue_depth, nextturn_spool_depth     events waiting for the event log
+    nextturn_events_dropped                                events lost: log down, queue full, disk full
     nextturn_gateway_restarts_total{part}                  background parts restarted after they died
                                                            (part publisher | recorder: gateway.supervisor)
 
@@ -58,11 +59,15 @@ class Metrics:
                             registry=self.registry)
         self._spool = Gauge("nextturn_spool_depth", "Events spooled to disk while the event log is unavailable",
                             registry=self.registry)
+        self._dropped = Gauge("nextturn_events_dropped", "Events lost since the gateway started: the log down, "
+                              "the queue full and the spool's disk full", registry=self.registry)
 
-    def watch(self, queued: Callable[[], float], spooled: Callable[[], float]) -> None:
+    def watch(self, queued: Callable[[], float], spooled: Callable[[], float],
+              dropped: Callable[[], float] = lambda: 0.0) -> None:
         """Read the depths when scraped."""
         self._queue.set_function(queued)
         self._spool.set_function(spooled)
+        self._dropped.set_function(dropped)
 
     def turn(self, adapter: str, ok: bool, stream: bool, seconds: float, prompt: int, completion: int) -> None:
         self.turns.labels(adapter, "ok" if ok else "failed").inc()

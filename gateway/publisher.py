@@ -24,9 +24,14 @@ order holds as long as the queue has room (``capacity``, 10,000 events by defaul
 An event that cannot be written as it is (not UTF-8 encodable, or over the log's per-event limit) goes to
 the ``dead-letters`` topic with its reason instead, so that it never stops the events behind it.
 
-If the thread dies (a bug, a spool that cannot be written), ``publish`` keeps queueing (and spooling once
-the queue is full) and the gateway's supervisor (:mod:`gateway.supervisor`) starts a new thread with
-:meth:`Publisher.restart`, which writes the batch the dead one held first: nothing is lost.
+When the spool cannot be written either (the disk is full), the batch stays in memory and the thread tries
+it again with the same growing pause, replaying what the spool holds as soon as the log is back; newer events
+wait in the queue behind it, and requests are served all along. Only when the queue is full as well is an
+event dropped (``dropped``, counted on /metrics); a write cut short by the full disk is cut from the spool.
+
+If the thread dies (a bug), ``publish`` keeps queueing (and spooling once the queue is full) and the
+gateway's supervisor (:mod:`gateway.supervisor`) starts a new thread with :meth:`Publisher.restart`, which
+writes the batch the dead one held first: nothing is lost.
 
 Delivery is at least once: a replay cut short is replayed again from the start of the spool, so the
 log may receive an event twice under one event id, and its consumers write idempotently.
@@ -94,11 +99,17 @@ class Spool:
         os.replace(temporary, self.path)
 
     def write(self, batch: Sequence[events.Event]) -> None:
+        """Append the batch, durably; raises OSError (a full disk) with the file as it was before."""
         lines = b"".join(event.encode() + b"\n" for event in batch)
         with self._lock, self.path.open("ab") as file:
-            file.write(lines)
-            file.flush()
-            os.fsync(file.fileno())
+            size = file.tell()
+            try:
+                file.write(lines)
+                file.flush()
+                os.fsync(file.fileno())
+            except OSError:
+                file.truncate(size)  # no torn line for the next write to be glued to
+                raise
             self._count += len(batch)
 
     def read(self) -> list[tuple[int, events.Event]]:
@@ -183,6 +194,8 @@ class Publisher:
         self._stopping = threading.Event()
         self._failure: BaseException | None = None
         self._holding: list[events.Event] = []  # the batch being written: a restarted thread writes it first
+        self.disk_full = False  # the last spool write failed (a full disk): events wait in memory
+        self.dropped = 0  # events lost because the queue was full and the spool could not be written
         self._rules = Rules()  # what erasures cover is never delivered (see forget)
         self._spool_forgets = False  # the thread rewrites the spool without what the rules cover
         self._thread = self._new_thread()
@@ -211,7 +224,13 @@ class Publisher:
         try:
             self._queue.put_nowait(event)
         except queue.Full:
-            self.spool.write([event])
+            try:
+                self.spool.write([event])
+            except OSError as exc:  # the log down, the queue full and the disk full: the request is served
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 1000 == 0:
+                    log.error("dropped %d event(s): the queue is full and the spool cannot be written (%s)",
+                              self.dropped, exc)
 
     def forget(self, rules: Rules) -> None:
         """Deliver nothing an erasure covers (:mod:`nextturn.erasure`) from now on, and have the thread rewrite
@@ -267,12 +286,9 @@ class Publisher:
 
     def _run(self) -> None:
         try:
-            if self._holding:  # what the dead thread was writing goes before anything queued after it
-                self._deliver(self._holding)
-                self._holding = []
             pause = self._first_pause_s
-            next_replay = next_adoption = 0.0
-            while not (self._stopping.is_set() and self._queue.empty()):
+            next_replay = next_adoption = next_try = 0.0
+            while not (self._stopping.is_set() and self._queue.empty()) or self._holding:
                 if self._spool_forgets:
                     self._spool_forgets = False
                     if dropped := self.spool.keep(partial(_wanted, self._rules)):
@@ -286,11 +302,20 @@ class Publisher:
                     else:
                         next_replay = time.monotonic() + pause
                         pause = min(pause * 2, self._max_pause_s)
-                batch = self._take(timeout_s=0.05)
-                if batch:
-                    self._holding = batch
-                    self._deliver(batch)
-                    self._holding = []
+                if not self._holding:  # what a dead thread was writing goes before anything queued after it
+                    self._holding = self._take(timeout_s=0.05)
+                elif time.monotonic() < next_try:
+                    self._stopping.wait(0.05)
+                    continue
+                if self._holding:
+                    if self._deliver(self._holding):
+                        self._holding = []
+                    elif self._stopping.is_set():
+                        log.error("stopping with %d event(s) that neither the log nor the disk took",
+                                  len(self._holding))
+                        return
+                    else:  # neither the log nor the spool took it: it waits here, the queue behind it
+                        next_try = time.monotonic() + pause
         except BaseException as exc:  # supervised: the gateway restarts the thread (see restart)
             self._failure = exc
             log.exception("the event publisher died")
@@ -309,27 +334,39 @@ class Publisher:
                 break
         return batch
 
-    def _deliver(self, batch: list[events.Event]) -> None:
+    def _deliver(self, batch: list[events.Event]) -> bool:
+        """Onto the log, or into the spool; False when neither took it (the log down and the disk full)."""
         if self._rules:
             batch = [event for event in batch if not self._rules.covers(event)]
             if not batch:
-                return
+                return True
         try:
-            self._append_or_spool(batch)
+            return self._append_or_spool(batch)
         except (EventTooLarge, ValueError):  # one event cannot be written as it is: set it aside, go on
-            self._append_or_spool([self._writable(event) for event in batch])
+            return self._append_or_spool([self._writable(event) for event in batch])
 
-    def _append_or_spool(self, batch: list[events.Event]) -> None:
+    def _append_or_spool(self, batch: list[events.Event]) -> bool:
         if len(self.spool):  # older events wait in the spool: these go behind them
-            self.spool.write(batch)
-            return
+            return self._spool(batch)
         try:
             self._log.append(batch)
         except EventTooLarge:
             raise  # the log is fine; spooling this event would only jam the spool behind it
         except EventLogError as exc:
             log.warning("event log unavailable, spooling %d event(s): %s", len(batch), exc)
+            return self._spool(batch)
+        return True
+
+    def _spool(self, batch: list[events.Event]) -> bool:
+        try:
             self.spool.write(batch)
+        except OSError as exc:
+            if not self.disk_full:
+                log.error("cannot spool (%s): events wait in memory until the log or the disk takes them", exc)
+            self.disk_full = True
+            return False
+        self.disk_full = False
+        return True
 
     @staticmethod
     def _writable(event: events.Event) -> events.Event:

@@ -259,3 +259,23 @@ def test_a_forgotten_sessions_events_leave_the_spool_and_the_queue(tmp_path: Pat
     publisher.stop()
     assert arrived(log, 11) == [*range(0, 20, 2), 22]
     log.close()
+
+
+def test_with_the_log_down_and_the_disk_full_requests_go_on_and_only_a_full_queue_drops_counted(
+        tmp_path: Path) -> None:
+    log = SqliteEventLog(tmp_path / "events.db")
+    flaky = _DownUntil(log)
+    publisher = Publisher(flaky, tmp_path / "spool", capacity=5, retry_pause_s=(0.05, 0.1))  # type: ignore[arg-type]
+    publisher.spool.path.mkdir()  # every write to the spool fails, as on a full disk
+    publisher.start()
+    for n in range(20):
+        publisher.publish(turn("s", n))  # never raises
+    eventually(lambda: publisher.disk_full, "the publisher to find the disk full")
+    assert publisher.failure is None and publisher.dropped > 0
+    publisher.spool.path.rmdir()
+    flaky.up = True
+    eventually(lambda: publisher.queued == 0, "what waited in memory to be delivered")
+    publisher.stop()
+    delivered = arrived(log, 20 - publisher.dropped)
+    assert len(delivered) == 20 - publisher.dropped and delivered == sorted(delivered)
+    log.close()

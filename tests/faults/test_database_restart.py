@@ -42,6 +42,7 @@ def test_a_database_restarted_under_traffic_fails_no_request_and_loses_or_double
     cluster = PostgresCluster()
     cluster.start()
     stop = threading.Event()
+    signals: threading.Thread | None = None
     try:
         url = cluster.create_database("faults")
         upgrade(url)
@@ -77,7 +78,11 @@ def test_a_database_restarted_under_traffic_fails_no_request_and_loses_or_double
               f"{worker.counts['retries']} batch(es)")
         assert failures == {} and during > 0 and extra == 0 and not any(doubled.values())
         assert worker.counts["retries"] > 0  # the worker met the outage and went on
-        store.close()
     finally:
         stop.set()
+        if signals is not None:
+            signals.join(30)
+            worker.close()
+            event_log.close()
+            store.close()
         cluster.stop()

@@ -92,6 +92,8 @@ class Traffic:
     url: str
     key: str
     rate_per_s: float = 20.0
+    model: str = "upstream-model"
+    max_tokens: int = 8
     answered: list[str] = field(default_factory=list)  # turn ids
     failures: Counter[str] = field(default_factory=Counter)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -124,8 +126,8 @@ class Traffic:
                 self._stop.wait(max(0.0, 1 / self.rate_per_s - (time.monotonic() - began)))
 
     def _ask(self, http: httpx.Client, n: int) -> str:
-        body = {"model": "upstream-model", "messages": [{"role": "user", "content": f"question {n}"}],
-                "stream": n % 2 == 0}
+        body = {"model": self.model, "messages": [{"role": "user", "content": f"question {n}"}],
+                "stream": n % 2 == 0, "max_tokens": self.max_tokens}
         if not body["stream"]:
             answered = http.post("/v1/chat/completions", json=body)
             if answered.status_code != 200:
