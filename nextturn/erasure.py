@@ -302,8 +302,7 @@ def _forget(store: Store, event_log: EventLog, places: Places, kind: Kind, tenan
                 id=erasure_id, kind=kind, tenant=tenant, subject=subject,
                 before=now, scopes=removed_scopes, actor=actor, requested_at=now, report={},
             ).returning(_ERASURES.c.seq)).scalar_one()
-            known = set(conn.execute(select(_ERASED.c.session_id).where(_ERASED.c.session_id.in_(sessions)))
-                        .scalars()) if len(sessions) <= _CHUNK else _known_erased(conn, sessions)
+            known = _known_erased(conn, sessions)
             fresh = [{"session_id": session, "erasure": seq} for session in sessions if session not in known]
             if fresh and kind != "tenant":  # a tenant's rule covers its sessions by name
                 conn.execute(insert(_ERASED), fresh)
