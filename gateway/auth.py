@@ -2,9 +2,10 @@
 
 Keys come from Settings (``NEXTTURN_API_KEYS``, the embedded default) and from the store (production,
 ``nextturn keys create``). A key found in the store is remembered for a minute, so a request costs a
-dictionary lookup and a revoked key stops working within that minute. With no key anywhere, the gateway
-is open, as the tenant ``default``, and only on a loopback address (checked at start); its admin routes are
-open too, and it closes within seconds of the first key's creation in the store. Otherwise admin routes
+dictionary lookup and a revoked key stops working within that minute. A gateway on a loopback address with
+no key anywhere is open, as the tenant ``default``, admin routes included, and closes within seconds of the
+first key's creation in the store. A gateway on any other address is never open: with no key in Settings it
+takes the store's keys (and refuses every request until there is one: ``nextturn keys create``). Admin routes
 need ``NEXTTURN_ADMIN_KEY`` or a store admin key.
 """
 
@@ -12,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from collections.abc import Callable
 from ipaddress import ip_address
 
 from gateway.errors import AuthenticationFailed, AuthenticationUnavailable, PermissionDenied
-from nextturn.errors import ConfigError, NextturnError
+from nextturn.errors import NextturnError
 from nextturn.keys import Holder
 from nextturn.settings import Settings
+
+_log = logging.getLogger(__name__)
 
 OPEN_TENANT = "default"
 REMEMBER_S = 60.0
@@ -27,30 +31,26 @@ RECHECK_S = 5.0  # an open gateway looks for keys in the store this often: the f
 
 
 class Keyring:
-    def __init__(self, keys: dict[str, str], admin_key: str | None = None) -> None:
+    def __init__(self, keys: dict[str, str], admin_key: str | None = None, may_open: bool = True) -> None:
         self._keys = keys
         self._admin_key = admin_key
         self._lookup: Callable[[str], Holder | None] | None = None
         self._has_keys: Callable[[], bool] | None = None
         self._next_check = 0.0
         self._remembered: dict[str, tuple[Holder, float]] = {}
-        self.open = not keys
+        self.open = may_open and not keys
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keyring:
-        keys = settings.tenant_keys
-        if not keys and not _loopback(settings.host):
-            raise ConfigError(
-                f"the gateway binds to {settings.host} with no API keys; set NEXTTURN_API_KEYS (key:tenant,…) "
-                "or bind to 127.0.0.1"
-            )
-        return cls(keys, settings.admin_key)
+        return cls(settings.tenant_keys, settings.admin_key, may_open=_loopback(settings.host))
 
     def use_store(self, lookup: Callable[[str], Holder | None], has_keys: Callable[[], bool]) -> None:
         """Look unknown keys up in the store; a store with keys closes a gateway that had none, at start or
         within RECHECK_S of the first key's creation."""
         self._lookup, self._has_keys = lookup, has_keys
         self.open = self.open and not has_keys()
+        if not self.open and not self._keys and not has_keys() and self._admin_key is None:
+            _log.warning("no API keys yet: every request is refused until `nextturn keys create` makes one")
         self._next_check = time.monotonic() + RECHECK_S
 
     async def _still_open(self) -> bool:

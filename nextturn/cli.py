@@ -295,11 +295,14 @@ def _forget(ctx: typer.Context, as_json: bool, run: Callable[[Store, EventLog, P
         typer.echo("no published version of another scope was trained on this data")
 
 
-def _stop_on_interrupt() -> threading.Event:
-    """An event that Ctrl-C (SIGINT) or SIGTERM sets: a worker's loop ends at its next round."""
+def _stop_on_interrupt(settings: Settings | None = None) -> threading.Event:
+    """An event that Ctrl-C (SIGINT) or SIGTERM sets: a worker's loop ends at its next round. Given Settings
+    with a heartbeat file, each round also touches that file (nextturn.liveness)."""
     import signal as os_signal
 
-    stop = threading.Event()
+    from nextturn.liveness import Heartbeat
+
+    stop = Heartbeat(settings.heartbeat_file if settings is not None else None)
     for number in (os_signal.SIGINT, os_signal.SIGTERM):
         os_signal.signal(number, lambda *_: stop.set())
     return stop
@@ -323,10 +326,27 @@ def record(ctx: typer.Context) -> None:
 
     settings = _settings(ctx)
     _open_store(settings).close()  # migrated (SQLite) and checked before the first batch
-    stop = _stop_on_interrupt()
+    stop = _stop_on_interrupt(settings)
     typer.echo(f"recorder running (event log: {settings.bus}); Ctrl-C stops it", err=True)
     run_recorder(settings, stop)
     typer.echo("recorder stopped", err=True)
+
+
+@app.command()
+def alive(ctx: typer.Context, within: Annotated[float, typer.Option(
+        min=1, help="The longest a round of the worker's loop may take, in seconds.")] = 120.0) -> None:
+    """Exit 0 if the worker whose heartbeat file is NEXTTURN_HEARTBEAT_FILE turned its loop within the last
+    --within seconds, 1 otherwise (a health check for the recorder, signals, trainer and rollout)."""
+    from nextturn.liveness import age_s
+
+    path = _settings(ctx).heartbeat_file
+    if path is None:
+        raise ConfigError("set NEXTTURN_HEARTBEAT_FILE (for the worker and for this check) to a local file path")
+    age = age_s(path)
+    if age is None or age > within:
+        typer.echo(f"not alive: {path} " + ("does not exist yet" if age is None else f"is {age:.0f} s old"), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"alive: the loop turned {age:.0f} s ago")
 
 
 @signals_app.command("run")
@@ -340,7 +360,7 @@ def signals_run(ctx: typer.Context) -> None:
     store = _open_store(settings)
     event_log = open_event_log(settings)
     worker = from_settings(settings, event_log, store)
-    stop = _stop_on_interrupt()
+    stop = _stop_on_interrupt(settings)
     typer.echo(f"signals worker running (event log: {settings.bus}); Ctrl-C stops it", err=True)
     # Everything alive now lives until exit: keep it out of the collector's way. Collections that scanned
     # it cost the worker about a fifth of its throughput (bench/signals_throughput.py).
@@ -446,7 +466,7 @@ def trainer_run(ctx: typer.Context, scope: Annotated[str | None, typer.Option(
 
         def done() -> str:
             return ", ".join(f"{k} {v}" for k, v in sorted(one.ledger.counts.items()))
-    stop = _stop_on_interrupt()
+    stop = _stop_on_interrupt(settings)
     typer.echo(f"{started}, method {settings.train_method}; Ctrl-C stops it", err=True)
     try:
         runner.run(stop)
@@ -497,7 +517,7 @@ def rollout_run(ctx: typer.Context, scope: AllScopesOption = None) -> None:
     store = _open_store(settings)
     event_log = open_event_log(settings)
     controller = RolloutController(event_log, store, scope=scope, policy=GatePolicy.from_settings(settings))
-    stop = _stop_on_interrupt()
+    stop = _stop_on_interrupt(settings)
     which = "every scope" if scope is None else f"scope {scope!r}"
     typer.echo(f"rollout controller of {which} running (schedule {settings.rollout_schedule}); Ctrl-C stops it",
                err=True)

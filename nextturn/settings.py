@@ -31,8 +31,31 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".nextturn")
     # Derived from data_dir when not given: sqlite:///<data dir>/nextturn.db.
     database_url: str | None = None
+    # Postgres connections each process keeps (SQLAlchemy's pool): db_pool_size open, up to db_max_overflow more
+    # under load, each replaced after db_pool_recycle_s (a managed Postgres or a pooler in front closes idle
+    # ones); a caller waits at most db_pool_timeout_s for a free one, then gets a 503 (the store is busy).
+    db_pool_size: int = Field(default=5, ge=1, le=1000)
+    db_max_overflow: int = Field(default=10, ge=0, le=1000)
+    db_pool_recycle_s: float = Field(default=1800.0, gt=0)
+    db_pool_timeout_s: float = Field(default=30.0, gt=0)
     bus: Literal["sqlite", "kafka"] = "sqlite"
     kafka_bootstrap_servers: str | None = None
+    # The Kafka topics, created at first use with these (an existing topic keeps its own; docs/operations.md):
+    # every topic has the same partitions (the most consumers of one group that get work), this many replicas,
+    # and producers' writes (acks=all) are refused while fewer than kafka_min_insync_replicas are in sync.
+    kafka_partitions: int = Field(default=8, ge=1, le=10_000)
+    kafka_replication_factor: int = Field(default=3, ge=1, le=32)
+    kafka_min_insync_replicas: int = Field(default=2, ge=1, le=32)
+    # A managed Kafka: TLS (SSL, SASL_SSL) checks the brokers against kafka_ssl_cafile (else the system's CAs)
+    # and presents kafka_ssl_certfile/keyfile where the brokers ask for a client certificate (PEM files);
+    # SASL (SASL_PLAINTEXT, SASL_SSL) signs in with the mechanism, user name and password.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
     engine: Literal["embedded", "vllm", "openai"] = "embedded"
     model: str | None = None  # a local model directory (embedded, vllm) or the upstream's model name
     upstream_url: str | None = None  # engine=openai: the upstream's base URL, e.g. https://host/v1
@@ -80,6 +103,10 @@ class Settings(BaseSettings):
     # Directories besides <data dir>/adapters from which POST /v1/admin/adapters may load an adapter; a JSON
     # list in the environment. Anything else is refused: the route would load any path the gateway can read.
     adapter_load_dirs: list[Path] = []
+
+    # Workers (record, signals run, trainer run, rollout run) touch this file at each round of their loop, and
+    # `nextturn alive --within S` checks its age: a health check that tells a stuck loop from a live process.
+    heartbeat_file: Path | None = None
 
     # The signals worker: a turn whose session stays quiet this long is resolved with no next state; at most
     # this many turns wait open (the oldest are resolved early beyond it); a worker's record of a turn is
@@ -226,6 +253,7 @@ class Settings(BaseSettings):
                 "NEXTTURN_BUS=kafka needs NEXTTURN_KAFKA_BOOTSTRAP_SERVERS (host:port[,host:port]); "
                 "or set NEXTTURN_BUS=sqlite for the embedded event log"
             )
+        self._coherent_kafka()
         if self.engine == "openai" and not (self.upstream_url and self.model):
             raise ValueError(
                 "NEXTTURN_ENGINE=openai needs NEXTTURN_UPSTREAM_URL (the upstream's /v1 URL) and NEXTTURN_MODEL "
@@ -244,6 +272,23 @@ class Settings(BaseSettings):
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'nextturn.db'}"
         return self
+
+    def _coherent_kafka(self) -> None:
+        if self.kafka_min_insync_replicas > self.kafka_replication_factor:
+            raise ValueError(f"NEXTTURN_KAFKA_MIN_INSYNC_REPLICAS ({self.kafka_min_insync_replicas}) is above "
+                             f"NEXTTURN_KAFKA_REPLICATION_FACTOR ({self.kafka_replication_factor}): every write "
+                             "would be refused")
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"NEXTTURN_{name.upper()}: {path} is not a file (a PEM file)")
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            raise ValueError("a client certificate needs both NEXTTURN_KAFKA_SSL_CERTFILE and "
+                             "NEXTTURN_KAFKA_SSL_KEYFILE")
+        uses_sasl = self.kafka_security_protocol.startswith("SASL")
+        if uses_sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(f"NEXTTURN_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                             "NEXTTURN_KAFKA_SASL_USERNAME and NEXTTURN_KAFKA_SASL_PASSWORD")
 
     def environment(self) -> dict[str, str]:
         """These settings as ``NEXTTURN_*`` variables: a child process that builds its Settings from them

@@ -57,10 +57,25 @@ def downgrade(url: str, revision: str = "base") -> None:
         raise StoreUnavailable(f"cannot migrate the store at {_safe(url)}: {exc}") from exc
 
 
-def create_db_engine(url: str, *, immediate: bool = False, **options: Any) -> Engine:
-    """An engine for the store. ``immediate``: on SQLite, every transaction takes the write lock when it
-    begins (``BEGIN IMMEDIATE``), so that a read-then-write transaction cannot interleave with another
-    writer's (pysqlite would begin only at the first write, after the reads)."""
+@dataclass(frozen=True)
+class Pool:
+    """A Postgres engine's connection pool (Settings ``db_pool_*``, ``db_max_overflow``); SQLite keeps its own."""
+
+    size: int = 5
+    max_overflow: int = 10
+    recycle_s: float = 1800.0
+    timeout_s: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Pool:
+        return cls(settings.db_pool_size, settings.db_max_overflow, settings.db_pool_recycle_s,
+                   settings.db_pool_timeout_s)
+
+
+def create_db_engine(url: str, *, immediate: bool = False, pool: Pool | None = None, **options: Any) -> Engine:
+    """An engine for the store (on Postgres with ``pool``'s bounds, if given). ``immediate``: on SQLite, every
+    transaction takes the write lock when it begins (``BEGIN IMMEDIATE``), so that a read-then-write transaction
+    cannot interleave with another writer's (pysqlite would begin only at the first write, after the reads)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30}, **options)
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -68,6 +83,9 @@ def create_db_engine(url: str, *, immediate: bool = False, **options: Any) -> En
             event.listen(engine, "connect", _sqlite_manual_transactions)
             event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
+    if pool is not None:
+        options |= {"pool_size": pool.size, "max_overflow": pool.max_overflow, "pool_recycle": pool.recycle_s,
+                    "pool_timeout": pool.timeout_s}
     return create_engine(url, pool_pre_ping=True, **options)
 
 
@@ -120,9 +138,10 @@ def _like(text: str) -> str:
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pool: Pool = Pool()) -> None:
         self.url = url
-        self.engine = create_db_engine(url)
+        self.pool = pool
+        self.engine = create_db_engine(url, pool=pool)
         self._dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         # apply reads the erasure rules before it writes: on SQLite its transaction takes the write lock when it
         # begins, so that no erasure commits in between (nextturn.erasure, order of operations)
@@ -133,7 +152,7 @@ class Store:
     def from_settings(cls, settings: Settings) -> Store:
         if settings.store_url.startswith("sqlite"):
             settings.data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(settings.store_url)
+        return cls(settings.store_url, Pool.from_settings(settings))
 
     def check_schema(self) -> None:
         """Raise SchemaOutOfDate unless the database is at the migrations' head."""

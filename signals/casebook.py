@@ -56,7 +56,7 @@ class StoredTurn:
 class Casebook:
     def __init__(self, store: Store) -> None:
         self._store = store
-        self.engine = create_db_engine(store.url, immediate=True)
+        self.engine = create_db_engine(store.url, immediate=True, pool=store.pool)
         self._postgres = self.engine.dialect.name == "postgresql"
         self._dialect = postgresql if self._postgres else sqlite
 

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import trustme
+from kafka import KafkaAdminClient
 
 from nextturn import events
+from nextturn.bus import open_event_log
 from nextturn.bus.kafka import KafkaEventLog
 from nextturn.bus.sqlite import SqliteEventLog
-from nextturn.errors import EventLogUnavailable
+from nextturn.errors import ConfigError, EventLogUnavailable
+from nextturn.settings import Settings
 
 from support.event_logs import open_log, poll_until
 from support.factories import sequence_of, turn
-from support.services import Tansu
+from support.faults import TcpProxy
+from support.services import Tansu, free_port
 
 TESTS = Path(__file__).parent
 
@@ -49,6 +55,66 @@ def test_kafka_down_is_a_clear_error(tansu: Tansu) -> None:
     assert [sequence_of(d.event) for d in poll_until(reader, 1)] == [2]
     reader.close()
     log.close()
+
+
+@pytest.mark.kafka
+def test_kafka_topics_are_created_with_the_settings_partitions_and_replicas(tansu: Tansu, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, bus="kafka", kafka_bootstrap_servers=tansu.bootstrap_servers,
+                        kafka_partitions=3, kafka_replication_factor=2, kafka_min_insync_replicas=2)
+    log = open_event_log(settings)
+    log.append([turn("s", 0)])
+    log.close()
+    admin = KafkaAdminClient(bootstrap_servers=tansu.bootstrap_servers)
+    described = {topic["name"]: topic["partitions"] for topic in admin.describe_topics(list(events.TOPICS))}
+    admin.close()
+    assert {name: len(partitions) for name, partitions in described.items()} == dict.fromkeys(events.TOPICS, 3)
+    assert {len(p["replica_nodes"]) for partitions in described.values() for p in partitions} == {2}
+
+
+def test_kafka_settings_that_cannot_work_fail_at_start(tmp_path: Path) -> None:
+    kafka = {"bus": "kafka", "kafka_bootstrap_servers": "kafka:9092"}
+    with pytest.raises(ConfigError, match="MIN_INSYNC_REPLICAS \\(3\\) is above"):
+        Settings.load(**kafka, kafka_replication_factor=2, kafka_min_insync_replicas=3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="needs NEXTTURN_KAFKA_SASL_USERNAME"):
+        Settings.load(**kafka, kafka_security_protocol="SASL_SSL")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="is not a file"):
+        Settings.load(**kafka, kafka_security_protocol="SSL", kafka_ssl_cafile=tmp_path / "ca.pem")  # type: ignore[arg-type]
+
+
+@pytest.mark.kafka
+def test_kafka_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    ca.configure_trust(server)
+    server.verify_mode = ssl.CERT_REQUIRED
+    proxy_port = free_port()
+    broker = Tansu(advertised_port=proxy_port)  # clients are sent back to the TLS end
+    broker.start()
+    proxy = TcpProxy(broker.port, port=proxy_port, tls=server)
+    proxy.start()
+    try:
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        client = ca.issue_cert("nextturn-client")
+        client.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+        client.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+        base = {"data_dir": tmp_path, "bus": "kafka", "kafka_bootstrap_servers": f"127.0.0.1:{proxy_port}",
+                "kafka_replication_factor": 1, "kafka_min_insync_replicas": 1, "kafka_security_protocol": "SSL",
+                "kafka_ssl_cafile": tmp_path / "ca.pem"}
+        log = open_event_log(Settings(**base, kafka_ssl_certfile=tmp_path / "client.pem",  # type: ignore[arg-type]
+                                      kafka_ssl_keyfile=tmp_path / "client.key"))
+        log.append([turn("s", 0)])
+        reader = log.consumer(None, [events.TURNS], start="beginning")
+        assert [sequence_of(d.event) for d in poll_until(reader, 1)] == [0]
+        reader.close()
+        log.close()
+        refused = open_event_log(Settings(**base))  # type: ignore[arg-type]  # no client certificate
+        with pytest.raises(EventLogUnavailable):
+            refused.append([turn("s", 1)])
+        refused.close()
+    finally:
+        proxy.stop()
+        broker.stop()
 
 
 WRITER = """

@@ -12,7 +12,9 @@ import pytest
 
 from gateway.app import create_app
 from nextturn.events import MAX_FEEDBACK_PER_TURN
+from nextturn.keys import create_key
 from nextturn.settings import Settings
+from nextturn.store import Store
 
 from support.event_logs import recorded
 from support.eventually import eventually
@@ -193,6 +195,21 @@ def test_an_open_gateway_answers_only_requests_to_a_loopback_name(tiny_model: Pa
                              (f"127.0.0.1:{gateway.port}", 200), (f"localhost:{gateway.port}", 200)):
             answer = httpx.get(f"{gateway.url}/v1/models", headers={"Host": host}, timeout=60)
             assert answer.status_code == status, (host, answer.text)
+
+
+def test_a_gateway_on_a_public_address_is_never_open_and_takes_the_stores_keys(tiny_model: Path,
+                                                                               tmp_path: Path) -> None:
+    """Bound to every address with no key in Settings, the gateway starts, refuses everyone until a key is
+    created in the store, then takes that key (as docker-compose and Kubernetes run it)."""
+    settings = Settings(data_dir=tmp_path, engine="embedded", model=str(tiny_model), host="0.0.0.0")
+    with Uvicorn(create_app(settings)) as gateway:
+        models = f"{gateway.url}/v1/models"
+        assert httpx.get(models, timeout=60).status_code == 401
+        store = Store.from_settings(settings)
+        key = create_key(store, "acme")
+        store.close()
+        assert httpx.get(models, headers={"Authorization": f"Bearer {key}"}, timeout=60).status_code == 200
+        assert httpx.get(models, timeout=60).status_code == 401
 
 
 def test_feedback_beyond_the_cap_per_turn_is_refused_and_a_retry_is_not(gateway: Uvicorn) -> None:

@@ -67,3 +67,29 @@ def test_relabel_scores_stored_turns_once(tmp_path: Path) -> None:
 def test_relabel_refuses_a_date_it_cannot_read(tmp_path: Path) -> None:
     result = nextturn("signals", "relabel", "--since", "last tuesday", data_dir=tmp_path)
     assert result.returncode == 2 and "--since" in result.stderr
+
+
+def test_alive_tells_a_turning_loop_from_a_stuck_one(tmp_path: Path) -> None:
+    """The health check of docker-compose and Kubernetes: the worker's loop touches its heartbeat file each
+    round; a worker that stops turning (here: SIGSTOP) fails `nextturn alive` though its process lives."""
+    beat = {"NEXTTURN_HEARTBEAT_FILE": str(tmp_path / "run" / "alive")}
+    assert nextturn("alive", data_dir=tmp_path, **beat).returncode == 1  # no round yet
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTTURN_")}
+    worker = subprocess.Popen([sys.executable, "-m", "nextturn", "signals", "run"],
+                              env={**env, "NEXTTURN_DATA_DIR": str(tmp_path), **beat}, stderr=subprocess.DEVNULL)
+    try:
+        alive = eventually(lambda: nextturn("alive", "--within", "3", data_dir=tmp_path, **beat),
+                           "the worker's first rounds", timeout_s=60, until=lambda done: done.returncode == 0)
+        assert "alive: the loop turned" in alive.stdout
+        worker.send_signal(signal.SIGSTOP)
+        stuck = eventually(lambda: nextturn("alive", "--within", "3", data_dir=tmp_path, **beat),
+                           "the check to notice", timeout_s=30, until=lambda done: done.returncode == 1)
+        assert "s old" in stuck.stderr
+        worker.send_signal(signal.SIGCONT)
+        eventually(lambda: nextturn("alive", "--within", "3", data_dir=tmp_path, **beat).returncode,
+                   "the loop to turn again", timeout_s=30, until=lambda code: code == 0)
+    finally:
+        worker.kill()
+        worker.wait(30)
+    unset = nextturn("alive", data_dir=tmp_path)
+    assert unset.returncode == 1 and "set NEXTTURN_HEARTBEAT_FILE" in unset.stderr

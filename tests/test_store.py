@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 import pytest
 
 from nextturn import events, tables
-from nextturn.errors import SchemaOutOfDate
-from nextturn.store import Store
+from nextturn.errors import SchemaOutOfDate, StoreUnavailable
+from nextturn.settings import Settings
+from nextturn.store import Store, upgrade
 
 from support.factories import turn
+from support.services import PostgresCluster
 
 
 def a_bit_of_everything() -> list[events.Event]:
@@ -95,4 +98,21 @@ def test_a_store_behind_the_migrations_says_so(database_url: str) -> None:
     store = Store(database_url)
     with pytest.raises(SchemaOutOfDate, match="run `nextturn db upgrade`"):
         store.check_schema()
+    store.close()
+
+
+@pytest.mark.postgres
+def test_the_pool_settings_bound_a_processs_postgres_connections(postgres: PostgresCluster) -> None:
+    """At most db_pool_size + db_max_overflow connections; a caller who finds none free within
+    db_pool_timeout_s gets StoreUnavailable (a 503 at the gateway), and the next one is served."""
+    url = postgres.create_database(f"test_{uuid.uuid4().hex[:12]}")
+    upgrade(url)
+    store = Store.from_settings(Settings(database_url=url, db_pool_size=1, db_max_overflow=1,
+                                         db_pool_timeout_s=0.5))
+    with store.engine.connect() as first, store.engine.connect() as second:
+        opened = {conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() for conn in (first, second)}
+        assert len(opened) == 2
+        with pytest.raises(StoreUnavailable, match="cannot write"):
+            store.apply([turn("s1", 0)])
+    assert store.apply([turn("s1", 0)]) == 1
     store.close()

@@ -11,12 +11,20 @@ Two broker quirks shape this file:
   batch may duplicate records that did land: readers are idempotent by event id.
 - A group join waits for other members for up to half the session timeout (Tansu holds every join that
   long), so the session timeout is a constructor argument: short in tests, ~10 s in production.
+
+Topics are created at first use, as :class:`Topics` says (an existing topic keeps what it was created with:
+docs/operations.md says how to change one). Producers write with ``acks=all``: a record is acknowledged once
+every in-sync replica has it, and the broker refuses it while fewer than ``min.insync.replicas`` are in sync,
+so an acknowledged event survives the loss of a broker. ``connection`` carries kafka-python's TLS and SASL
+options (:func:`nextturn.bus.kafka_connection`) to every client.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.coordinator.assignors.range import RangePartitionAssignor
@@ -44,18 +52,41 @@ _MAX_RECORD_BYTES = MAX_EVENT_BYTES + (1 << 20)  # room for the record batch's o
 _TOPIC_ALREADY_EXISTS = 36
 
 
+@dataclass(frozen=True)
+class Topics:
+    """How the event log's topics are created: all with the same partitions (see the module docstring)."""
+
+    partitions: int = 8
+    replication_factor: int = 1
+    min_insync_replicas: int = 1
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "num_partitions": self.partitions,
+            "replication_factor": self.replication_factor,
+            "configs": {
+                "min.insync.replicas": str(self.min_insync_replicas),
+                # Brokers default to ~1 MB records; a long prompt's token ids can be much more.
+                "max.message.bytes": str(_MAX_RECORD_BYTES),
+            },
+        }
+
+
 class KafkaEventLog:
     def __init__(
         self,
         bootstrap_servers: str,
         *,
-        partitions: int = 8,
+        topics: Topics = Topics(),
+        connection: Mapping[str, Any] | None = None,
         session_timeout_ms: int = 10_000,
         request_timeout_ms: int = 10_000,
         client_id: str = "nextturn",
     ) -> None:
         self._servers = [server.strip() for server in bootstrap_servers.split(",") if server.strip()]
-        self.partitions = partitions
+        self.topics = topics
+        self.partitions = topics.partitions
+        self._connection = dict(connection or {})
         self._session_timeout_ms = session_timeout_ms
         self._request_timeout_ms = request_timeout_ms
         self._delivery_timeout_s = 2 * request_timeout_ms / 1000
@@ -118,6 +149,7 @@ class KafkaEventLog:
                 self._producer = KafkaProducer(
                     bootstrap_servers=self._servers,
                     client_id=self._client_id,
+                    **self._connection,
                     enable_idempotence=True,
                     acks="all",
                     linger_ms=1,
@@ -148,17 +180,13 @@ class KafkaEventLog:
             admin = KafkaAdminClient(
                 bootstrap_servers=self._servers,
                 client_id=self._client_id,
+                **self._connection,
                 request_timeout_ms=self._request_timeout_ms,
                 bootstrap_timeout_ms=self._request_timeout_ms,  # an unreachable broker: fail, do not hang 30 s
             )
         except KafkaError as exc:
             raise EventLogUnavailable(f"cannot reach Kafka at {','.join(self._servers)}: {exc}") from exc
-        spec = {
-            "num_partitions": self.partitions,
-            "replication_factor": -1,  # the broker's default
-            # Brokers default to ~1 MB records; a long prompt's token ids can be much more.
-            "configs": {"max.message.bytes": str(_MAX_RECORD_BYTES)},
-        }
+        spec = self.topics.spec()
         try:
             response = admin.create_topics({topic: spec for topic in events.TOPICS}, raise_errors=False)
         except KafkaError as exc:
@@ -191,6 +219,7 @@ class KafkaEventLog:
             consumer = KafkaConsumer(
                 bootstrap_servers=self._servers,
                 client_id=self._client_id,
+                **self._connection,
                 group_id=group,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",

@@ -10,6 +10,7 @@ Kafka broker's do on its disk.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -21,11 +22,13 @@ from support.services import free_port
 
 
 class TcpProxy:
-    """Forwards a loopback port to ``target_port``; ``stop`` drops every connection, ``start`` listens again."""
+    """Forwards a loopback port to ``target_port``; ``stop`` drops every connection, ``start`` listens again.
+    With ``tls``, it is the TLS end of the connections (a broker's TLS listener in front of a plain one)."""
 
-    def __init__(self, target_port: int, port: int | None = None) -> None:
+    def __init__(self, target_port: int, port: int | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.port = port or free_port()
         self._target = target_port
+        self._tls = tls
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -57,6 +60,14 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return  # stopped
+            if self._tls is not None:
+                try:
+                    client.settimeout(10)  # a client that never shakes hands does not hold the listener
+                    client = self._tls.wrap_socket(client, server_side=True)
+                    client.settimeout(None)
+                except (OSError, ssl.SSLError):
+                    client.close()  # a client that fails the handshake (no certificate, an unknown CA)
+                    continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self._target))
             except OSError:
