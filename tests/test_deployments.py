@@ -1,6 +1,6 @@
-"""The deployments are checked, not only written: docker-compose.yml by Compose v2's own parser, and every
-nextturn process in it must run a command the CLI has, with environment variables that are known Settings
-and agree with each other."""
+"""The deployments are checked, not only written: docker-compose.yml by Compose v2's own parser,
+deploy/kubernetes/ against Kubernetes' own schemas, and every nextturn process in them must run a command the
+CLI has, with environment variables that are known Settings and agree with each other."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import compose
+import kubernetes_validate
 import pytest
+import yaml
 from typer.core import TyperCommand, TyperGroup
 from typer.main import get_command
 
@@ -130,3 +132,84 @@ def test_compose_roles_fit_together(services: dict[str, Any], monkeypatch: pytes
         assert worker.heartbeat_file is not None, name
         assert services[name]["healthcheck"]["test"][1:3] == ["nextturn", "alive"], name
     assert "--scope" not in services["trainer"]["command"]  # trainers share every scope through Kafka
+
+
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+# The oldest Kubernetes release the big managed offerings still run, and the newest the schemas know.
+KUBERNETES_VERSIONS = ["1.31.0", "1.37.0"]
+
+
+def manifests() -> list[dict[str, Any]]:
+    return [doc for path in sorted(KUBERNETES.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_kubernetes_manifests_are_valid_for_the_stated_versions(version: str) -> None:
+    for manifest in manifests():
+        try:
+            kubernetes_validate.validate(manifest, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{manifest['kind']}/{manifest['metadata']['name']} on Kubernetes {version}: {exc.message}")
+
+
+def pods() -> dict[str, dict[str, Any]]:
+    """Each workload's pod spec, by its name."""
+    return {m["metadata"]["name"]: m["spec"]["template"]["spec"] for m in manifests()
+            if m["kind"] in ("Deployment", "Job")}
+
+
+def kubernetes_environment(container: dict[str, Any]) -> dict[str, str]:
+    """What a container's process sees: the ConfigMap, the Secret as the example makes it, its own env."""
+    config = next(m["data"] for m in manifests() if m["kind"] == "ConfigMap" and m["metadata"]["name"] == "nextturn")
+    secret = dict(line.split("=", 1) for line in (KUBERNETES / "secret.env.example").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    sources = {ref.get("configMapRef", ref.get("secretRef", {})).get("name") for ref in container.get("envFrom", [])}
+    assert sources == {"nextturn"}, container["name"]
+    return {**config, **secret, **{item["name"]: item["value"] for item in container.get("env", [])}}
+
+
+def test_every_kubernetes_workload_runs_a_cli_command_with_known_coherent_settings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    workloads = pods()
+    assert set(workloads) == {f"nextturn-{role}" for role in
+                              ("migrate", "gateway", "recorder", "signals", "trainer", "rollout")}
+    for name, pod in workloads.items():
+        ours = [c for c in pod["containers"] if c["image"].startswith("nextturn")]
+        assert len(ours) == 1, name
+        container = ours[0]
+        cli_command(container["args"])
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            command = container.get(probe, {}).get("exec", {}).get("command", [])
+            if command:
+                assert command[:2] == ["nextturn", "alive"], (name, probe)
+                cli_command(command[1:])
+        try:
+            settings = settings_from(kubernetes_environment(container), monkeypatch)
+        except ConfigError as exc:
+            pytest.fail(f"{name}: {exc}")
+        assert settings.bus == "kafka" and settings.kafka_security_protocol == "SASL_SSL", name
+
+
+def test_kubernetes_roles_fit_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    workloads = pods()
+    gateway_pod = workloads["nextturn-gateway"]
+    gateway = next(c for c in gateway_pod["containers"] if c["name"] == "gateway")
+    vllm = next(c for c in gateway_pod["containers"] if c["name"] == "vllm")
+    settings = settings_from(kubernetes_environment(gateway), monkeypatch)
+    assert settings.host == "0.0.0.0" and not settings.gateway_recorder
+    assert settings.vllm_url == "http://127.0.0.1:8001"  # its own vLLM, in the same pod
+    for flag, value in (("--max-loras", settings.vllm_max_loras), ("--max-cpu-loras", settings.vllm_max_cpu_loras),
+                        ("--max-lora-rank", settings.vllm_max_lora_rank)):
+        assert vllm["args"][vllm["args"].index(flag) + 1] == str(value), flag
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    budgets = [m for m in manifests() if m["kind"] == "PodDisruptionBudget"]
+    assert [b["spec"]["selector"]["matchLabels"] for b in budgets] == [{"app.kubernetes.io/name": "gateway"}]
+    trainer = workloads["nextturn-trainer"]["containers"][0]
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+    claims = {v["persistentVolumeClaim"]["claimName"] for pod in workloads.values() for v in pod.get("volumes", [])
+              if "persistentVolumeClaim" in v}
+    volumes = {m["metadata"]["name"]: m["spec"]["accessModes"] for m in manifests()
+               if m["kind"] == "PersistentVolumeClaim"}
+    assert claims == set(volumes) and volumes["nextturn-data"] == ["ReadWriteMany"]
+    for pod in workloads.values():  # no StatefulSet: nothing but the shared volume outlives a pod
+        assert pod["securityContext"]["runAsNonRoot"] is True
