@@ -63,7 +63,8 @@ def build_engine(settings: Settings) -> Engine:
         if not (settings.model_path / "config.json").is_file():
             raise ConfigError(f"no model in {settings.model_path}; build one with `nextturn model init "
                               f"{settings.model_path}`, or set NEXTTURN_MODEL to a local Hugging Face model directory")
-        return EmbeddedEngine(settings.model_path, max_adapters=settings.engine_max_adapters)
+        return EmbeddedEngine(settings.model_path, max_adapters=settings.engine_max_adapters,
+                              tool_format=settings.tool_call_format)
     from gateway.engines.vllm import VllmEngine
 
     try:
@@ -75,7 +76,7 @@ def build_engine(settings: Settings) -> Engine:
                           f"{settings.model_path}; set NEXTTURN_MODEL to the directory vLLM serves")
     return VllmEngine(settings.vllm_url, settings.model_path, api_key=settings.vllm_api_key,
                       connect_timeout_s=settings.engine_connect_timeout_s,
-                      read_timeout_s=settings.engine_read_timeout_s)
+                      read_timeout_s=settings.engine_read_timeout_s, tool_format=settings.tool_call_format)
 
 
 class AdapterRequest(BaseModel):

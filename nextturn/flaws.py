@@ -5,8 +5,8 @@ counts them per version with one query (DESIGN, Rollout controller):
 
 - ``error``: the turn failed (the engine or the gateway). A failure the client caused (it left, or sent a
   request the engine refused, such as a context too long) is not the version's fault: no flaw;
-- ``tool_call``: the model tried to call a tool and the call did not parse (a marker left in the text, or
-  arguments that are not a JSON object);
+- ``tool_call``: the model tried to call a tool and the call did not parse (a marker of any known tool-call
+  format left in the text, or arguments that are not a JSON object);
 - ``malformed``: text with U+FFFD, the mark of bytes that do not decode (a token soup);
 - ``empty``: no text and no tool call.
 """
@@ -17,7 +17,7 @@ import json
 from typing import Literal
 
 from nextturn.events import TurnRecorded
-from nextturn.local_models import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from nextturn.tool_formats import MARKERS
 
 Flaw = Literal["error", "tool_call", "malformed", "empty"]
 FLAWS: tuple[Flaw, ...] = ("error", "tool_call", "malformed", "empty")
@@ -31,8 +31,8 @@ def flaw(turn: TurnRecorded) -> Flaw | None:
     ...     return TurnRecorded(tenant="t", session_id="s", turn_id="c", model="m", messages=[], latency_ms=1,
     ...                         started_at=utc_now(), finished_at=utc_now(),
     ...                         response=ChatMessage(role="assistant", content=text))
-    >>> [flaw(answered(text)) for text in ("Blue.", "", "  ", "a \\ufffd b", "<|tool_call|>{oops")]
-    [None, 'empty', 'empty', 'malformed', 'tool_call']
+    >>> [flaw(answered(text)) for text in ("Blue.", "", "  ", "a \\ufffd b", "<|tool_call|>{oops", "<tool_call>{")]
+    [None, 'empty', 'empty', 'malformed', 'tool_call', 'tool_call']
     """
     if turn.status == "failed":
         return None if turn.failed_by == "client" else "error"
@@ -43,7 +43,7 @@ def flaw(turn: TurnRecorded) -> Flaw | None:
         return "tool_call"
     content = turn.response.content
     text = content if isinstance(content, str) else "".join(str(part.get("text", "")) for part in content or [])
-    if TOOL_CALL_OPEN in text or TOOL_CALL_CLOSE in text:
+    if any(marker in text for marker in MARKERS):
         return "tool_call"
     if "\ufffd" in text:
         return "malformed"

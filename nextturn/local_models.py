@@ -14,8 +14,11 @@ The chat template renders every role the gateway sees, tool definitions, and too
     <|assistant|>
 
 A tool call is JSON between ``<|tool_call|>`` and ``<|/tool_call|>``, so that a gateway can parse what
-the model generated back into OpenAI ``tool_calls``. torch, transformers and tokenizers are imported
-inside the functions: importing this module loads none of them.
+the model generated back into OpenAI ``tool_calls``. ``init_model(tool_format=…)`` builds a model whose
+template writes calls as a production model family does instead (``nextturn.tool_formats``: Hermes/Qwen
+``<tool_call>``, Llama 3 JSON with an ``ipython`` role for tool results, Mistral ``[TOOL_CALLS]``), with those
+markers as special tokens: the gateway's parsing of each format is tested on a model that writes it. torch,
+transformers and tokenizers are imported inside the functions: importing this module loads none of them.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nextturn.errors import NextturnError
+from nextturn.tool_formats import FORMATS
 
 END = "<|end|>"
-TOOL_CALL_OPEN = "<|tool_call|>"
+TOOL_CALL_OPEN = "<|tool_call|>"  # the markers of nextturn.tool_formats.NEXTTURN
 TOOL_CALL_CLOSE = "<|/tool_call|>"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 SPECIAL_TOKENS = [END, "<|tools|>", TOOL_CALL_OPEN, TOOL_CALL_CLOSE, "<|pad|>"] + [f"<|{role}|>" for role in ROLES]
 
+_CALLS = '<|tool_call|>{"id": {{ call.id | tojson }}, "name": {{ call.function.name | tojson }}, ' \
+         '"arguments": {{ call.function.arguments or "{}" }}}<|/tool_call|>'
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if loop.first and tools -%}"
@@ -47,15 +53,41 @@ CHAT_TEMPLATE = (
     "{%- if message.content is string -%}{{ message.content }}"
     "{%- elif message.content -%}{%- for part in message.content -%}{{ part.text }}{%- endfor -%}"
     "{%- endif -%}"
-    "{%- for call in message.tool_calls or [] -%}"
-    '<|tool_call|>{"id": {{ call.id | tojson }}, "name": {{ call.function.name | tojson }}, '
-    '"arguments": {{ call.function.arguments or "{}" }}}<|/tool_call|>'
-    "{%- endfor -%}"
+    "{%- for call in message.tool_calls or [] -%}" + _CALLS + "{%- endfor -%}"
     "{%- endif -%}"
     "<|end|>"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
+# How each format's template writes an assistant message's calls, and the markers it adds as special tokens.
+_FORMAT_CALLS = {
+    "hermes": ("{%- for call in message.tool_calls or [] -%}"
+               '<tool_call>\n{"name": {{ call.function.name | tojson }}, '
+               '"arguments": {{ call.function.arguments or "{}" }}}\n</tool_call>'
+               "{%- endfor -%}", ["<tool_call>", "</tool_call>"]),
+    "llama3": ("{%- for call in message.tool_calls or [] -%}{{ '; ' if not loop.first else '' }}"
+               '{"name": {{ call.function.name | tojson }}, "parameters": {{ call.function.arguments or "{}" }}}'
+               "{%- endfor -%}", ["<|python_tag|>", "<|ipython|>"]),
+    "mistral": ("{%- if message.tool_calls -%}[TOOL_CALLS]["
+                "{%- for call in message.tool_calls -%}{{ ', ' if not loop.first else '' }}"
+                '{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments or "{}" }}, '
+                '"id": {{ call.id | tojson }}}'
+                "{%- endfor -%}]{%- endif -%}", ["[TOOL_CALLS]"]),
+}
+
+
+def chat_template(tool_format: str = "nextturn") -> tuple[str, list[str]]:
+    """The chat template of a local model whose calls are in ``tool_format``, and its special tokens."""
+    if tool_format == "nextturn":
+        return CHAT_TEMPLATE, SPECIAL_TOKENS
+    if tool_format not in _FORMAT_CALLS:
+        raise NextturnError(f"unknown tool-call format {tool_format!r}; choose one of {', '.join(FORMATS)}")
+    calls, markers = _FORMAT_CALLS[tool_format]
+    template = CHAT_TEMPLATE.replace("{%- for call in message.tool_calls or [] -%}" + _CALLS + "{%- endfor -%}", calls)
+    if tool_format == "llama3":  # Llama 3 names the tool results' role ipython
+        template = template.replace("<|{{ message.role }}|>",
+                                    "<|{{ 'ipython' if message.role == 'tool' else message.role }}|>")
+    return template, [t for t in SPECIAL_TOKENS if t not in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)] + markers
 
 
 @dataclass(frozen=True)
@@ -109,7 +141,7 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
     return corpus
 
 
-def init_model(directory: Path, *, size: str = "tiny", seed: int = 0) -> Path:
+def init_model(directory: Path, *, size: str = "tiny", seed: int = 0, tool_format: str = "nextturn") -> Path:
     """Build and save a tokenizer and a randomly initialised model; return the directory."""
     if size not in SIZES:
         raise NextturnError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
@@ -122,23 +154,25 @@ def init_model(directory: Path, *, size: str = "tiny", seed: int = 0) -> Path:
     transformers_logging.disable_progress_bar()
     directory.mkdir(parents=True, exist_ok=True)
     spec = SIZES[size]
-    tokenizer = build_tokenizer(spec.vocab, seed)
+    tokenizer = build_tokenizer(spec.vocab, seed, tool_format=tool_format)
     save_tokenizer(tokenizer, directory)
     _build_weights(spec, len(tokenizer), tokenizer, seed).save_pretrained(directory)
     return directory
 
 
-def build_tokenizer(vocab_size: int, seed: int, corpus: list[str] | None = None):
-    """A byte-level BPE tokenizer (a PreTrainedTokenizerFast) trained on ``corpus``, by default a generated one."""
+def build_tokenizer(vocab_size: int, seed: int, corpus: list[str] | None = None, tool_format: str = "nextturn"):
+    """A byte-level BPE tokenizer (a PreTrainedTokenizerFast) trained on ``corpus``, by default a generated one,
+    with the chat template that writes tool calls in ``tool_format``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    template, special_tokens = chat_template(tool_format)
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: any text can be encoded
         show_progress=False,
     )
@@ -147,7 +181,7 @@ def build_tokenizer(vocab_size: int, seed: int, corpus: list[str] | None = None)
         tokenizer_object=core,
         eos_token=END,
         pad_token="<|pad|>",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=template,
         model_max_length=max(size.context for size in SIZES.values()),
         # A Llama model takes no token_type_ids; transformers 4 would return them, and generate() refuses them.
         model_input_names=["input_ids", "attention_mask"],

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # How long the gateway waits on a model server: for a connection, and for each piece of its answer.
     engine_connect_timeout_s: float = Field(default=10.0, gt=0)
     engine_read_timeout_s: float = Field(default=120.0, gt=0)
+    # How the model writes tool calls in its text (nextturn.tool_formats), for the embedded and vllm engines:
+    # auto reads it off the model's chat template; none leaves calls in the content.
+    tool_call_format: Literal["auto", "nextturn", "hermes", "llama3", "mistral", "none"] = "auto"
     host: str = "127.0.0.1"
     # uvicorn's access log, one line per request; off by default: it cost about 8% of the gateway's
     # CPU time per streamed request (bench/gateway_overhead.py), and /metrics counts requests anyway.

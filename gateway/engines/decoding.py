@@ -1,17 +1,16 @@
 """From sampled token ids to what the client sees: streamed deltas and the final assistant message.
 
 Tokens are detokenized incrementally (a byte-level BPE token can end inside a UTF-8 character, so text
-is released only once it decodes cleanly). The text is then split into content and tool calls: a tool
-call is JSON between ``<|tool_call|>`` and ``<|/tool_call|>`` (the chat template of
-``nextturn.local_models``). A call that does not parse stays visible as content, so a malformed call is
-seen, not silently dropped. A stop string ends the content before it. Text that might be the start of a
-marker or a stop string is held back until the next token tells which it is.
+is released only once it decodes cleanly). The text is then split into content and tool calls, in the
+model's own tool-call format (``nextturn.tool_formats``: the local models' ``<|tool_call|>…<|/tool_call|>``,
+Hermes/Qwen ``<tool_call>``, Llama 3 JSON, Mistral ``[TOOL_CALLS]``). A call that does not parse stays visible
+as content, so a malformed call is seen, not silently dropped. A stop string ends the content before it. Text
+that might be the start of a marker or a stop string is held back until the next token tells which it is; a
+format whose calls run to the end of the answer (Llama 3, Mistral) streams them when the answer ends.
 """
 
 from __future__ import annotations
 
-import json
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -20,7 +19,7 @@ from gateway.errors import InvalidRequest
 from gateway.schemas import ChatCompletionRequest
 from nextturn import events
 from nextturn.conversation import prompt_token_ids
-from nextturn.local_models import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from nextturn.tool_formats import NEXTTURN, ToolFormat
 
 
 class Detokenizer(Protocol):
@@ -54,12 +53,13 @@ def render(tokenizer: Any, request: ChatCompletionRequest, context: int) -> tupl
 
 
 async def generation(steps: AsyncIterator[Step], tokenizer: Tokenizer, request: ChatCompletionRequest,
-                     prompt: list[int]) -> AsyncIterator[Delta | Generation]:
+                     prompt: list[int], tool_format: ToolFormat | None = NEXTTURN) -> AsyncIterator[Delta | Generation]:
     """What a client sees of sampled tokens: deltas as they decode, then the :class:`Generation` that
     records exactly those tokens. Every engine that samples token by token ends here, so that a turn is
-    split into content and tool calls the same way whatever sampled it. A stop string ends the steps
-    early (the caller's iterator is closed, which stops its generation)."""
-    decoder = TextDecoder(tokenizer, stop=request.sampling().stop, tools=bool(request.tools))
+    split into content and tool calls the same way whatever sampled it (in the model's ``tool_format``;
+    None: the model writes no calls). A stop string ends the steps early (the caller's iterator is closed,
+    which stops its generation)."""
+    decoder = TextDecoder(tokenizer, stop=request.sampling().stop, calls=tool_format if request.tools else None)
     tokens: list[int] = []
     logprobs: list[float] = []
     finish: str | None = None
@@ -118,11 +118,12 @@ class Answer:
 
 
 class TextDecoder:
-    """Feed it sampled tokens one by one; it returns the deltas each one releases.
+    """Feed it sampled tokens one by one; it returns the deltas each one releases. ``calls``: the format in
+    which the model writes tool calls (None: everything is content).
 
     >>> class Chars:
     ...     def decode(self, ids, skip_special_tokens=False): return "".join(map(chr, ids))
-    >>> decoder = TextDecoder(Chars(), stop=["!"], tools=True)
+    >>> decoder = TextDecoder(Chars(), stop=["!"], calls=NEXTTURN)
     >>> [d.content for token in 'Hi <|tool' for d in decoder.feed(ord(token))]
     ['H', 'i', ' ']
     >>> for token in '_call|>{"name": "ls", "arguments": {}}<|/tool_call|>ok! more':
@@ -132,16 +133,21 @@ class TextDecoder:
     ('Hi ok', 'ls', True)
     """
 
-    def __init__(self, tokenizer: Detokenizer, *, stop: list[str] | None = None, tools: bool = False) -> None:
+    def __init__(self, tokenizer: Detokenizer, *, stop: list[str] | None = None,
+                 calls: ToolFormat | None = None) -> None:
         self._tokenizer = tokenizer
         self._stop = [s for s in stop or [] if s]
-        self._markers = self._stop + ([TOOL_CALL_OPEN] if tools else [])
-        self._tools = tools
+        self._format = calls
+        mid_text = calls is not None and not calls.at_start
+        self._markers = self._stop + ([calls.open] if calls is not None and mid_text else [])
+        self._openers = (calls.open, *calls.opens_at_start) if calls is not None and calls.at_start else ()
         self._ids: list[int] = []
         self._prefix = 0  # detokenization window: ids[_prefix:_read] were already turned into text
         self._read = 0
         self._text = ""  # all text released by the detokenizer
         self._pos = 0  # how much of _text has been split into content and calls
+        self._begun = not self._openers  # the answer has begun (a format that calls at the start only)
+        self._opened = ""  # the marker that opened the calls being read (kept with them if they do not parse)
         self._in_call = False
         self._content: list[str] = []
         self._calls: list[events.ToolCall] = []
@@ -175,23 +181,20 @@ class TextDecoder:
         while not self.stopped:
             pending = self._text[self._pos:]
             if self._in_call:
-                end = pending.find(TOOL_CALL_CLOSE)
-                if end < 0:
-                    if final:  # an unterminated call: show it as the text it is
-                        self._emit(TOOL_CALL_OPEN + pending, deltas)
-                        self._pos = len(self._text)
+                if not self._read_calls(pending, final, deltas):
                     break
-                self._pos += end + len(TOOL_CALL_CLOSE)
-                self._in_call = False
-                self._call(pending[:end], deltas)
+                continue
+            if not self._begun:
+                if not self._begin(pending, final):
+                    break
                 continue
             found = [(at, marker) for marker in self._markers if (at := pending.find(marker)) >= 0]
             if found:
                 at, marker = min(found, key=lambda hit: (hit[0], -len(hit[1])))
                 self._emit(pending[:at], deltas)
-                if marker == TOOL_CALL_OPEN and self._tools:
+                if self._format is not None and marker == self._format.open:
                     self._pos += at + len(marker)
-                    self._in_call = True
+                    self._in_call, self._opened = True, marker
                     continue
                 self.stopped = True
                 self._pos = len(self._text)
@@ -202,41 +205,45 @@ class TextDecoder:
             break
         return deltas
 
+    def _begin(self, pending: str, final: bool) -> bool:
+        """Where calls may only open the answer: decide whether they do, once the text tells (True: decided)."""
+        body = pending.lstrip()
+        opener = next((o for o in self._openers if body.startswith(o)), None)
+        if opener is None and not final and (not body or any(o.startswith(body) for o in self._openers)):
+            return False  # only blanks, or the start of an opener, so far
+        self._begun = True
+        if opener is not None:
+            skipped = len(pending) - len(body) + (len(opener) if opener == self._openers[0] else 0)
+            self._pos += skipped  # a bare-JSON opener ("{") is part of the call; the blanks before it go
+            self._in_call, self._opened = True, pending[:skipped]
+        return True
+
+    def _read_calls(self, pending: str, final: bool, deltas: list[Delta]) -> bool:
+        """Read the calls being written; True when they are done (parsed, or given back as content)."""
+        assert self._format is not None
+        close = self._format.close
+        end = pending.find(close) if close else -1
+        if end < 0 and not final:
+            return False
+        if end < 0 and close:  # an unterminated call: show it as the text it is
+            self._emit(self._opened + pending, deltas)
+            self._pos = len(self._text)
+        else:
+            body = pending if end < 0 else pending[:end]
+            self._pos += len(pending) if end < 0 else end + len(close or "")
+            calls = self._format.parse(body)
+            if calls is None:
+                self._emit(self._opened + body + (close if end >= 0 and close else ""), deltas)
+            for call in calls or []:
+                deltas.append(Delta(tool_calls=[{"index": len(self._calls), **call.model_dump()}]))
+                self._calls.append(call)
+        self._in_call = False
+        return True
+
     def _emit(self, text: str, deltas: list[Delta]) -> None:
         if text:
             self._content.append(text)
             deltas.append(Delta(content=text))
-
-    def _call(self, body: str, deltas: list[Delta]) -> None:
-        call = parse_tool_call(body)
-        if call is None:
-            self._emit(TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE, deltas)
-            return
-        index = len(self._calls)
-        self._calls.append(call)
-        deltas.append(Delta(tool_calls=[{"index": index, **call.model_dump()}]))
-
-
-def parse_tool_call(body: str) -> events.ToolCall | None:
-    """A tool call the model wrote, or None when it is not one.
-
-    >>> parse_tool_call('{"id": "c1", "name": "pytest", "arguments": {"k": 1}}').function.arguments
-    '{"k": 1}'
-    >>> parse_tool_call('{"name": "pytest", "arguments": [1]}') is None
-    True
-    """
-    try:
-        parsed: Any = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(parsed, dict) or not isinstance(parsed.get("name"), str) or not parsed["name"]:
-        return None
-    arguments = parsed.get("arguments", {})
-    if not isinstance(arguments, dict):
-        return None
-    call_id = parsed.get("id") if isinstance(parsed.get("id"), str) and parsed.get("id") else None
-    return events.ToolCall(id=call_id or f"call_{uuid.uuid4().hex[:24]}",
-                           function=events.ToolCallFunction(name=parsed["name"], arguments=json.dumps(arguments)))
 
 
 def _held_back(text: str, markers: list[str]) -> int:

@@ -50,6 +50,7 @@ from gateway.engines.lora_bank import LoraBank
 from gateway.errors import EngineUnavailable, InvalidRequest, NotFound
 from gateway.schemas import ChatCompletionRequest
 from nextturn import events
+from nextturn.tool_formats import ToolFormat, resolve
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,10 @@ class EmbeddedEngine:
     name = "engine"
 
     def __init__(self, model_dir: str | Path, *, max_batch: int = 16, device: str | None = None,
-                 max_adapters: int = 16) -> None:
+                 max_adapters: int = 16, tool_format: str = "auto") -> None:
         self._dir = Path(model_dir)
+        self._tool_format_setting = tool_format
+        self.tool_format: ToolFormat | None = None  # read off the chat template when the model loads
         self._served = self._dir.name
         self._max_batch = max_batch
         self._max_adapters = max_adapters
@@ -225,7 +228,8 @@ class EmbeddedEngine:
         async def release() -> None:
             sequence.cancelled = True  # a no-op when it finished; otherwise frees its row at the next step
 
-        return Answer(generation(self._steps(inbox), self._tokenizer, request, sequence.prompt), release)
+        return Answer(generation(self._steps(inbox), self._tokenizer, request, sequence.prompt,
+                                 self.tool_format), release)
 
     @staticmethod
     async def _steps(inbox: asyncio.Queue[Any]) -> AsyncIterator[Step]:
@@ -268,6 +272,7 @@ class EmbeddedEngine:
 
     def _load(self) -> None:
         self._tokenizer = AutoTokenizer.from_pretrained(self._dir)
+        self.tool_format = resolve(self._tool_format_setting, self._tokenizer.chat_template)
         self._model = AutoModelForCausalLM.from_pretrained(self._dir).to(self._device).eval()
         self._cache_keyword = cache_keyword(self._model)
         self._bank = LoraBank(self._model, slots=min(self._max_adapters, 64))

@@ -47,6 +47,7 @@ from gateway.engines.upstream import sse_lines
 from gateway.errors import EngineTimeout, EngineUnavailable, GatewayError, InvalidRequest, NotFound
 from gateway.schemas import ChatCompletionRequest
 from nextturn import events
+from nextturn.tool_formats import ToolFormat, resolve
 
 RESERVED = (events.BASE_VERSION,)
 
@@ -56,8 +57,11 @@ class VllmEngine:
     failure: BaseException | None = None  # no thread of its own: vLLM's health shows in the requests
 
     def __init__(self, base_url: str, model_dir: str | Path, *, served_model: str | None = None,
-                 api_key: str | None = None, connect_timeout_s: float = 10.0, read_timeout_s: float = 120.0) -> None:
+                 api_key: str | None = None, connect_timeout_s: float = 10.0, read_timeout_s: float = 120.0,
+                 tool_format: str = "auto") -> None:
         self._base_url = base_url.rstrip("/")
+        self._tool_format_setting = tool_format
+        self.tool_format: ToolFormat | None = None  # read off the chat template at start
         self._dir = Path(model_dir)
         self._served = served_model or self._dir.name
         self._headers = [("Authorization", f"Bearer {api_key}")] if api_key else []
@@ -75,6 +79,7 @@ class VllmEngine:
         from transformers import AutoTokenizer
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._dir)
+        self.tool_format = resolve(self._tool_format_setting, self._tokenizer.chat_template)
         self._origin = Origin(self._base_url, self._headers, connect_timeout_s=self._timeouts[0],
                               read_timeout_s=self._timeouts[1])
         served = await self._models()
@@ -176,7 +181,7 @@ class VllmEngine:
                 await self._finished(adapter)
 
         steps = self._steps(response) if stream else self._whole(response)
-        return Answer(generation(steps, self._tokenizer, request, prompt), release)
+        return Answer(generation(steps, self._tokenizer, request, prompt, self.tool_format), release)
 
     async def _send(self, request: ChatCompletionRequest, adapter: str, prompt: list[int], wanted: int, *,
                     stream: bool) -> StreamedResponse:
