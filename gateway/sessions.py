@@ -9,9 +9,11 @@ new session.
 The index is bounded: at most ``capacity`` turns, each forgotten after ``idle_timeout_s`` without use, so
 millions of sessions cannot exhaust memory. It is one replica's memory: a request it cannot link is
 looked up in the store (``lookup``, by the same hashes, which the recorder stores with each turn), so
-that a request served by another replica, or before a restart, links too. Only prefixes that end with
-an assistant message can be a turn's key, so a request that continues nothing (its first turn) costs no
-lookup. The store is a fallback: when it cannot answer, the request starts a new session rather than fail.
+that a request served by another replica, or before a restart, links too. So is a request this replica
+links only to an earlier turn than its longest prefix could be: a conversation whose turns alternate
+between replicas has its latest turn on the other one. Only prefixes that end with an assistant message can
+be a turn's key, so a request that continues nothing (its first turn) costs no lookup. The store is a
+fallback: when it cannot answer, the request links as this replica's memory says, or starts a new session.
 """
 
 from __future__ import annotations
@@ -67,31 +69,33 @@ class SessionLinker:
     def link(self, tenant: str, messages: Sequence[ChatMessage], session_id: str | None = None) -> Link:
         """The session and parent of a new request, from this replica's memory. With a session id, only
         that session's turns link."""
-        return self._link(tenant, messages, prefix_hashes(tenant, messages), session_id)
+        return self._link(tenant, messages, prefix_hashes(tenant, messages), session_id)[0]
 
     async def resolve(self, tenant: str, messages: Sequence[ChatMessage], session_id: str | None = None,
                       namespace: str | None = None) -> Link:
         """:meth:`link`, and for a request it cannot link, the store. ``namespace``: what the turns' keys are
         hashed under, when not the tenant alone (:func:`nextturn.scopes.link_namespace`)."""
         hashes = prefix_hashes(namespace or tenant, messages)
-        link = self._link(tenant, messages, hashes, session_id)
-        if link.parent_turn_id is not None or self._lookup is None:
+        link, matched = self._link(tenant, messages, hashes, session_id)
+        if self._lookup is None:
             return link
-        ends = {hashes[end - 1]: end for end in range(len(messages) - 1, 0, -1)
+        ends = {hashes[end - 1]: end for end in range(len(messages) - 1, matched, -1)
                 if messages[end - 1].role == "assistant"}
-        if not ends:
+        if not ends:  # nothing longer than what this replica linked could be a turn
             return link
         try:
             found = await asyncio.to_thread(self._lookup, tenant, list(ends), session_id)
         except NextturnError as exc:
-            log.warning("cannot look the conversation up in the store; starting a new session: %s", exc)
+            log.warning("cannot look the conversation up in the store; linking by this replica alone: %s", exc)
             return link
         if found is None:
             return link
         turn_id, found_session, key, adapter = found
         return Link(found_session, turn_id, list(messages[ends[key]:]), adapter)
 
-    def _link(self, tenant: str, messages: Sequence[ChatMessage], hashes: list[str], session_id: str | None) -> Link:
+    def _link(self, tenant: str, messages: Sequence[ChatMessage], hashes: list[str],
+              session_id: str | None) -> tuple[Link, int]:
+        """The link from memory, and how many messages its parent turn covers (0: none)."""
         self._forget_idle()
         # The longest prefix that leaves at least one new message: the most recent turn continued.
         for end in range(len(messages) - 1, 0, -1):
@@ -100,8 +104,8 @@ class SessionLinker:
                 continue
             known.last_used = self._clock()
             self._turns.move_to_end(hashes[end - 1])
-            return Link(known.session_id, known.turn_id, list(messages[end:]), known.adapter)
-        return Link(session_id or f"sess-{uuid.uuid4().hex}", None, [])
+            return Link(known.session_id, known.turn_id, list(messages[end:]), known.adapter), end
+        return Link(session_id or f"sess-{uuid.uuid4().hex}", None, []), 0
 
     def remember(
         self, tenant: str, session_id: str, turn_id: str, messages: Sequence[ChatMessage], response: ChatMessage,

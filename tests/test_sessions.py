@@ -162,6 +162,24 @@ def test_a_request_this_replica_never_saw_links_through_the_store(tmp_path: Path
     store.close()
 
 
+def test_a_conversation_alternating_between_replicas_links_to_its_latest_turn(tmp_path: Path) -> None:
+    """This replica served turn 1, the other one turn 2: turn 3 continues turn 2, which only the store knows
+    here, not turn 1, which this replica remembers."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(url)
+    store = Store(url)
+    here = SessionLinker(lookup=store.find_link)
+    here.remember("acme", "sess-1", "turn-1", [user("hi")], assistant("hello"))
+    _stored(store, "acme", "sess-1", "turn-1", [user("hi")], assistant("hello"))
+    _stored(store, "acme", "sess-1", "turn-2", [user("hi"), assistant("hello"), user("bye")], assistant("ciao"))
+    third = asyncio.run(here.resolve("acme", [user("hi"), assistant("hello"), user("bye"), assistant("ciao"),
+                                               user("again")]))
+    assert (third.session_id, third.parent_turn_id, third.next_state) == ("sess-1", "turn-2", [user("again")])
+    branch = asyncio.run(here.resolve("acme", [user("hi"), assistant("hello"), user("other")]))
+    assert branch.parent_turn_id == "turn-1"  # nothing longer anywhere: this replica's memory decides
+    store.close()
+
+
 def test_linking_does_not_fail_a_request_when_the_store_cannot_answer() -> None:
     def unavailable(tenant: str, keys: list[str], session: str | None) -> tuple[str, str, str] | None:
         raise StoreUnavailable("the database is down")

@@ -313,6 +313,34 @@ def test_one_trainer_process_trains_every_scope_with_signals_each_on_its_own(
             base, tenant, numbers)[0])
 
 
+def test_a_scope_its_old_owner_still_holds_waits_while_the_others_train(
+    base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path
+) -> None:
+    """t.acme's partition came here while the trainer that held it is still in its round (its lock held): this
+    trainer trains its other scopes, reads t.acme's records again each round, and takes t.acme once the old
+    owner lets go. Nothing is lost or trained twice, and the trainer never stops."""
+    old_owner = TrainerWorker(sqlite_log, store, model_dir=tiny_model, adapters_root=tmp_path / "adapters",
+                              trainer_root=tmp_path / "trainer", scope="t.acme", config=config(),
+                              consume=False)
+    trainers = _every_scope(sqlite_log, store, tiny_model, tmp_path, max_resident=2)
+    globex, globex_signals = _scoped(base, "globex", range(4, 8))
+    acme, acme_signals = _scoped(base, "acme", range(4))
+    record(store, sqlite_log, *globex, *globex_signals)
+    record(store, sqlite_log, *acme, *acme_signals)
+    for _ in range(4):
+        trainers.run_once(0.3)
+    assert sorted(trainers.workers) == ["t.globex"] and list(published(tmp_path, "t.globex")) == [1]
+    assert published(tmp_path, "t.acme") == {}
+    old_owner.close()
+    for _ in range(4):
+        trainers.run_once(0.3)
+    trainers.close()
+    assert sorted(trainers.workers) == ["t.acme", "t.globex"]
+    versions = published(tmp_path, "t.acme")
+    assert list(versions) == [1]
+    assert sorted(versions[1]["data"]["signals"]) == sorted(s.event_id for s in acme_signals)
+
+
 def test_the_scope_whose_samples_waited_longest_trains_first(
     base: Policy, tiny_model: Path, store: Store, sqlite_log: EventLog, tmp_path: Path
 ) -> None:

@@ -12,7 +12,9 @@ is trained by the one trainer that holds its partition. Each round:
    and committed last round); take a scope whose records arrive: a :class:`~trainer.worker.TrainerWorker`
    of its own (adapter, optimizer, ledger, checkpoint, lock), resumed from its checkpoint, so a scope that
    moves between trainers goes on where its last owner saved it, and the log redelivers what that owner
-   had not committed: nothing trained twice, nothing skipped. The new owner waits for the old one's lock;
+   had not committed: nothing trained twice, nothing skipped. While the old owner still holds the scope's
+   lock (it lets go at its next poll, after the round it is in, which may train for minutes), the new one
+   reads that partition again from the scope's first record the next round, and trains its other scopes;
 3. refresh every scope (pacing, samples), then one update for each scope that has a batch, **oldest
    waiting sample first**, so a busy scope cannot starve a quiet one;
 4. save every scope's ledger, then commit the group's offsets.
@@ -47,14 +49,15 @@ FIGURES_KEPT = 1000
 
 class ScopeTrainers:
     def __init__(self, event_log: EventLog, start: Callable[[str], TrainerWorker], *, store: Store,
-                 max_resident: int, lock_wait_s: float = 30.0, on_bad_record: BadRecordPolicy | None = None) -> None:
+                 max_resident: int, lock_wait_s: float = 600.0, on_bad_record: BadRecordPolicy | None = None) -> None:
         """``start(scope)``: the scope's worker, made with ``consume=False`` (this reads its signals)."""
         self._log = event_log
         self._store = store
         self._rules = Rules()  # the erasures, read once a round for every scope held
         self._start = start
         self._max_resident = max_resident
-        self._lock_wait_s = lock_wait_s
+        self._lock_wait_s = lock_wait_s  # a scope locked longer than this is logged: a trainer of it alone?
+        self._busy_since: dict[str, float] = {}  # scope -> since when another trainer holds its lock
         self._consumer = event_log.consumer(GROUP, [events.SIGNALS], on_bad_record=on_bad_record)
         self.workers: dict[str, TrainerWorker] = {}
         self._partition: dict[str, int] = {}  # scope -> the partition its records come on
@@ -82,15 +85,22 @@ class ScopeTrainers:
         for worker in self.workers.values():
             worker.forget(self._rules)
         misrouted: list[SignalExtracted] = []
+        waiting: dict[int, int] = {}  # partition -> the offset it is read again from (a scope still locked)
         for item in deliveries:
-            if not isinstance(item.event, SignalExtracted):
+            if not isinstance(item.event, SignalExtracted) or item.partition in waiting:
                 continue
             if item.key is None or not item.event.trains(item.key):
                 misrouted.append(item.event)
                 continue
-            self._worker(item.key, item.partition).take(item.event)
+            worker = self._worker(item.key, item.partition)
+            if worker is None:
+                waiting[item.partition] = item.offset
+                continue
+            worker.take(item.event)
         if misrouted and not self._reroute(misrouted):
             return len(deliveries)  # not committed: the records come again
+        for partition, offset in waiting.items():
+            self._consumer.seek(events.SIGNALS, partition, offset)  # committed up to there, and read again
         for worker in self.workers.values():
             worker.refresh()
         due = sorted((at, scope) for scope, worker in self.workers.items() if (at := worker.due()) is not None)
@@ -124,28 +134,34 @@ class ScopeTrainers:
 
     # -- scopes coming and going ----------------------------------------------------------------------
 
-    def _worker(self, scope: str, partition: int) -> TrainerWorker:
+    def _worker(self, scope: str, partition: int) -> TrainerWorker | None:
+        """The scope's worker; None while the trainer that held the scope before has not let go of it."""
         worker = self.workers.get(scope)
         if worker is None:
-            worker = self.workers[scope] = self._take(scope)
+            taken = self._take(scope)
+            if taken is None:
+                return None
+            worker = self.workers[scope] = taken
             worker.forget(self._rules)  # its checkpoint may hold what was forgotten since it was saved
             self.counts["scopes_taken"] += 1
             log.info("training scope %s (partition %d)", scope, partition)
         self._partition[scope] = partition
         return worker
 
-    def _take(self, scope: str) -> TrainerWorker:
-        """The scope's worker, once the trainer that held it before let go of its lock."""
-        deadline = time.monotonic() + self._lock_wait_s
-        while True:
-            try:
-                return self._start(scope)
-            except TrainerBusy:
-                if time.monotonic() >= deadline:
-                    raise TrainerBusy(f"another trainer held scope {scope} for {self._lock_wait_s:.0f} s: a "
-                                      "trainer of that scope alone (trainer run --scope) beside this group? "
-                                      "Run one or the other") from None
-                time.sleep(0.1)
+    def _take(self, scope: str) -> TrainerWorker | None:
+        """The scope's worker, or None while another trainer holds its lock."""
+        try:
+            taken = self._start(scope)
+        except TrainerBusy:
+            since = self._busy_since.setdefault(scope, time.monotonic())
+            waited = time.monotonic() - since
+            if waited >= self._lock_wait_s:
+                log.warning("another trainer has held scope %s for %.0f s: a trainer of that scope alone "
+                            "(trainer run --scope) beside this group? Run one or the other", scope, waited)
+                self._busy_since[scope] = time.monotonic()
+            return None
+        self._busy_since.pop(scope, None)
+        return taken
 
     def _let_go(self, held: frozenset[int]) -> None:
         for scope in [s for s, partition in self._partition.items() if partition not in held]:
