@@ -92,11 +92,11 @@ class ScopeTrainers:
             if item.key is None or not item.event.trains(item.key):
                 misrouted.append(item.event)
                 continue
-            worker = self._worker(item.key, item.partition)
-            if worker is None:
+            taker = self._worker(item.key, item.partition)
+            if taker is None:
                 waiting[item.partition] = item.offset
                 continue
-            worker.take(item.event)
+            taker.take(item.event)
         if misrouted and not self._reroute(misrouted):
             return len(deliveries)  # not committed: the records come again
         for partition, offset in waiting.items():
