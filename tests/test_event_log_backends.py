@@ -6,6 +6,8 @@ import os
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,12 +17,13 @@ from kafka import KafkaAdminClient
 
 from nextturn import events
 from nextturn.bus import open_event_log
-from nextturn.bus.kafka import KafkaEventLog
+from nextturn.bus.kafka import KafkaEventLog, Topics
 from nextturn.bus.sqlite import SqliteEventLog
 from nextturn.errors import ConfigError, EventLogUnavailable
 from nextturn.settings import Settings
 
 from support.event_logs import open_log, poll_until
+from support.eventually import eventually
 from support.factories import sequence_of, turn
 from support.faults import TcpProxy
 from support.services import Tansu, free_port
@@ -115,6 +118,37 @@ def test_kafka_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
     finally:
         proxy.stop()
         broker.stop()
+
+
+@pytest.mark.kafka
+def test_a_member_busy_between_polls_joins_and_shares_when_another_joins(tansu: Tansu) -> None:
+    """A member that works between short polls (a trainer's round) still joins, and gives up partitions when
+    another member joins: kafka-python drops a join that completes between two polls, so a joining member
+    waits in its poll for the join (nextturn/bus/kafka.py). The production session timeout, 10 s."""
+    log = KafkaEventLog(tansu.bootstrap_servers, topics=Topics(partitions=4), session_timeout_ms=10_000)
+    log.append([turn("s", 0)])
+    busy = log.consumer("busy-members", [events.TURNS])
+
+    def work_once() -> frozenset[int]:
+        busy.poll(timeout_s=0.5)
+        time.sleep(1.5)  # the round's work
+        return busy.held()
+
+    assert eventually(work_once, "the busy member to join", timeout_s=60, interval_s=0) == frozenset(range(4))
+    idle = log.consumer("busy-members", [events.TURNS])
+    stop = threading.Event()
+    polling = threading.Thread(target=lambda: [idle.poll(timeout_s=0.5) for _ in iter(stop.is_set, True)])
+    polling.start()
+    try:
+        shared = eventually(lambda: (work_once(), idle.held()), "the partitions shared", timeout_s=90,
+                            interval_s=0, until=lambda held: held[0] and held[1] and not held[0] & held[1])
+    finally:
+        stop.set()
+        polling.join(30)
+    assert shared[0] | shared[1] == frozenset(range(4))
+    busy.close()
+    idle.close()
+    log.close()
 
 
 WRITER = """

@@ -71,12 +71,15 @@ class Fleet:
         process.kill()
         process.wait()
 
-    def stop(self, name: str) -> str:
-        """SIGINT, as Ctrl-C or `docker stop`'s SIGTERM: the process ends its round and says what it did."""
-        process = self.processes.pop(name)
-        process.send_signal(signal.SIGINT)
-        process.wait(120)
-        return (self.logs / f"{name}.{self.starts[name]}.log").read_text()
+    def stop(self, *names: str) -> dict[str, str]:
+        """SIGINT to all at once (one stopping first would hand its partitions to the others), as Ctrl-C or
+        `docker stop`'s SIGTERM: each ends its round and says what it did."""
+        stopping = {name: self.processes.pop(name) for name in names}
+        for process in stopping.values():
+            process.send_signal(signal.SIGINT)
+        for process in stopping.values():
+            process.wait(120)
+        return {name: (self.logs / f"{name}.{self.starts[name]}.log").read_text() for name in names}
 
     def close(self) -> None:
         for name in list(self.processes):
@@ -184,9 +187,12 @@ class Conversations:
                     self.answered[answer.id] = gateway.name
                     if previous is not None:
                         self.follows[answer.id] = previous
-                messages.append({"role": "assistant", "content": answer.choices[0].message.content})
-                previous = answer.id
                 self._rate(gateway, tenant, answer.id)
+                text = answer.choices[0].message.content
+                if not text:
+                    break  # an empty answer (the tiny model's end token first) is not a message to send back
+                messages.append({"role": "assistant", "content": text})
+                previous = answer.id
 
     def _rate(self, gateway: Gateway, tenant: str, turn_id: str) -> None:
         try:
@@ -286,7 +292,7 @@ def test_two_of_every_role_share_the_work_and_survive_a_gateway_and_a_trainer_ki
                    "a signal for every turn", timeout_s=120, interval_s=0.5)
         eventually(lambda: count(store, tables.Feedback) >= talk.ratings, "every rating stored", timeout_s=60)
         time.sleep(3)  # the trainers' partial-batch timer, for the last signals
-        outputs = {name: fleet.stop(name) for name in ("signals-1", "signals-2", "trainer-1", "trainer-2")}
+        outputs = fleet.stop("signals-1", "signals-2", "trainer-1", "trainer-2")
         turns = tables.table_of(tables.Turn)
         with store.engine.connect() as conn:
             rows = {row.id: row for row in conn.execute(select(turns.c.id, turns.c.session_id,

@@ -115,6 +115,7 @@ def callers(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     return found
 
 
+@pytest.mark.slow  # each format's adapter is taught first (about a minute for the four)
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_a_model_calls_tools_in_its_format_streamed_and_whole(models: dict[str, Path], callers: dict[str, Path],
                                                               name: str) -> None:
@@ -149,6 +150,7 @@ def test_a_model_calls_tools_in_its_format_streamed_and_whole(models: dict[str, 
     assert not any(delta.content for delta in results["deltas"])
 
 
+@pytest.mark.slow  # each format's adapter is taught first (about a minute for the four)
 def test_hermes_calls_through_the_gateway_with_the_openai_sdk(models: dict[str, Path], callers: dict[str, Path],
                                                               tmp_path: Path) -> None:
     """The whole path a client sees, on a Qwen-style model: the SDK's tool_calls, whole and streamed."""
@@ -175,6 +177,7 @@ def test_hermes_calls_through_the_gateway_with_the_openai_sdk(models: dict[str, 
         assert [(names_[i], json.loads("".join(pieces[i]))) for i in sorted(pieces)] == CALLS
 
 
+@pytest.mark.slow  # each format's adapter is taught first (about a minute for the four)
 def test_the_setting_overrides_what_the_template_says(models: dict[str, Path], callers: dict[str, Path]) -> None:
     """NEXTTURN_TOOL_CALL_FORMAT=none: the calls stay the text the model wrote (a model whose template says
     nothing of its calls, or a deployment that parses them itself)."""

@@ -11,6 +11,11 @@ Two broker quirks shape this file:
   batch may duplicate records that did land: readers are idempotent by event id.
 - A group join waits for other members for up to half the session timeout (Tansu holds every join that
   long), so the session timeout is a constructor argument: short in tests, ~10 s in production.
+- kafka-python 3.0 drops a group join that completes between two polls and starts another, so a member whose
+  rounds of work outlast its polls could join forever and never hold a partition (nor let the group's other
+  members get theirs): it keeps consuming its old partitions, fenced (its commits fail), while the group gives
+  them to another member too. While a member is (re)joining, its poll waits long enough for the join to
+  complete inside it (docs/experiments.md, 2026-12-06).
 
 Topics are created at first use, as :class:`Topics` says (an existing topic keeps what it was created with:
 docs/operations.md says how to change one). Producers write with ``acks=all``: a record is acknowledged once
@@ -233,7 +238,8 @@ class KafkaEventLog:
             )
         except KafkaError as exc:
             raise EventLogUnavailable(f"cannot reach Kafka at {','.join(self._servers)}: {exc}") from exc
-        return KafkaEventConsumer(consumer, group, tuple(topics), start, on_bad_record or DeadLetter(self))
+        return KafkaEventConsumer(consumer, group, tuple(topics), start, on_bad_record or DeadLetter(self),
+                                  join_wait_ms=self._session_timeout_ms + 2000)
 
     def close(self) -> None:
         with self._lock:
@@ -272,8 +278,10 @@ class KafkaEventConsumer:
         topics: tuple[str, ...],
         start: Start,
         on_bad_record: BadRecordPolicy,
+        join_wait_ms: int = 12_000,
     ) -> None:
         self._consumer = consumer
+        self._join_wait_ms = join_wait_ms
         self._group = group
         self._on_bad_record = on_bad_record
         try:
@@ -295,8 +303,11 @@ class KafkaEventConsumer:
             raise EventLogUnavailable(f"cannot subscribe to {', '.join(topics)}: {exc}") from exc
 
     def poll(self, max_records: int = 500, timeout_s: float = 1.0) -> list[Delivery]:
+        wait_ms = int(timeout_s * 1000)
+        if self._joining():
+            wait_ms = max(wait_ms, self._join_wait_ms)  # see the module docstring: let a join complete in it
         try:
-            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+            batches = self._consumer.poll(timeout_ms=wait_ms, max_records=max_records)
         except KafkaError as exc:
             raise EventLogUnavailable(f"cannot read from Kafka: {exc}") from exc
         records = [
@@ -305,6 +316,16 @@ class KafkaEventConsumer:
             for message in messages
         ]
         return decode_records(records, self._on_bad_record)
+
+    def _joining(self) -> bool:
+        """Whether the group is (re)joining this member. kafka-python keeps this to its coordinator, so it is
+        read defensively: without it, a member that holds nothing counts as joining."""
+        if self._group is None:
+            return False
+        try:
+            return bool(self._consumer._coordinator.need_rejoin())
+        except Exception:  # another kafka-python: the public sign only
+            return not self._consumer.assignment()
 
     def commit(self) -> None:
         if self._group is None:
