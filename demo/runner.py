@@ -39,6 +39,7 @@ from nextturn.settings import Settings
 from nextturn.stack import Stack, activity
 from nextturn.store import Store
 
+ADMIN_KEY = "sk-demo-admin"  # the dashboard's login while a run is live (a demo on loopback only)
 HELD_OUT_PER_PERSON = 48
 DIVERSITY_SAMPLES = 96
 
@@ -68,7 +69,7 @@ def settings(data_dir: Path, model_dir: Path, method: str, port: int, scope_by: 
     """
     people = ",".join(f"{key}:{name}" for name, key in keys().items())
     return Settings(
-        data_dir=data_dir, model=str(model_dir), port=port, api_keys=people, admin_key="sk-demo-admin",
+        data_dir=data_dir, model=str(model_dir), port=port, api_keys=people, admin_key=ADMIN_KEY,
         train_method=method,  # type: ignore[arg-type]
         signals_idle_timeout_s=5.0,
         trainer_max_ahead=0, trainer_max_version_lag=8, trainer_standing_hints=3 if scope_by == "tenant" else 0,
@@ -98,8 +99,10 @@ def run(out: Path, *, methods: tuple[str, ...], interactions: int, seed: int, co
     model_dir = _base_model(console, seed if model_seed is None else model_seed, build_steps)
     out.mkdir(parents=True, exist_ok=True)
     measures = Measures(model_dir)
+    port = free_port()  # every run's gateway on the same port: one dashboard address for the whole demo
+    dashboard = f"http://127.0.0.1:{port}/dashboard"
     results = [_run_method(console, out, model_dir, method, interactions, seed, measures,
-                           policy if len(policies) > 1 else "", policy)
+                           policy if len(policies) > 1 else "", policy, port)
                for policy in policies for method in methods]
     console.print("measuring the base model on the held-out requests…")
     nothing: dict[str, str | None] = {person.name: None for person in tasks.PEOPLE}
@@ -115,7 +118,9 @@ def run(out: Path, *, methods: tuple[str, ...], interactions: int, seed: int, co
     (out / "results.md").write_text(
         f"Held-out satisfaction of the version serving each person at the end (and of the newest version the "
         f"rollout did not reject or roll back), after {interactions} interactions "
-        f"(seed {seed}). Hard preferences: {wants(hard)}. Easy: {wants(easy)}.\n\n" + markdown)
+        f"(seed {seed}). Hard preferences: {wants(hard)}. Easy: {wants(easy)}.\n\n" + markdown
+        + f"\nEach person's scope, live while a run of the demo is going: [the dashboard]({dashboard}) (log in "
+          f"with the admin key `{ADMIN_KEY}`; docs/dashboard.md).\n")
     plot = report.plot(results, base, hard, out / "learning_curve.png")
     figures = {"seed": seed, "interactions": interactions, "base": asdict(base),
                "methods": {r.label: asdict(r) for r in results}}
@@ -158,16 +163,17 @@ def _base_model(console: Console, seed: int, steps: int) -> Path:
 
 
 def _run_method(console: Console, out: Path, model_dir: Path, method: str, interactions: int, seed: int,
-                measures: Measures, tag: str = "", policy: str = "tenant") -> MethodResult:
+                measures: Measures, tag: str = "", policy: str = "tenant", port: int | None = None) -> MethodResult:
     name = f"{method}, {POLICY_NAMES[policy]}" if tag else method
     data_dir = out / (f"{method}-{policy}" if tag else method)
     shutil.rmtree(data_dir, ignore_errors=True)
-    chosen = settings(data_dir, model_dir, method, free_port(), scope_by=policy)
+    chosen = settings(data_dir, model_dir, method, port or free_port(), scope_by=policy)
     stack = Stack(chosen)
     console.print(f"\n[bold]{name}[/bold]: starting {', '.join(c.component.name for c in stack.children)} "
                   f"in {data_dir}")
     started = time.monotonic()
     stack.start()
+    console.print(f"dashboard: {stack.url}/dashboard (admin key {ADMIN_KEY})")
     store = Store.from_settings(chosen)
     budget = Budget(interactions)
     population = Population(stack.url, keys(), tasks.PEOPLE, seed, budget)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from gateway.auth import Keyring
 from gateway.completions import ChatCompletionsRoute
+from gateway.dashboard import dashboard_routes
 from gateway.engines import Engine
 from gateway.errors import Conflict, GatewayError, InvalidRequest, NotFound, install_error_handlers
 from gateway.feedback import FeedbackRequest, feedback_event, owner_session, turn_view
@@ -39,7 +40,7 @@ from nextturn import deployments, erasure, events
 from nextturn.bus import open_event_log
 from nextturn.erasure import Rules
 from nextturn.errors import ConfigError, DeploymentError, NothingToForget, StoreUnavailable
-from nextturn.keys import any_keys, find_key
+from nextturn.keys import any_keys, find_digest, find_key
 from nextturn.recorder import RecorderProcess
 from nextturn.settings import Settings
 from nextturn.store import Store, upgrade
@@ -118,7 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.store_url.startswith("sqlite"):
             upgrade(settings.store_url)  # the embedded default migrates itself; production runs db upgrade
         store.check_schema()
-        keyring.use_store(partial(find_key, store), partial(any_keys, store))
+        keyring.use_store(partial(find_key, store), partial(any_keys, store), partial(find_digest, store))
         event_log = open_event_log(settings)
         publisher = Publisher(event_log, settings.spool_dir, adopt=[settings.data_dir / "spool.jsonl"])
         publisher.start()
@@ -185,6 +186,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def store(request: Request) -> Store:
         found: Store = request.app.state.store
         return found
+
+    app.include_router(dashboard_routes(keyring))
 
     @app.get("/healthz", response_model=None)
     async def healthz(request: Request) -> dict[str, Any] | JSONResponse:

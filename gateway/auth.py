@@ -7,6 +7,9 @@ no key anywhere is open, as the tenant ``default``, admin routes included, and c
 first key's creation in the store. A gateway on any other address is never open: with no key in Settings it
 takes the store's keys (and refuses every request until there is one: ``nextturn keys create``). Admin routes
 need ``NEXTTURN_ADMIN_KEY`` or a store admin key.
+
+The operator's page logs in with an admin key once (:meth:`Keyring.admin_login`) and then holds a session
+(:mod:`nextturn.keys`) that lasts while the key it was opened with does (:meth:`Keyring.session_holds`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from ipaddress import ip_address
 
 from gateway.errors import AuthenticationFailed, AuthenticationUnavailable, PermissionDenied
 from nextturn.errors import NextturnError
-from nextturn.keys import Holder
+from nextturn.keys import Holder, digest
 from nextturn.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -28,6 +31,7 @@ _log = logging.getLogger(__name__)
 OPEN_TENANT = "default"
 REMEMBER_S = 60.0
 RECHECK_S = 5.0  # an open gateway looks for keys in the store this often: the first one closes it
+OPEN_LOGIN = "open"  # what an operator session records of its key on an open gateway without an admin key
 
 
 class Keyring:
@@ -35,6 +39,7 @@ class Keyring:
         self._keys = keys
         self._admin_key = admin_key
         self._lookup: Callable[[str], Holder | None] | None = None
+        self._lookup_digest: Callable[[str], Holder | None] | None = None
         self._has_keys: Callable[[], bool] | None = None
         self._next_check = 0.0
         self._remembered: dict[str, tuple[Holder, float]] = {}
@@ -44,10 +49,11 @@ class Keyring:
     def from_settings(cls, settings: Settings) -> Keyring:
         return cls(settings.tenant_keys, settings.admin_key, may_open=_loopback(settings.host))
 
-    def use_store(self, lookup: Callable[[str], Holder | None], has_keys: Callable[[], bool]) -> None:
-        """Look unknown keys up in the store; a store with keys closes a gateway that had none, at start or
-        within RECHECK_S of the first key's creation."""
-        self._lookup, self._has_keys = lookup, has_keys
+    def use_store(self, lookup: Callable[[str], Holder | None], has_keys: Callable[[], bool],
+                  lookup_digest: Callable[[str], Holder | None] | None = None) -> None:
+        """Look unknown keys up in the store (by the key, and by its digest for operator sessions); a store
+        with keys closes a gateway that had none, at start or within RECHECK_S of the first key's creation."""
+        self._lookup, self._has_keys, self._lookup_digest = lookup, has_keys, lookup_digest
         self.open = self.open and not has_keys()
         if not self.open and not self._keys and not has_keys() and self._admin_key is None:
             _log.warning("no API keys yet: every request is refused until `nextturn keys create` makes one")
@@ -77,6 +83,28 @@ class Keyring:
         if (await self._holder(authorization)).is_admin:
             return
         raise PermissionDenied("this route needs an admin key")
+
+    async def admin_login(self, key: str) -> str:
+        """Check ``key`` as an admin key (raise otherwise); return what an operator session keeps of it: its
+        digest, or :data:`OPEN_LOGIN` on an open gateway without an admin key."""
+        if await self._still_open() and self._admin_key is None:
+            return OPEN_LOGIN
+        await self.admin(f"Bearer {key}")
+        return digest(key.strip())
+
+    async def session_holds(self, key_hash: str) -> bool:
+        """Whether the key an operator session was opened with (by its digest) is an admin key still."""
+        if self._admin_key is not None and hmac.compare_digest(key_hash, digest(self._admin_key)):
+            return True
+        if key_hash == OPEN_LOGIN:
+            return self._admin_key is None and await self._still_open()
+        if self._lookup_digest is None:
+            return False
+        try:
+            holder = await asyncio.to_thread(self._lookup_digest, key_hash)
+        except NextturnError as exc:
+            raise AuthenticationUnavailable(f"cannot check the session's key now: {exc}") from exc
+        return holder is not None and holder.is_admin
 
     async def _holder(self, authorization: str | None) -> Holder:
         key = _bearer(authorization)

@@ -70,7 +70,9 @@ class LimitBodySize:
 
 class GuardRequests:
     """Two checks before anything else reads a request. A body must be ``application/json``: a browser
-    sends a cross-site form or ``text/plain`` without asking the server first, JSON it cannot. And an open
+    sends a cross-site form or ``text/plain`` without asking the server first, JSON it cannot. The one
+    exception is the operator's page (``/dashboard/``), whose forms carry a session-bound token
+    (:mod:`gateway.dashboard`). And an open
     gateway (no API keys, loopback only) answers only requests addressed to a loopback name: a web page
     whose own name resolves to 127.0.0.1 (DNS rebinding) would otherwise reach it as if it were local."""
 
@@ -82,7 +84,8 @@ class GuardRequests:
         if scope["type"] == "http":
             headers = dict(scope["headers"])
             kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-            if scope["method"] in ("POST", "PUT", "PATCH") and kind != b"application/json":
+            form = kind == b"application/x-www-form-urlencoded" and scope["path"].startswith("/dashboard/")
+            if scope["method"] in ("POST", "PUT", "PATCH") and kind != b"application/json" and not form:
                 await _refuse(send, UnsupportedMediaType("send the body as JSON: Content-Type: application/json"))
                 return
             if self._keyring.open and not _loopback_name(headers.get(b"host", b"")):

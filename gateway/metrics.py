@@ -16,6 +16,23 @@
     nextturn_gateway_restarts_total{part}                  background parts restarted after they died
                                                            (part publisher | recorder: gateway.supervisor)
 
+The loop's figures, read from the store every LOOP_EVERY_S by the deployment watcher (nextturn.progress; the
+workers have no endpoint of their own, and every replica exports the same values: take max() across them):
+
+    nextturn_loop_reward{adapter}                          mean reward of the deployed versions' turns resolved
+                                                           in the last hour (stable and canary of every scope)
+    nextturn_loop_resolved_turns{source}                   turns resolved in the last hour, by the source that
+                                                           decided their reward (explicit, tool, judge,
+                                                           judge-only, rules, abstained)
+    nextturn_loop_judge_agreement                          the judge's agreement with ratings and tool outcomes
+                                                           on the last hour's turns that have both
+    nextturn_loop_signal_lag_seconds{quantile}             a turn's end to its first signal (0.5, 0.99), last hour
+    nextturn_loop_open_cases                               turns the signals workers wait on
+    nextturn_loop_unpublished_signals                      signals written but not yet on the event log
+    nextturn_loop_dead_letters                             records no consumer could read
+    nextturn_loop_trainer_waiting_signals                  trainable signals newer than their scope's newest version
+    nextturn_loop_trainer_lag_seconds                      the age of the oldest of them
+
 Each app has its own registry, so that two apps in one process (tests) do not share counters. The
 request counter is a plain ASGI middleware: Starlette's BaseHTTPMiddleware costs a task per request.
 """
@@ -23,6 +40,7 @@ request counter is a plain ASGI middleware: Starlette's BaseHTTPMiddleware costs
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -61,6 +79,43 @@ class Metrics:
                             registry=self.registry)
         self._dropped = Gauge("nextturn_events_dropped", "Events lost since the gateway started: the log down, "
                               "the queue full and the spool's disk full", registry=self.registry)
+
+        self.loop_reward = Gauge("nextturn_loop_reward", "Mean reward of a deployed version's turns resolved in "
+                                 "the last hour", ["adapter"], registry=self.registry)
+        self.loop_resolved = Gauge("nextturn_loop_resolved_turns", "Turns resolved in the last hour, by the source "
+                                   "that decided the reward", ["source"], registry=self.registry)
+        self.loop_agreement = Gauge("nextturn_loop_judge_agreement", "The judge's agreement with ratings and tool "
+                                    "outcomes, last hour", registry=self.registry)
+        self.loop_lag = Gauge("nextturn_loop_signal_lag_seconds", "A turn's end to its first signal, last hour",
+                              ["quantile"], registry=self.registry)
+        self.loop_open = Gauge("nextturn_loop_open_cases", "Turns the signals workers wait on", registry=self.registry)
+        self.loop_unpublished = Gauge("nextturn_loop_unpublished_signals", "Signals not yet on the event log",
+                                      registry=self.registry)
+        self.loop_dead = Gauge("nextturn_loop_dead_letters", "Records no consumer could read", registry=self.registry)
+        self.trainer_waiting = Gauge("nextturn_loop_trainer_waiting_signals", "Trainable signals newer than their "
+                                     "scope's newest version", registry=self.registry)
+        self.trainer_lag = Gauge("nextturn_loop_trainer_lag_seconds", "Age of the oldest trainable signal newer "
+                                 "than its scope's newest version", registry=self.registry)
+
+    def loop(self, signals: dict[str, Any], backlog: dict[str, Any], deployed: set[str]) -> None:
+        """Set the loop's figures from :func:`nextturn.progress.signals` and :func:`~nextturn.progress.trainer_backlog`;
+        rewards only for the ``deployed`` versions (the series stay as many as the versions serving)."""
+        self.loop_reward.clear()
+        for version, figures in signals["per_adapter"].items():
+            if version in deployed and figures["mean_reward"] is not None:
+                self.loop_reward.labels(version).set(figures["mean_reward"])
+        self.loop_resolved.clear()
+        for source, count in signals["rewards_by_source"].items():
+            self.loop_resolved.labels(source).set(count)
+        self.loop_agreement.set(signals["judge_agreement"] if signals["judge_agreement"] is not None else float("nan"))
+        for quantile, key in (("0.5", "median"), ("0.99", "p99")):
+            found = signals["lag_s"][key]
+            self.loop_lag.labels(quantile).set(found if found is not None else float("nan"))
+        self.loop_open.set(signals["open_cases"])
+        self.loop_unpublished.set(signals["unpublished"])
+        self.loop_dead.set(signals["dead_letters"])
+        self.trainer_waiting.set(backlog["waiting"])
+        self.trainer_lag.set(backlog["lag_s"])
 
     def watch(self, queued: Callable[[], float], spooled: Callable[[], float],
               dropped: Callable[[], float] = lambda: 0.0) -> None:

@@ -20,13 +20,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 from gateway.engines import Engine
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.routing import Router
-from nextturn import events, tables
+from nextturn import events, progress, tables
 from nextturn.bus import Consumer, EventLog
 from nextturn.deployments import BAD, Deployment
 from nextturn.erasure import Rules
@@ -34,6 +35,7 @@ from nextturn.errors import NextturnError
 from nextturn.store import Evidence, Store
 
 log = logging.getLogger(__name__)
+LOOP_EVERY_S = 30.0  # the loop's figures (gateway.metrics) move on the scale of minutes
 
 
 class DeploymentWatcher:
@@ -54,6 +56,8 @@ class DeploymentWatcher:
         self._interval_s = interval_s
         self._drain_s = drain_s
         self._applied: dict[str, str | None] = {}  # scope -> the last change applied in full
+        self._deployed: set[str] = set()  # every scope's stable version and canary, as the store has them
+        self.loop: tuple[datetime, dict[str, Any]] | None = None  # the last hour's signals (progress.signals), as of
         self._failed_loads: set[str] = set()  # logged once each
         self._lock = asyncio.Lock()
         self._consumer: Consumer | None = None
@@ -85,6 +89,7 @@ class DeploymentWatcher:
         """Read every scope's deployment from the store and apply those that changed; return ``default``'s."""
         async with self._lock:
             found = await asyncio.to_thread(Deployment.read_all, self._store)
+            self._deployed = {name for state in found for name in (state.stable_name, state.canary_name) if name}
             for deployment in found:
                 if deployment.scope not in self._applied or deployment.last_event_id != self._applied[deployment.scope]:
                     await self._apply(deployment)
@@ -108,6 +113,7 @@ class DeploymentWatcher:
 
     async def _run(self) -> None:
         due = time.monotonic() + self._interval_s
+        loop_due = time.monotonic()
         while not self._stopping:
             try:
                 assert self._consumer is not None
@@ -118,6 +124,9 @@ class DeploymentWatcher:
                     await self.refresh()
                 for version in self._router.drained(self._drain_s):
                     self._unload(version, "its sessions went quiet")
+                if time.monotonic() >= loop_due:
+                    loop_due = time.monotonic() + LOOP_EVERY_S
+                    await self._loop_figures()
             except NextturnError as exc:
                 log.warning("cannot follow the deployment now (trying again in %s s): %s", self._interval_s, exc)
                 await asyncio.sleep(self._interval_s)
@@ -196,6 +205,15 @@ class DeploymentWatcher:
             self._metrics.resolved.labels(version).set(len(values))
             if values:
                 self._metrics.reward.labels(version).set(sum(values) / len(values))
+
+    async def _loop_figures(self) -> None:
+        """The loop's figures for /metrics (gateway.metrics) and the dashboard's first page: the last hour's
+        signals and the trainers' backlog."""
+        now = events.utc_now()
+        found = await asyncio.to_thread(progress.signals, self._store, since=now - timedelta(hours=1))
+        backlog = await asyncio.to_thread(progress.trainer_backlog, self._store, now=now)
+        self._metrics.loop(found, backlog, self._deployed)
+        self.loop = (now, found)
 
     def status(self) -> dict[str, Any]:
         return {"stable": self._router.stable, "canary": self._router.canary, "weight": self._router.weight,

@@ -405,11 +405,12 @@ def signals_status(
 ) -> None:
     """Resolved turns, rewards by source, hints, abstentions, judge share and agreement, lag."""
 
-    from signals.summary import summarize
+    from nextturn.progress import signals
+    from signals.cases import EXTRACTOR_VERSION
 
     store = _open_store(_settings(ctx))
     try:
-        figures = summarize(store)
+        figures = signals(store, extractor_version=EXTRACTOR_VERSION)
     finally:
         store.close()
     _show(figures, as_json, title=f"signals ({figures['extractor_version']})", leave_out="extractor_version")
@@ -680,7 +681,8 @@ def up(ctx: typer.Context) -> None:
     stack.start()
     stop = _stop_on_interrupt()
     store = Store.from_settings(settings)
-    console.print(f"[green]up[/green]: {stack.url}/v1 (OpenAI-compatible); Ctrl-C stops everything")
+    console.print(f"[green]up[/green]: {stack.url}/v1 (OpenAI-compatible), the dashboard at {stack.url}/dashboard; "
+                  "Ctrl-C stops everything")
 
     def figures() -> tuple[Activity | None, str | None]:
         try:

@@ -128,6 +128,13 @@ class ToolOutcome(_Model):
     output: str | None = None
 
 
+# The sources of evidence in the order a signal's reward is decided by (signals.composition): the first one
+# that speaks decides. A score at least DECISIVE away from 0 takes a side (composition's dissent; the judge's
+# agreement with external evidence in nextturn.progress).
+PRECEDENCE = ("explicit", "tool", "judge", "rules")
+DECISIVE = 0.25
+
+
 class Verdict(_Model):
     """One evaluator's say on a turn: the provenance of a signal."""
 

@@ -2,6 +2,10 @@
 
 Only a key's SHA-256 digest is stored; the key itself is shown once, when it is created. A key belongs to
 a tenant and may be an admin key. The gateway looks keys up here when they are not in its Settings.
+
+Operator sessions: a login to the operator's page opened with an admin key (:func:`open_session`). The
+browser keeps a random token; the store keeps its digest, the operator's name and the digest of the key, so
+that a session ends when it expires, when it is closed, and when its key is revoked.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import select
@@ -16,7 +21,7 @@ from sqlmodel import select
 from nextturn import erasure, events
 from nextturn.errors import NextturnError, StoreUnavailable
 from nextturn.store import Store
-from nextturn.tables import ApiKey, Tenant
+from nextturn.tables import ApiKey, OperatorSession, Tenant
 
 PREFIX = "nt-"
 
@@ -66,13 +71,63 @@ def create_key(store: Store, tenant: str, *, admin: bool = False) -> str:
 
 def find_key(store: Store, key: str) -> Holder | None:
     """Who holds ``key``; None for an unknown or revoked key."""
+    return find_digest(store, digest(key))
+
+
+def find_digest(store: Store, key_hash: str) -> Holder | None:
+    """Who holds the key of this digest; None for an unknown or revoked key."""
     try:
-        row = store.get(ApiKey, digest(key))
+        row = store.get(ApiKey, key_hash)
     except SQLAlchemyError as exc:
         raise StoreUnavailable(f"cannot look the key up: {exc}") from exc
     if row is None or row.revoked_at is not None:
         return None
     return Holder(row.tenant_id, row.is_admin)
+
+
+SESSION_S = 12 * 3600.0  # an operator logs in again after this
+
+
+def open_session(store: Store, key_hash: str, actor: str, *, ttl_s: float = SESSION_S,
+                 now: datetime | None = None) -> str:
+    """A new operator session for the holder of the admin key of digest ``key_hash``; returns its token,
+    which is not stored anywhere. Sessions that expired are removed on the way."""
+    token = secrets.token_urlsafe(32)
+    now = now or events.utc_now()
+    try:
+        with store.session() as db:
+            for old in db.exec(select(OperatorSession).where(OperatorSession.expires_at < now)).all():
+                db.delete(old)
+            db.add(OperatorSession(token_hash=digest(token), actor=actor, key_hash=key_hash, created_at=now,
+                                   expires_at=now + timedelta(seconds=ttl_s)))
+            db.commit()
+    except SQLAlchemyError as exc:
+        raise StoreUnavailable(f"cannot store the session: {exc}") from exc
+    return token
+
+
+def find_session(store: Store, token: str, *, now: datetime | None = None) -> OperatorSession | None:
+    """The session of ``token``; None for an unknown, closed or expired one. Whether its key still holds is
+    the caller's to check (the key may live in Settings)."""
+    try:
+        row = store.get(OperatorSession, digest(token))
+    except SQLAlchemyError as exc:
+        raise StoreUnavailable(f"cannot look the session up: {exc}") from exc
+    if row is None:
+        return None
+    expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=UTC)  # SQLite: naive UTC
+    return row if expires > (now or events.utc_now()) else None
+
+
+def close_session(store: Store, token: str) -> None:
+    try:
+        with store.session() as db:
+            row = db.get(OperatorSession, digest(token))
+            if row is not None:
+                db.delete(row)
+                db.commit()
+    except SQLAlchemyError as exc:
+        raise StoreUnavailable(f"cannot close the session: {exc}") from exc
 
 
 def any_keys(store: Store) -> bool:

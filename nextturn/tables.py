@@ -264,3 +264,16 @@ class ErasedSession(SQLModel, table=True):
     seq: int | None = Field(default=None, primary_key=True)  # readers learn new ones by it
     session_id: str = Field(unique=True)
     erasure: int = Field(index=True)  # the Erasure.seq that covers it
+
+
+class OperatorSession(SQLModel, table=True):
+    """A login to the operator's page (``/dashboard``): the browser's cookie holds a random token, the store
+    only its SHA-256 digest, so every gateway replica knows the login and logging out ends it everywhere."""
+
+    __tablename__ = "operator_sessions"
+
+    token_hash: str = Field(primary_key=True)
+    actor: str  # the name given at login, recorded with each action taken
+    key_hash: str  # the digest of the admin key it was opened with: the session ends with that key
+    created_at: datetime = _when()
+    expires_at: datetime = _when(index=True)

@@ -19,11 +19,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nextturn.events import Verdict
+from nextturn.events import DECISIVE, PRECEDENCE, Verdict
 
-PRECEDENCE = ("explicit", "tool", "judge", "rules")
 EXTERNAL = frozenset({"explicit", "tool", "rules"})  # evidence from outside the model being trained
-DECISIVE = 0.25
 DOUBT = 0.5
 
 

@@ -10,17 +10,19 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
+import httpx
 import pytest
 from rich.console import Console
 
 from demo import base_model, evaluation, tasks
-from demo.runner import run
+from demo.runner import ADMIN_KEY, run
 from signals.hints import from_correction
 from signals.rewards import follow_up
 
@@ -49,6 +51,7 @@ def test_the_quick_demo_learns_each_person_s_preference_in_their_own_scope(tmp_p
     assert len({person.preference for person in rose}) >= 2, (base["held_out"], learnt)
     assert all(f"t.{person.name}-v" in combined["newest"] for person in rose), combined["newest"]
     assert (out / "results.md").read_text().count("|") > 20
+    assert "[the dashboard](http://127.0.0.1:" in (out / "results.md").read_text()
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "results.json").read_text())["methods"]["combined"]["stages"] == stages
 
@@ -58,17 +61,38 @@ def test_sigterm_stops_the_demo_and_the_stack_it_started(tmp_path: Path) -> None
     """Killed the way a service manager stops things, the demo stops its stack's processes on the way out
     instead of leaving them running. (The base model is cached by now: the test above built it.)"""
     demo = subprocess.Popen([sys.executable, "-m", "nextturn", "demo", "--method", "none", "--interactions", "2000",
-                             "--out", str(tmp_path / "out")], env={**os.environ, "NEXTTURN_DATA_DIR": str(tmp_path)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--out", str(tmp_path / "out")],
+                            env={**os.environ, "NEXTTURN_DATA_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    printed: list[str] = []
+
+    def read() -> None:
+        for line in demo.stdout or ():
+            printed.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         # the gateway, the signals worker, the rollout controller
         children = eventually(lambda: _children(demo.pid) if len(_children(demo.pid)) >= 3 else None,
                               "the demo's stack", timeout_s=120, interval_s=0.5)
-        time.sleep(2)
+        # The printed dashboard opens with the demo's admin key and shows the people's scopes as they learn.
+        url = eventually(lambda: next((found[1] for line in list(printed)
+                                       if (found := re.search(r"dashboard: (http://\S+/dashboard)", line))), None),
+                         "the dashboard's address printed", timeout_s=60)
+        with httpx.Client(follow_redirects=True, timeout=30) as browser:
+            login = browser.post(f"{url}/login", data={"key": ADMIN_KEY, "name": "newcomer"})
+            assert login.status_code == 200 and str(login.url) == url
+            eventually(lambda: 'data-scope="t.' in browser.get(url).text, "a person's scope on the dashboard",
+                       timeout_s=60, interval_s=1)
         demo.send_signal(signal.SIGTERM)
         demo.wait(timeout=120)
     finally:
         demo.kill()
+        demo.wait()
+        reader.join(timeout=10)  # the pipe ends with the process
+        if demo.stdout is not None:
+            demo.stdout.close()
     eventually(lambda: not [pid for pid in children if _running(pid)], "the stack's processes to stop", timeout_s=10)
 
 

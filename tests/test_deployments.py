@@ -213,25 +213,3 @@ def test_kubernetes_roles_fit_together(monkeypatch: pytest.MonkeyPatch) -> None:
     assert claims == set(volumes) and volumes["nextturn-data"] == ["ReadWriteMany"]
     for pod in workloads.values():  # no StatefulSet: nothing but the shared volume outlives a pod
         assert pod["securityContext"]["runAsNonRoot"] is True
-
-
-def test_alert_rules_watch_metrics_the_gateway_exports() -> None:
-    """Every nextturn_* series an alert reads is one a gateway's /metrics has (a renamed metric would leave
-    its alert silent for good)."""
-    import re
-
-    from prometheus_client import generate_latest
-
-    from gateway.metrics import Metrics
-
-    metrics = Metrics()
-    metrics.turn("base", True, False, 0.1, 3, 4)  # every labelled series once, so each appears
-    metrics.flaws.labels("base", "empty").inc()
-    metrics.load_failures.labels("base").inc()
-    metrics.restarts.labels("publisher").inc()
-    metrics.requests.labels("/v1/models", "GET", "200").inc()
-    exported = set(re.findall(r"^(nextturn_[a-z_]+)", generate_latest(metrics.registry).decode(), re.MULTILINE))
-    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yaml").read_text())
-    expressions = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
-    read = {name for expr in expressions for name in re.findall(r"\b(nextturn_[a-z_]+)", expr)}
-    assert read and read <= exported, sorted(read - exported)

@@ -12,7 +12,7 @@ from nextturn import tables
 from nextturn.store import Store, create_db_engine, downgrade, upgrade
 
 TABLES = {"tenants", "api_keys", "sessions", "turns", "feedback", "signals", "adapters", "deployments",
-          "deployment_changes", "dead_letters", "signal_cases", "erasures", "erased_sessions"}
+          "deployment_changes", "dead_letters", "signal_cases", "erasures", "erased_sessions", "operator_sessions"}
 
 
 def table_names(url: str) -> set[str]:

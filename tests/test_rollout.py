@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from nextturn import events, tables
-from nextturn.bus import EventLog, open_event_log
+from nextturn.bus import EventLog
 from nextturn.deployments import bucket, rollback
 from nextturn.settings import Settings
 from nextturn.store import Store
 from rollout.gates import GatePolicy
-from signals.worker import from_settings as signals_worker
 
 from support.adapters import random_adapter, taught_adapter
 from support.eventually import eventually
@@ -36,6 +34,7 @@ from support.rolling import (
     actions,
     deployment,
     publish,
+    signals_running,
 )
 from support.services import Uvicorn
 
@@ -62,20 +61,8 @@ def taught(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 @pytest.fixture(scope="module")
 def parts(settings: Settings) -> Iterator[tuple[Uvicorn, EventLog, Store]]:
     """The gateway and a signals worker; tests start their own controllers."""
-    with Uvicorn(create_app(settings)) as gateway:
-        event_log, store = open_event_log(settings), Store.from_settings(settings)
-        worker = signals_worker(settings, event_log, store)
-        stop = threading.Event()
-        thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-        thread.start()
-        try:
-            yield gateway, event_log, store
-        finally:
-            stop.set()
-            thread.join()
-            worker.close()
-            event_log.close()
-            store.close()
+    with Uvicorn(create_app(settings)) as gateway, signals_running(settings) as (event_log, store):
+        yield gateway, event_log, store
 
 
 def policy(settings: Settings) -> GatePolicy:

@@ -13,12 +13,12 @@ from sqlalchemy import select
 
 from nextturn import events, tables
 from nextturn.bus import EventLog
+from nextturn.progress import signals as summarize
 from nextturn.settings import Settings
 from nextturn.store import Store, upgrade
 from signals import judge
 from signals.judge import JUDGE_VERSION
 from signals.judge_client import JudgeClient, Question
-from signals.summary import summarize
 from signals.worker import from_settings
 
 from support.event_logs import open_log, recorded

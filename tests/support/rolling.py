@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,16 +15,35 @@ import httpx
 import openai
 
 from nextturn import deployments, events
-from nextturn.bus import EventLog
+from nextturn.bus import EventLog, open_event_log
 from nextturn.deployments import Deployment
 from nextturn.settings import Settings
 from nextturn.store import Store
 from rollout.controller import RolloutController
+from signals.worker import from_settings as signals_worker
 
 from support.eventually import eventually
 
 ADMIN = {"Authorization": "Bearer sk-admin"}
 ANSWER = "Blue"  # what the simulated users reward
+
+
+@contextmanager
+def signals_running(settings: Settings) -> Iterator[tuple[EventLog, Store]]:
+    """The signals worker on a thread, turning ratings into rewards, with the event log and store it uses."""
+    event_log, store = open_event_log(settings), Store.from_settings(settings)
+    worker = signals_worker(settings, event_log, store)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield event_log, store
+    finally:
+        stop.set()
+        thread.join()
+        worker.close()
+        event_log.close()
+        store.close()
 
 
 def publish(event_log: EventLog, version: int, path: Path, meta: dict[str, Any] | None = None,
