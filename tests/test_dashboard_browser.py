@@ -15,6 +15,8 @@ import openai
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 from gateway.app import create_app
 from nextturn import deployments, events, progress
@@ -74,12 +76,17 @@ def talk(url: str) -> None:
 
 
 def text(driver: WebDriver, selector: str) -> str:
-    return str(driver.find_element(By.CSS_SELECTOR, selector).text)
+    """The text of the element ``selector`` finds, once the page that has it has loaded (a click that sends a
+    form returns before the next page is there)."""
+    found = WebDriverWait(driver, 60).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR,
+                                                                                              selector)))
+    return str(found.text)
 
 
 def log_in(driver: WebDriver, url: str, key: str, name: str) -> None:
     driver.get(f"{url}/dashboard")
     assert driver.current_url == f"{url}/dashboard/login?next=/dashboard"
+    text(driver, "#key")
     driver.find_element(By.ID, "key").send_keys(key)
     driver.find_element(By.ID, "name").send_keys(name)
     driver.find_element(By.ID, "login").click()
@@ -99,8 +106,8 @@ def test_an_operator_sees_both_scopes_and_pauses_and_resumes_a_canary(stack: tup
     gateway, store = stack
     with chromium(tmp_path / "profile") as driver:
         log_in(driver, gateway.url, "sk-admin", "Olu")
-        assert driver.current_url == f"{gateway.url}/dashboard"
         acme = text(driver, 'tr[data-scope="t.acme"]')
+        assert driver.current_url == f"{gateway.url}/dashboard"
         globex = text(driver, 'tr[data-scope="t.globex"]')
         assert "t.acme-v1" in acme and "t.acme-v2 at 50%" in acme
         assert "t.globex-v1" in globex
@@ -117,6 +124,7 @@ def test_an_operator_sees_both_scopes_and_pauses_and_resumes_a_canary(stack: tup
         assert text(driver, "#paused") == "paused"
         assert deployments.Deployment.read(store, "t.acme").paused
         act(driver, "resume", "they look right")
+        assert text(driver, "#done") == "Done: resume."
         assert driver.find_elements(By.ID, "paused") == []
         state = deployments.Deployment.read(store, "t.acme")
         assert not state.paused and state.canary == 2
@@ -124,10 +132,13 @@ def test_an_operator_sees_both_scopes_and_pauses_and_resumes_a_canary(stack: tup
         assert changes == [("resume", "Olu (dashboard)", "they look right"),
                            ("pause", "Olu (dashboard)", "checking the canary's answers")]
         driver.get(f"{gateway.url}/dashboard")
+        text(driver, "#scopes")
         driver.save_screenshot(str(artifacts() / "dashboard.png"))
 
         driver.find_element(By.ID, "logout").click()
+        text(driver, "#login")
         log_in(driver, gateway.url, KEYS["acme"], "Mallory")
         assert "not an admin key" in text(driver, ".error")
         driver.get(f"{gateway.url}/dashboard")
+        text(driver, "#login")
         assert driver.current_url.startswith(f"{gateway.url}/dashboard/login")
