@@ -3,6 +3,7 @@ test_dashboard_browser.py), and the figures it draws (nextturn.progress) on a st
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.dashboard import COOKIE
@@ -20,6 +23,7 @@ from nextturn.keys import create_key, revoke_key
 from nextturn.settings import Settings
 from nextturn.store import Store, upgrade
 
+from support.eventually import eventually
 from support.services import Uvicorn
 from support.upstream import MODEL
 
@@ -280,11 +284,6 @@ def test_trainer_lag_counts_trainable_signals_after_the_newest_version(tmp_path:
 def test_grafana_and_alert_rules_read_only_metrics_a_running_gateway_exports(gateway: Uvicorn) -> None:
     """Every nextturn_* series a Grafana panel or an alert reads is on a running gateway's /metrics (a renamed
     metric would leave its panel empty and its alert silent for good), and the loop's figures are there."""
-    import json
-
-    import yaml
-    from prometheus_client.parser import text_string_to_metric_families
-
     def exported() -> set[str]:
         text = httpx.get(f"{gateway.url}/metrics").text
         if 'nextturn_loop_reward{adapter="t.acme-v2"}' not in text:
@@ -294,8 +293,6 @@ def test_grafana_and_alert_rules_read_only_metrics_a_running_gateway_exports(gat
             suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created")}
             names |= {family.name, *(family.name + suffix for suffix in suffixes.get(family.type, ()))}
         return names
-
-    from support.eventually import eventually
 
     found = eventually(exported, "the loop's figures on /metrics")
     root = Path(__file__).resolve().parents[1] / "deploy"
@@ -314,3 +311,17 @@ def test_grafana_and_alert_rules_read_only_metrics_a_running_gateway_exports(gat
                for sample in family.samples}
     assert samples[("nextturn_loop_reward", "t.acme-v2")] == 0.75  # the canary's two rewards, 1.0 and 0.5
     assert samples[("nextturn_loop_resolved_turns", "judge-only")] == 1
+
+
+def test_an_open_gateway_s_dashboard_is_open_too_until_a_key_appears(upstream: Uvicorn, tmp_path: Path) -> None:
+    """On loopback with no key anywhere (the embedded default) the gateway is open, and its dashboard takes any
+    login; the session ends once the first key exists and the gateway closes."""
+    settings = Settings(data_dir=tmp_path, engine="openai", upstream_url=f"{upstream.url}/v1", model=MODEL)
+    with Uvicorn(create_app(settings)) as server, browser(server) as client:
+        assert client.post("/dashboard/login", data={"key": "", "name": "dev"}).status_code == 303
+        assert client.get("/dashboard").status_code == 200
+        store = Store.from_settings(settings)
+        create_key(store, "acme")
+        store.close()
+        eventually(lambda: client.get("/dashboard").status_code == 303, "the dashboard closing with the gateway",
+                   timeout_s=30, interval_s=0.5)  # an open gateway looks for keys every RECHECK_S
